@@ -1,0 +1,47 @@
+# msknode — the two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= config/msknode.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-test debian-tools stress bench demo clean help
+
+help:
+	@echo "make run    - install into .venv and run the node on config/msknode.toml"
+	@echo "make test   - install with the test extra, Debian tools (as root), run the whole suite"
+	@echo "make bench  - run the benchmarks in benchmarks/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Re-install only when the package metadata changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(VENV)/bin/msknode serve --config $(CONFIG)
+
+debian-tools:
+	@bash tests/setup/install_debian_tools.sh
+
+test: install-test debian-tools
+	@bash tests/setup/run_pytest.sh $(PYTEST_ARGS)
+
+bench: install-test debian-tools
+	$(PY) benchmarks/receive.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,23 @@
+"""The ``msknode`` command line: one Typer app with a sub-command per admin task."""
+
+from __future__ import annotations
+
+import typer
+
+from node.cli import engine_commands
+
+app = typer.Typer(
+    name="msknode",
+    help="msknode: a DICOM node that runs a musculoskeletal radiograph encoder on studies from the PACS.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+app.add_typer(engine_commands.model_app, name="model")
+app.add_typer(engine_commands.heads_app, name="heads")
+app.command("infer")(engine_commands.infer)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

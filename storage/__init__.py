@@ -1,0 +1,1 @@
+"""storage: database models, migrations, the spool and queue claiming."""
