@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from node.cli import engine_commands
+from node.cli import engine_commands, training_commands
 
 app = typer.Typer(
     name="msknode",
@@ -14,8 +14,8 @@ app = typer.Typer(
 )
 
 app.add_typer(engine_commands.model_app, name="model")
-app.add_typer(engine_commands.heads_app, name="heads")
-app.command("infer")(engine_commands.infer)
+app.add_typer(training_commands.heads_app, name="heads")
+training_commands.register(app, engine_commands.model_app)
 
 
 def main() -> None:
