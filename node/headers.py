@@ -1,0 +1,153 @@
+"""Read what intake needs from a received file — header attributes only — and check the file is whole.
+
+Pixel data is never decoded on receive. A truncated transfer is caught by walking the Pixel Data element's
+declared length (native) or its fragment items (encapsulated) against the file size, which costs a few
+seeks, not a decode.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+PIXEL_DATA_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_ITEM = (0xFFFE, 0xE000)
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+class HeaderError(Exception):
+    """The received file cannot be accepted; ``reason`` is safe to log (no PHI)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    accession_number: str | None
+    study_date: str | None
+    modality: str | None
+    body_part_examined: str | None
+    series_number: int | None
+    instance_number: int | None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path: Path) -> HeaderInfo:
+    """Parse the header of a DICOM Part 10 file written by the receiver; raise :class:`HeaderError`."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            pixel_offset = handle.tell()
+            meta = ds.file_meta
+            transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
+            # Touch every element so deferred parse errors surface here, not later in a worker.
+            for _ in ds.iterall():
+                pass
+    except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OSError, TypeError) as exc:
+        raise HeaderError(f"unparseable dataset: {type(exc).__name__}") from None
+    except Exception as exc:  # pydicom raises a variety of errors on malformed input
+        raise HeaderError(f"unparseable dataset: {type(exc).__name__}") from None
+
+    missing = [
+        keyword
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        if not _text(ds, keyword)
+    ]
+    if missing:
+        raise HeaderError("missing required attribute(s): " + ", ".join(missing))
+    if not transfer_syntax:
+        raise HeaderError("no transfer syntax in file meta")
+
+    has_pixel_data = pixel_offset < size
+    if "Rows" in ds and "Columns" in ds and not has_pixel_data and transfer_syntax != DeflatedExplicitVRLittleEndian:
+        raise HeaderError("truncated dataset: image attributes present but no pixel data")
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        _check_pixel_data_complete(path, pixel_offset, size, transfer_syntax)
+
+    return HeaderInfo(
+        study_instance_uid=str(ds.StudyInstanceUID).strip(),
+        series_instance_uid=str(ds.SeriesInstanceUID).strip(),
+        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
+        sop_class_uid=str(ds.SOPClassUID).strip(),
+        transfer_syntax_uid=transfer_syntax,
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        modality=_text(ds, "Modality"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        series_number=_int(ds, "SeriesNumber"),
+        instance_number=_int(ds, "InstanceNumber"),
+    )
+
+
+def _check_pixel_data_complete(path: Path, offset: int, size: int, transfer_syntax: str) -> None:
+    """Walk the pixel data element (if any) that starts at ``offset`` and check it fits in the file."""
+    if offset >= size:
+        return  # no pixel data element
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+
+        def read_exact(count: int) -> bytes:
+            data = handle.read(count)
+            if len(data) != count:
+                raise HeaderError("truncated dataset: pixel data ends early")
+            return data
+
+        group, element = struct.unpack(endian + "HH", read_exact(4))
+        if (group, element) not in PIXEL_DATA_TAGS:
+            return
+        if implicit:
+            (length,) = struct.unpack(endian + "I", read_exact(4))
+        else:
+            vr = read_exact(2)
+            if vr in _LONG_VRS:
+                read_exact(2)
+                (length,) = struct.unpack(endian + "I", read_exact(4))
+            else:
+                (length,) = struct.unpack(endian + "H", read_exact(2))
+        if length != 0xFFFFFFFF:
+            if handle.tell() + length > size:
+                raise HeaderError(
+                    f"truncated dataset: pixel data declares {length} bytes, {size - handle.tell()} present"
+                )
+            return
+        # Encapsulated: items until the sequence delimiter (PS3.5 A.4). Item tags are little endian.
+        while True:
+            item_group, item_element, item_length = struct.unpack("<HHI", read_exact(8))
+            if (item_group, item_element) == _SEQUENCE_DELIMITER:
+                return
+            if (item_group, item_element) != _ITEM:
+                raise HeaderError("malformed encapsulated pixel data: unexpected tag in fragment sequence")
+            if handle.tell() + item_length > size:
+                raise HeaderError("truncated dataset: pixel data fragment ends early")
+            handle.seek(item_length, os.SEEK_CUR)

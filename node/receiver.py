@@ -1,0 +1,298 @@
+"""The receiver role: a pynetdicom Verification and Storage SCP that never decodes pixel data.
+
+Each C-STORE arrives as a Part 10 file written by pynetdicom in chunks straight to the spool's
+``.incoming`` directory (``STORE_RECV_CHUNKED_DATASET``), so a 500 MB instance never sits in memory.
+The handler reads only the header, makes the file durable (fsync + atomic rename + directory fsync),
+commits its index row, and only then answers Success. Every association, accepted or rejected, is written
+to the audit table. Logs name AE titles and UIDs, never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.headers import HeaderError, read_header
+from node.policy import decide
+from node.settings import NodeSettings, PeerSettings
+from storage.index import Index, IndexOutcome, InstanceRecord
+from storage.spool import Spool
+
+log = logging.getLogger("msknode.receiver")
+
+# PS3.4 B.2.3 C-STORE status codes
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+# Transfer syntaxes accepted as proposed (stored as received, never transcoded).
+ACCEPTED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+_incoming_dir_lock = threading.Lock()
+
+
+def _route_chunked_writes_to(directory: Path) -> None:
+    """Make pynetdicom write received datasets inside the spool's filesystem.
+
+    pynetdicom creates the chunked-receive file with ``NamedTemporaryFile`` in the system temporary
+    directory; writing it under the spool instead turns the final move into an atomic rename rather than
+    a second copy of every byte. (If anything else ends up elsewhere, the spool falls back to copying.)
+    """
+    with _incoming_dir_lock:
+        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
+            tempfile.NamedTemporaryFile, dir=str(directory), prefix="rx-"
+        )
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class Receiver:
+    """The Storage SCP. ``peers`` is a callable so a peer directory changed at run time applies at once."""
+
+    def __init__(
+        self,
+        node: NodeSettings,
+        peers: Callable[[], Sequence[PeerSettings]],
+        index: Index,
+        spool: Spool,
+        min_free_disk_mb: int,
+    ) -> None:
+        self.node = node
+        self.peers = peers
+        self.index = index
+        self.spool = spool
+        self.min_free_disk_mb = min_free_disk_mb
+        self._server: ThreadedAssociationServer | None = None
+        self._counts: dict[int, int] = {}
+        self._ids: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = True  # unknown and private storage SOP classes too
+        _route_chunked_writes_to(self.spool.incoming)
+        ae = AE(ae_title=self.node.ae_title)
+        ae.maximum_pdu_size = self.node.max_pdu_size
+        # Our own policy enforces the limit (with an audit row); pynetdicom's check is a backstop.
+        ae.maximum_associations = self.node.max_associations + 1
+        ae.acse_timeout = self.node.acse_timeout_seconds
+        ae.dimse_timeout = self.node.dimse_timeout_seconds
+        ae.network_timeout = self.node.network_timeout_seconds
+        ae.require_called_aet = False  # decided (and audited) by node.policy
+        ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:4])
+        for uid in _STORAGE_CLASSES.values():
+            ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        return self._server.server_address[:2]
+
+    def start(self) -> None:
+        """Start listening (in background threads)."""
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        self._server = self.ae.start_server(
+            (self.node.host, self.node.port), block=False, evt_handlers=handlers
+        )
+        host, port = self.address
+        log.info("listening as %s on %s:%s", self.node.ae_title, host, port)
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting, let open associations finish for ``grace_seconds``, then abort the rest."""
+        if self._server is None:
+            return
+        server = self._server
+        server.shutdown()  # no new associations
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and server.active_associations:
+            time.sleep(0.1)
+        remaining = server.active_associations
+        for assoc in remaining:
+            log.warning("aborting association %s at shutdown", self._ids.get(id(assoc), "?"))
+            assoc.abort()
+        server.server_close()
+        self._server = None
+
+    # -- association events ------------------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor
+        calling = (rq.primitive.calling_ae_title or "").strip() if rq.primitive else ""
+        called = (rq.primitive.called_ae_title or "").strip() if rq.primitive else ""
+        address, port = rq.address, rq.port
+        server = self._server
+        others = [a for a in (server.active_associations if server else []) if a is not assoc]
+        decision = decide(
+            self.node,
+            self.peers(),
+            calling,
+            called,
+            address,
+            active_associations=len(others),
+            disk_has_room=lambda: self.spool.has_room(self.min_free_disk_mb),
+        )
+        try:
+            association_id = self.index.association_requested(
+                calling, called, address, port, decision.peer_name, decision.reason
+            )
+        except SQLAlchemyError:
+            log.exception("cannot record association from %s (%s): rejecting", calling, address)
+            assoc.acse.send_reject(0x02, 0x03, 0x01)  # transient: the sender should retry later
+            assoc.kill()
+            return
+        if not decision.accepted:
+            log.warning(
+                "rejected association %s: calling=%s called=%s from %s reason=%s",
+                association_id, calling, called, address, decision.reason,
+            )
+            assoc.acse.send_reject(decision.result, decision.source, decision.diagnostic)
+            assoc.kill()
+            return
+        with self._lock:
+            self._ids[id(assoc)] = association_id
+            self._counts[id(assoc)] = 0
+        log.info("accepted association %s: calling=%s called=%s from %s", association_id, calling, called, address)
+
+    def _finish(self, assoc: Any, outcome: str) -> None:
+        with self._lock:
+            association_id = self._ids.pop(id(assoc), None)
+            count = self._counts.pop(id(assoc), 0)
+        if association_id is None:
+            return  # rejected, or already finished
+        try:
+            self.index.association_ended(association_id, outcome, count)
+        except SQLAlchemyError:
+            log.exception("cannot record the end of association %s", association_id)
+        log.info("association %s %s after %d instance(s)", association_id, outcome, count)
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._finish(event.assoc, "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._finish(event.assoc, "aborted")
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        # A TCP close without A-RELEASE or A-ABORT is an abort as far as completeness goes.
+        self._finish(event.assoc, "aborted")
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    # -- C-STORE -----------------------------------------------------------------------------
+    def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        assoc = event.assoc
+        with self._lock:
+            association_id = self._ids.get(id(assoc))
+        temp_path = Path(event.dataset_path)
+        calling = assoc.requestor.ae_title.strip()
+        if association_id is None:  # cannot happen for an accepted association; be safe
+            temp_path.unlink(missing_ok=True)
+            return _failure(STATUS_PROCESSING_FAILURE, "association not registered")
+
+        if not self.spool.has_room(self.min_free_disk_mb):
+            temp_path.unlink(missing_ok=True)
+            log.warning("refused instance on association %s: disk below watermark", association_id)
+            return _failure(STATUS_OUT_OF_RESOURCES, "Out of resources: spool disk below watermark")
+
+        try:
+            header = read_header(temp_path)
+        except HeaderError as exc:
+            temp_path.unlink(missing_ok=True)
+            log.warning("refused instance on association %s: %s", association_id, exc.reason)
+            return _failure(STATUS_CANNOT_UNDERSTAND, exc.reason)
+
+        try:
+            stored = self.spool.commit_file(
+                temp_path, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+        except ValueError as exc:  # UIDs that cannot be path components
+            temp_path.unlink(missing_ok=True)
+            log.warning("refused instance on association %s: %s", association_id, exc)
+            return _failure(STATUS_CANNOT_UNDERSTAND, "invalid UID in dataset")
+        except OSError:
+            temp_path.unlink(missing_ok=True)
+            log.exception("cannot write instance %s to the spool", header.sop_instance_uid)
+            return _failure(STATUS_OUT_OF_RESOURCES, "Out of resources: cannot write to spool")
+
+        record = InstanceRecord(
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            accession_number=header.accession_number,
+            study_date=header.study_date,
+            modality=header.modality,
+            body_part_examined=header.body_part_examined,
+            series_number=header.series_number,
+            instance_number=header.instance_number,
+            spool_path=stored.relative_path,
+            size_bytes=stored.size,
+            sha256=stored.sha256,
+            calling_ae_title=calling,
+            association_id=association_id,
+        )
+        try:
+            result = self.index.index_instance(record)
+        except SQLAlchemyError:
+            if not stored.already_present:
+                self.spool.remove(stored.relative_path)  # never leave a file the index does not know
+            log.exception("index unavailable: refused instance %s", header.sop_instance_uid)
+            return _failure(STATUS_PROCESSING_FAILURE, "index database unavailable")
+
+        if result.outcome is IndexOutcome.REPLACED and result.previous_spool_path:
+            if result.previous_spool_path != stored.relative_path:
+                self.spool.remove(result.previous_spool_path)
+            log.info(
+                "instance %s replaced (study %s) on association %s",
+                header.sop_instance_uid, header.study_instance_uid, association_id,
+            )
+        with self._lock:
+            self._counts[id(assoc)] = self._counts.get(id(assoc), 0) + 1
+        log.debug("stored %s (%s, %d bytes)", header.sop_instance_uid, result.outcome.value, stored.size)
+        return STATUS_SUCCESS

@@ -1,0 +1,252 @@
+"""Database side of intake: index received instances and keep the association audit log.
+
+Called by the receiver (which speaks DIMSE) so that the receiver itself never touches SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage.db import Database
+from storage.models import Association, Instance, InstanceReplacement, Series, Study
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the receiver learnt about one stored instance (header only; pixels never decoded)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    accession_number: str | None
+    study_date: str | None
+    modality: str | None
+    body_part_examined: str | None
+    series_number: int | None
+    instance_number: int | None
+    spool_path: str
+    size_bytes: int
+    sha256: str
+    calling_ae_title: str
+    association_id: str
+
+
+class IndexOutcome(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # identical bytes already indexed
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: the newer copy is kept
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    outcome: IndexOutcome
+    previous_spool_path: str | None = None  # for REPLACED: the file the caller may now delete
+
+
+class Index:
+    """Intake's view of the database."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    # -- associations ------------------------------------------------------------------------
+    def association_requested(
+        self,
+        calling_ae_title: str,
+        called_ae_title: str,
+        peer_address: str,
+        peer_port: int | None,
+        peer_name: str | None,
+        reject_reason: str | None,
+    ) -> str:
+        """Record an association request; rejected ones are closed immediately."""
+        association_id = str(uuid.uuid4())
+        now = utcnow()
+        with self.db.session() as session:
+            session.add(
+                Association(
+                    id=association_id,
+                    calling_ae_title=calling_ae_title[:16],
+                    called_ae_title=called_ae_title[:16],
+                    peer_address=peer_address,
+                    peer_port=peer_port,
+                    peer_name=peer_name,
+                    started_at=now,
+                    ended_at=now if reject_reason else None,
+                    outcome="rejected" if reject_reason else "open",
+                    reject_reason=reject_reason,
+                )
+            )
+        return association_id
+
+    def association_ended(self, association_id: str, outcome: str, instance_count: int) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Association)
+                .where(Association.id == association_id, Association.outcome == "open")
+                .values(outcome=outcome, ended_at=utcnow(), instance_count=instance_count)
+            )
+
+    def close_interrupted_associations(self) -> int:
+        """At start-up: associations still 'open' belonged to a process that died."""
+        with self.db.session() as session:
+            result = session.execute(
+                update(Association)
+                .where(Association.outcome == "open")
+                .values(outcome="interrupted", ended_at=utcnow())
+            )
+            return result.rowcount or 0
+
+    # -- instances ---------------------------------------------------------------------------
+    def index_instance(self, record: InstanceRecord) -> IndexResult:
+        """Insert or update the instance row (and its study/series) in one transaction."""
+        for attempt in range(3):
+            try:
+                return self._index_instance_once(record)
+            except IntegrityError:
+                # Another association inserted the same study/series/instance concurrently; retry
+                # so the second writer sees the first one's rows.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _index_instance_once(self, record: InstanceRecord) -> IndexResult:
+        now = utcnow()
+        with self.db.session() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
+            if study is None:
+                study = Study(
+                    study_instance_uid=record.study_instance_uid,
+                    accession_number=record.accession_number,
+                    study_date=record.study_date,
+                    first_received_at=now,
+                    last_received_at=now,
+                    status="received",
+                )
+                session.add(study)
+                session.flush()
+            else:
+                study.last_received_at = now
+                if record.accession_number and not study.accession_number:
+                    study.accession_number = record.accession_number
+
+            series = session.scalar(
+                select(Series).where(Series.series_instance_uid == record.series_instance_uid)
+            )
+            if series is None:
+                series = Series(
+                    study_id=study.id,
+                    series_instance_uid=record.series_instance_uid,
+                    modality=record.modality,
+                    body_part_examined=record.body_part_examined,
+                    series_number=record.series_number,
+                )
+                session.add(series)
+                session.flush()
+
+            existing = session.scalar(
+                select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
+            )
+            if existing is not None and existing.sha256 == record.sha256:
+                return IndexResult(IndexOutcome.DUPLICATE)
+
+            values = dict(
+                series_id=series.id,
+                sop_class_uid=record.sop_class_uid,
+                transfer_syntax_uid=record.transfer_syntax_uid,
+                study_instance_uid=record.study_instance_uid,
+                accession_number=record.accession_number,
+                modality=record.modality,
+                body_part_examined=record.body_part_examined,
+                instance_number=record.instance_number,
+                spool_path=record.spool_path,
+                size_bytes=record.size_bytes,
+                sha256=record.sha256,
+                received_at=now,
+                calling_ae_title=record.calling_ae_title,
+                association_id=record.association_id,
+            )
+            if existing is None:
+                session.add(Instance(sop_instance_uid=record.sop_instance_uid, replaced_count=0, **values))
+                return IndexResult(IndexOutcome.NEW)
+
+            old_series_uid = session.scalar(
+                select(Series.series_instance_uid).where(Series.id == existing.series_id)
+            )
+            session.add(
+                InstanceReplacement(
+                    sop_instance_uid=record.sop_instance_uid,
+                    study_instance_uid=record.study_instance_uid,
+                    old_sha256=existing.sha256,
+                    new_sha256=record.sha256,
+                    old_series_instance_uid=old_series_uid or "",
+                    replaced_at=now,
+                    association_id=record.association_id,
+                )
+            )
+            previous_path = existing.spool_path
+            for key, value in values.items():
+                setattr(existing, key, value)
+            existing.replaced_count = (existing.replaced_count or 0) + 1
+            return IndexResult(IndexOutcome.REPLACED, previous_spool_path=previous_path)
+
+    # -- queries -----------------------------------------------------------------------------
+    def studies_summary(self, limit: int = 1000) -> list[dict[str, object]]:
+        """One entry per study, newest first (used by ``msknode studies``)."""
+        with self.db.session() as session:
+            counts = (
+                select(Instance.study_instance_uid, func.count(Instance.id).label("instances"))
+                .group_by(Instance.study_instance_uid)
+                .subquery()
+            )
+            rows = session.execute(
+                select(Study, func.coalesce(counts.c.instances, 0))
+                .outerjoin(counts, counts.c.study_instance_uid == Study.study_instance_uid)
+                .order_by(Study.last_received_at.desc())
+                .limit(limit)
+            ).all()
+            result: list[dict[str, object]] = []
+            for study, instances in rows:
+                modalities = session.scalars(
+                    select(Series.modality).where(Series.study_id == study.id).distinct()
+                ).all()
+                result.append(
+                    {
+                        "study_instance_uid": study.study_instance_uid,
+                        "accession_number": study.accession_number,
+                        "instances": int(instances),
+                        "series": len(study.series),
+                        "modalities": sorted(m for m in modalities if m),
+                        "status": study.status,
+                        "status_reason": study.status_reason,
+                        "first_received": study.first_received_at.isoformat(),
+                        "last_received": study.last_received_at.isoformat(),
+                    }
+                )
+            return result
+
+    def instance_paths(self, study_instance_uid: str) -> list[str]:
+        with self.db.session() as session:
+            return list(
+                session.scalars(
+                    select(Instance.spool_path).where(Instance.study_instance_uid == study_instance_uid)
+                )
+            )
+
+    def associations(self, limit: int = 100) -> list[Association]:
+        with self.db.session() as session:
+            return list(
+                session.scalars(select(Association).order_by(Association.started_at.desc()).limit(limit))
+            )

@@ -1,0 +1,118 @@
+"""SQLAlchemy 2 models: the index of received instances and the association audit log.
+
+The database is shared by every role; it is the only place (with the spool) where they meet.
+Changes to these models need an Alembic revision in ``storage/migrations/versions``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # received -> (Pipeline issue: waiting, queued, processing, done, not_analysed, failed)
+    status: Mapped[str] = mapped_column(String(16), default="received")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    # Denormalised from the series/study so that queries by study need no joins on the hot path.
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    spool_path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    association_id: Mapped[str] = mapped_column(String(36), ForeignKey("associations.id"), index=True)
+    replaced_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class InstanceReplacement(Base):
+    """A SOP Instance UID received again with different bytes: the newer copy is kept."""
+
+    __tablename__ = "instance_replacements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    old_sha256: Mapped[str] = mapped_column(String(64))
+    new_sha256: Mapped[str] = mapped_column(String(64))
+    old_series_instance_uid: Mapped[str] = mapped_column(UID)
+    replaced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    association_id: Mapped[str] = mapped_column(String(36))
+
+
+class Association(Base):
+    """Audit of every association request, accepted or rejected."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    called_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int | None] = mapped_column(Integer)
+    peer_name: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # open, released, aborted, rejected, interrupted (process stopped while open)
+    outcome: Mapped[str] = mapped_column(String(16), default="open")
+    reject_reason: Mapped[str | None] = mapped_column(String(64))
+
+
+Index("ix_studies_last_received_at", Study.last_received_at)

@@ -1,0 +1,166 @@
+"""The spool: a plain directory tree of received instances keyed by UIDs.
+
+Durability protocol for every instance (so that a success status is never sent for a file that a crash
+or power cut could lose):
+
+1. the bytes are written under a temporary name inside ``<spool>/.incoming`` (same filesystem);
+2. the file is fsynced;
+3. it is renamed atomically to ``<spool>/<study>/<series>/<sop>.<sha256[:16]>.dcm``;
+4. the destination directory is fsynced, so that the rename itself is durable.
+
+The content hash in the name means an identical re-send maps to the same path (no second copy), and a
+replacement with different bytes gets its own path, so the old copy stays valid until the index points
+at the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+INCOMING_DIR = ".incoming"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_HASH_CHUNK = 1 << 20
+
+
+class SpoolError(Exception):
+    """The spool cannot take the instance (not a problem with the instance itself)."""
+
+
+def is_valid_uid(uid: str) -> bool:
+    """PS3.5 9.1: digits and dots, at most 64 characters. Anything else must not become a path."""
+    return 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """Hash a file in chunks (never holding it in memory); returns (hex digest, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as handle:
+        buffer = bytearray(_HASH_CHUNK)
+        view = memoryview(buffer)
+        while True:
+            count = handle.readinto(buffer)
+            if not count:
+                break
+            digest.update(view[:count])
+            size += count
+    return digest.hexdigest(), size
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str
+    sha256: str
+    size: int
+    already_present: bool  # identical bytes were already at that path
+
+
+class Spool:
+    """A spool directory. Thread-safe: every operation works on distinct paths or is atomic."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.fsync = fsync
+        self.incoming = self.root / INCOMING_DIR
+        self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
+
+    # -- space -------------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def has_room(self, min_free_mb: int) -> bool:
+        return self.free_bytes() >= min_free_mb * 1024 * 1024
+
+    # -- paths -------------------------------------------------------------------------------
+    def relative_path_for(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise ValueError(f"not a valid UID for a spool path: {uid!r}")
+        return f"{study_uid}/{series_uid}/{sop_uid}.{sha256[:16]}.dcm"
+
+    def absolute(self, relative_path: str) -> Path:
+        return self.root / relative_path
+
+    # -- writing -----------------------------------------------------------------------------
+    def commit_file(self, temp_path: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+        """Make ``temp_path`` durable under its UID-keyed name; ``temp_path`` is consumed.
+
+        ``temp_path`` should live in :attr:`incoming` (same filesystem) so the move is a rename; any
+        other location is copied first.
+        """
+        sha256, size = sha256_of(temp_path)
+        relative = self.relative_path_for(study_uid, series_uid, sop_uid, sha256)
+        destination = self.root / relative
+        if destination.exists():
+            # Identical bytes (same content hash) already stored: nothing to write.
+            temp_path.unlink(missing_ok=True)
+            return StoredFile(relative, sha256, size, already_present=True)
+        directory = destination.parent
+        created_directories = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if temp_path.parent != self.incoming:
+            staged = self.incoming / f"{sop_uid}.{os.getpid()}.{time.monotonic_ns()}.part"
+            shutil.copyfile(temp_path, staged)
+            temp_path.unlink(missing_ok=True)
+            temp_path = staged
+        os.chmod(temp_path, 0o600)
+        if self.fsync:
+            fsync_file(temp_path)
+        try:
+            os.replace(temp_path, destination)
+        except OSError as exc:
+            if exc.errno != getattr(os, "EXDEV", 18):
+                raise
+            shutil.copyfile(temp_path, destination)
+            temp_path.unlink(missing_ok=True)
+            if self.fsync:
+                fsync_file(destination)
+        if self.fsync:
+            fsync_dir(directory)
+            if created_directories:  # the new directory entries must be durable too
+                fsync_dir(directory.parent)
+                fsync_dir(self.root)
+        return StoredFile(relative, sha256, size, already_present=False)
+
+    def remove(self, relative_path: str) -> None:
+        """Delete a stored file (used when the index refused it, so nothing is left orphaned)."""
+        path = self.root / relative_path
+        path.unlink(missing_ok=True)
+        if self.fsync and path.parent.exists():
+            fsync_dir(path.parent)
+
+    def sweep_incoming(self, older_than_seconds: float = 0.0) -> int:
+        """Remove temporary files left by interrupted transfers (never acknowledged, so never lost)."""
+        removed = 0
+        cutoff = time.time() - older_than_seconds
+        for entry in self.incoming.iterdir():
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
