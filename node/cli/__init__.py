@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from node.cli import engine_commands, training_commands
+from node.cli import engine_commands, node_commands, training_commands
 
 app = typer.Typer(
     name="msknode",
@@ -13,6 +13,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+node_commands.register(app)
 app.add_typer(engine_commands.model_app, name="model")
 app.add_typer(training_commands.heads_app, name="heads")
 training_commands.register(app, engine_commands.model_app)

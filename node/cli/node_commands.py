@@ -1,0 +1,148 @@
+"""CLI: ``serve``, ``config check``, ``db upgrade``, ``echo PEER`` and ``studies``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.settings import CONFIG_ENV_VAR, ConfigError, Settings, load_settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        "-c",
+        help=f"Configuration file (TOML). Defaults to ${CONFIG_ENV_VAR}, then the embedded defaults.",
+        envvar=CONFIG_ENV_VAR,
+    ),
+]
+
+config_app = typer.Typer(help="Validate configuration files.", no_args_is_help=True)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+
+
+def load_or_exit(path: Path | None) -> Settings:
+    """Load settings or print every problem (with its key path) and exit 2."""
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error[/] in {exc.source}:")
+        for problem in exc.problems:
+            err_console.print(f"  - {problem}")
+        raise typer.Exit(code=2) from None
+
+
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[str, typer.Option(help="Run one role only: all | receiver.")] = "all",
+) -> None:
+    """Run the node in the foreground until Ctrl-C / SIGTERM."""
+    from node.logsetup import configure_logging
+    from node.service import serve as run_serve
+
+    settings = load_or_exit(config)
+    configure_logging(settings.logging.level, settings.logging.format)
+    run_serve(settings, role=role)
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="The TOML file to validate.")]) -> None:
+    """Validate FILE: print every problem with its key path; exit non-zero if there is any."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        err_console.print(f"{exc.source}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            err_console.print(f"  {problem}")
+        raise typer.Exit(code=1) from None
+    console.print(
+        f"{path}: OK — AE {settings.node.ae_title} on {settings.node.host}:{settings.node.port}, "
+        f"{len(settings.peers)} peer(s), database {settings.storage.database_url.split(':', 1)[0]}"
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply database migrations up to the newest revision."""
+    from storage.migrate import upgrade
+
+    settings = load_or_exit(config)
+    revision = upgrade(settings.storage.database_url)
+    console.print(f"database at revision {revision}")
+
+
+def echo(
+    peer: Annotated[str, typer.Argument(help="Name of a configured peer.")],
+    config: ConfigOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
+) -> None:
+    """Send a C-ECHO to a configured peer and print the round trip."""
+    from node.scu import echo as send_echo
+
+    settings = load_or_exit(config)
+    try:
+        target = settings.peer(peer)
+    except KeyError:
+        err_console.print(f"no peer named {peer!r}; configured: {', '.join(p.name for p in settings.peers) or 'none'}")
+        raise typer.Exit(code=2) from None
+    result = send_echo(settings.node.ae_title, target, timeout=timeout)
+    where = f"{target.name} ({target.ae_title}@{target.host}:{target.port})"
+    if result.ok:
+        console.print(f"C-ECHO {where}: success in {result.round_trip_ms:.1f} ms")
+        return
+    err_console.print(f"C-ECHO {where}: FAILED — {result.error}")
+    raise typer.Exit(code=1)
+
+
+def studies(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many studies, newest first.")] = 200,
+) -> None:
+    """List received studies, newest first."""
+    from storage.db import Database
+    from storage.index import Index
+    from storage.migrate import upgrade
+
+    settings = load_or_exit(config)
+    upgrade(settings.storage.database_url)
+    database = Database(settings.storage.database_url)
+    try:
+        rows = Index(database).studies_summary(limit=limit)
+    finally:
+        database.dispose()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} studies")
+    for column in ("study_instance_uid", "accession", "instances", "series", "modalities", "status", "last_received"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["study_instance_uid"]),
+            str(row["accession_number"] or ""),
+            str(row["instances"]),
+            str(row["series"]),
+            ",".join(row["modalities"]),  # type: ignore[arg-type]
+            str(row["status"]),
+            str(row["last_received"]),
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(config_app, name="config")
+    app.add_typer(db_app, name="db")
+    app.command("echo")(echo)
+    app.command("studies")(studies)
+
+
