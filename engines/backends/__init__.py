@@ -1,0 +1,75 @@
+"""Backend selection: ``tensorrt`` -> ``cuda`` -> ``cpu`` automatically, or exactly what the caller names.
+
+The choice and the precision are logged and kept on the backend (``name``, ``precision``), so the worker can
+show them in /healthz.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from engines.backends.base import Backend
+from engines.vit_mae import MaskedAutoencoderViT
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16", "tensorrt": "fp16"}
+
+__all__ = ["Backend", "BACKENDS", "select_backend", "resolve_backend_name", "tensorrt_available"]
+
+
+def tensorrt_available() -> bool:
+    """TensorRT's Python package is importable (the ``tensorrt`` extra) and a CUDA device is present."""
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def resolve_backend_name(backend: str = "auto", device: str = "cpu") -> str:
+    """Which backend ``backend``/``device`` mean here: auto prefers tensorrt, then cuda, then cpu.
+
+    ``device="cpu"`` (the default of ``engines.load``) keeps auto on the CPU; ``device="auto"`` or ``"cuda"``
+    lets auto pick the GPU paths when they exist.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "tensorrt" if tensorrt_available() else "cuda"
+
+
+def select_backend(
+    model: MaskedAutoencoderViT,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str | None = None,
+    source: Path | None = None,
+    plan_cache_dir: Path | None = None,
+) -> Backend:
+    """Build the backend for ``model``; an explicit choice that cannot run raises, auto falls back and says so."""
+    from engines.backends.torch_backend import TorchBackend
+
+    name = resolve_backend_name(backend, device)
+    chosen: Backend
+    if name == "tensorrt":
+        try:
+            from engines.backends.tensorrt_backend import TensorRTBackend
+
+            chosen = TensorRTBackend.from_model(model, precision=precision or "fp16", cache_dir=plan_cache_dir)
+        except Exception as exc:
+            if backend == "tensorrt":
+                raise
+            log.warning("TensorRT backend unavailable (%s); falling back to torch CUDA", exc)
+            name = "cuda"
+    if name == "cuda":
+        cuda_device = device if device.startswith("cuda") else "cuda"
+        chosen = TorchBackend(model, device=cuda_device, precision=precision or DEFAULT_PRECISION["cuda"])
+    elif name == "cpu":
+        chosen = TorchBackend(model, device="cpu", precision=precision or DEFAULT_PRECISION["cpu"])
+    log.info("engine backend: %s (%s) on %s", chosen.name, chosen.precision, chosen.device)
+    return chosen

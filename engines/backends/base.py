@@ -1,0 +1,31 @@
+"""The one interface every backend offers the :class:`~engines.encoder.Encoder`."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs the model's three graphs; inputs and outputs are fp32 tensors on the backend's device.
+
+    ``name`` is ``cpu``, ``cuda`` or ``tensorrt``; ``precision`` is ``fp32``, ``bf16`` or ``fp16``.
+    """
+
+    name: str
+    precision: str
+    device: str
+
+    def embed(self, x: Tensor) -> Tensor:
+        """CLS after the final norm from the full 197-token pass: [B, D]."""
+        ...
+
+    def reconstruct(self, x: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
+        """Masked encoder then decoder: [N, L, p*p*C]; ``x`` [B, ...] serves N = B * passes rows image-major."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """What /healthz shows: backend, precision, device and anything that identifies the build."""
+        ...
