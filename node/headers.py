@@ -109,9 +109,8 @@ def read_header(path: Path) -> HeaderInfo:
 
 
 def _check_pixel_data_complete(path: Path, offset: int, size: int, transfer_syntax: str) -> None:
-    """Walk the pixel data element (if any) that starts at ``offset`` and check it fits in the file."""
-    if offset >= size:
-        return  # no pixel data element
+    """Walk the top-level elements from ``offset`` (Pixel Data and anything after it, such as trailing
+    padding) to the end of the file, checking that each declared length fits."""
     implicit = transfer_syntax == ImplicitVRLittleEndian
     endian = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
     with open(path, "rb") as handle:
@@ -120,34 +119,37 @@ def _check_pixel_data_complete(path: Path, offset: int, size: int, transfer_synt
         def read_exact(count: int) -> bytes:
             data = handle.read(count)
             if len(data) != count:
-                raise HeaderError("truncated dataset: pixel data ends early")
+                raise HeaderError("truncated dataset: data ends inside an element")
             return data
 
-        group, element = struct.unpack(endian + "HH", read_exact(4))
-        if (group, element) not in PIXEL_DATA_TAGS:
-            return
-        if implicit:
-            (length,) = struct.unpack(endian + "I", read_exact(4))
-        else:
-            vr = read_exact(2)
-            if vr in _LONG_VRS:
-                read_exact(2)
+        while handle.tell() < size:
+            group, element = struct.unpack(endian + "HH", read_exact(4))
+            if implicit:
                 (length,) = struct.unpack(endian + "I", read_exact(4))
             else:
-                (length,) = struct.unpack(endian + "H", read_exact(2))
-        if length != 0xFFFFFFFF:
-            if handle.tell() + length > size:
-                raise HeaderError(
-                    f"truncated dataset: pixel data declares {length} bytes, {size - handle.tell()} present"
-                )
-            return
-        # Encapsulated: items until the sequence delimiter (PS3.5 A.4). Item tags are little endian.
-        while True:
-            item_group, item_element, item_length = struct.unpack("<HHI", read_exact(8))
-            if (item_group, item_element) == _SEQUENCE_DELIMITER:
-                return
-            if (item_group, item_element) != _ITEM:
-                raise HeaderError("malformed encapsulated pixel data: unexpected tag in fragment sequence")
-            if handle.tell() + item_length > size:
-                raise HeaderError("truncated dataset: pixel data fragment ends early")
-            handle.seek(item_length, os.SEEK_CUR)
+                vr = read_exact(2)
+                if vr in _LONG_VRS:
+                    read_exact(2)
+                    (length,) = struct.unpack(endian + "I", read_exact(4))
+                else:
+                    (length,) = struct.unpack(endian + "H", read_exact(2))
+            if length != 0xFFFFFFFF:
+                if handle.tell() + length > size:
+                    raise HeaderError(
+                        f"truncated dataset: element ({group:04X},{element:04X}) declares {length} bytes, "
+                        f"{size - handle.tell()} present"
+                    )
+                handle.seek(length, os.SEEK_CUR)
+                continue
+            if (group, element) not in PIXEL_DATA_TAGS:
+                return  # an undefined-length sequence after the pixel data: pydicom already parsed it
+            # Encapsulated pixel data: items until the sequence delimiter (PS3.5 A.4), little endian.
+            while True:
+                item_group, item_element, item_length = struct.unpack("<HHI", read_exact(8))
+                if (item_group, item_element) == _SEQUENCE_DELIMITER:
+                    break
+                if (item_group, item_element) != _ITEM:
+                    raise HeaderError("malformed encapsulated pixel data: unexpected tag in fragment sequence")
+                if handle.tell() + item_length > size:
+                    raise HeaderError("truncated dataset: pixel data fragment ends early")
+                handle.seek(item_length, os.SEEK_CUR)

@@ -1,0 +1,5 @@
+"""``python -m node`` is the same as the ``msknode`` command."""
+
+from node.cli import main
+
+main()
