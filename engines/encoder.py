@@ -159,12 +159,13 @@ class Encoder:
 
     def embed(self, x: Tensor) -> Tensor:
         """CLS feature after the final norm: [B, D] fp32 (``x`` normalised, [B, 3, 224, 224])."""
-        return self.backend.embed(self._check_input(x)).cpu()
+        # clone outside inference mode: callers (head training) may use the result in autograd
+        return self.backend.embed(self._check_input(x)).cpu().clone()
 
     def predict(self, x: Tensor, embedding: Tensor | None = None) -> dict[str, Tensor]:
         """Every head on the one shared embedding pass: name -> probabilities [B, K] (``embedding`` reused if given)."""
         emb = self.embed(x) if embedding is None else embedding
-        with torch.inference_mode():
+        with torch.no_grad():
             return {name: head.predict(emb.float()) for name, head in self.heads.items()}
 
     def error_map_result(
@@ -188,7 +189,7 @@ class Encoder:
             seed=seed,
             passes=passes,
         )
-        result.maps, result.scores = result.maps.cpu(), result.scores.cpu()
+        result.maps, result.scores = result.maps.cpu().clone(), result.scores.cpu().clone()
         return result
 
     def error_map(

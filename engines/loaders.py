@@ -368,10 +368,11 @@ def load_mae_or_timm(path: Path, fmt: str) -> LoadedCheckpoint:
         raw = raw["model"]
     state = _fp32(mae_filter_fn(raw))
     config = infer_config_from_state(state)
-    if sidecar and any(k in sidecar for k in ("hidden_size", "num_attention_heads", "layer_norm_eps")):
-        merged = {**config.to_hf_dict(), **sidecar}
-        config = MAEConfig.from_hf_dict(merged)
     has_decoder = _split_decoder(state)
+    if sidecar and any(k in sidecar for k in ("hidden_size", "num_attention_heads", "layer_norm_eps")):
+        if not has_decoder:  # decoder sizes are meaningless without decoder tensors
+            sidecar = {k: v for k, v in sidecar.items() if not k.startswith("decoder_")}
+        config = MAEConfig.from_hf_dict({**config.to_hf_dict(), **sidecar})
     check_shapes(state, config, has_decoder, path)
     notes = [] if has_decoder else ["encoder only: embeddings work, error maps need a decoder"]
     return LoadedCheckpoint(fmt, config, state, has_decoder, path, notes=notes)

@@ -79,3 +79,9 @@ def make_hf_mae(config: MAEConfig, seed: int = 0):
 @pytest.fixture
 def hf_mae(tiny_config):
     return make_hf_mae(tiny_config)
+
+
+@pytest.fixture
+def randomize():
+    """The :func:`randomize_` helper, for tests that build their own reference models."""
+    return randomize_
