@@ -859,9 +859,11 @@ def to_dataset(
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"
     ds.RescaleType = "US"
-    low, high = np.percentile(pixels, [1, 99.5])
-    ds.WindowCenter = f"{(low + high) / 2:.0f}"
-    ds.WindowWidth = f"{max(high - low, 1):.0f}"
+    # The window spans every stored value: a viewer shows the whole image, and VOI windowing followed by the
+    # model's min-max gives exactly the min-max of the raw values that the demo model was trained on.
+    low, high = int(pixels.min()), int(pixels.max())
+    ds.WindowCenter = f"{(low + high) / 2 + 0.5:.1f}"
+    ds.WindowWidth = f"{max(high - low + 2, 2)}"
     ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
     ds.LossyImageCompression = "00"
     ds.PixelData = pixels.astype("<u2").tobytes()
