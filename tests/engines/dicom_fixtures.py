@@ -109,7 +109,7 @@ class Syntax:
     lossless: bool
     tool: str | None = None  # command-line tool required, if any
     eight_bit_only: bool = False  # JPEG baseline can only carry 8-bit samples
-    lossy_tolerance: float = 0.0  # max abs error allowed, as a fraction of the full range
+    lossy_tolerance: float = 0.0  # mean abs error allowed on min-max normalised [0, 1] images
 
 
 SYNTAXES: dict[str, Syntax] = {
@@ -119,17 +119,17 @@ SYNTAXES: dict[str, Syntax] = {
         Syntax("explicit_le", ExplicitVRLittleEndian, True),
         Syntax("explicit_be", UID("1.2.840.10008.1.2.2"), True, "dcmconv"),
         Syntax("deflated", UID("1.2.840.10008.1.2.1.99"), True, "dcmconv"),
-        Syntax("jpeg_baseline", UID("1.2.840.10008.1.2.4.50"), False, "dcmcjpeg", True, 0.05),
-        Syntax("jpeg_extended", UID("1.2.840.10008.1.2.4.51"), False, "dcmcjpeg", False, 0.05),
+        Syntax("jpeg_baseline", UID("1.2.840.10008.1.2.4.50"), False, "dcmcjpeg", True, 0.01),
+        Syntax("jpeg_extended", UID("1.2.840.10008.1.2.4.51"), False, "dcmcjpeg", False, 0.01),
         Syntax("jpeg_lossless_p14", UID("1.2.840.10008.1.2.4.57"), True, "dcmcjpeg"),
         Syntax("jpeg_lossless_sv1", UID("1.2.840.10008.1.2.4.70"), True, "dcmcjpeg"),
         Syntax("jpegls_lossless", JPEGLSLossless, True),
-        Syntax("jpegls_near_lossless", JPEGLSNearLossless, False, None, False, 0.002),
+        Syntax("jpegls_near_lossless", JPEGLSNearLossless, False, None, False, 0.001),
         Syntax("j2k_lossless", JPEG2000Lossless, True),
-        Syntax("j2k_lossy", JPEG2000, False, None, False, 0.05),
+        Syntax("j2k_lossy", JPEG2000, False, None, False, 0.01),
         Syntax("htj2k_lossless", HTJ2KLossless, True, "ojph_compress"),
         Syntax("htj2k_rpcl", HTJ2KLosslessRPCL, True, "ojph_compress"),
-        Syntax("htj2k_lossy", HTJ2K, False, "ojph_compress", False, 0.05),
+        Syntax("htj2k_lossy", HTJ2K, False, "ojph_compress", False, 0.01),
         Syntax("rle", RLELossless, True),
     ]
 }

@@ -1,0 +1,234 @@
+"""DICOM dataset -> model input, one 3 x 224 x 224 tensor per frame, reproducing SKELEX's image path.
+
+Order (policy and reasons in ``docs/preprocessing.md``):
+
+1. decode stored values (``engines.decode``; JPEG 2000 / HTJ2K at a reduced resolution when allowed);
+2. colour (RGB / YBR) -> grey with ITU-R BT.601 luma, the weights PIL's ``convert("L")`` uses;
+3. modality LUT: Modality LUT Sequence if present, else Rescale Slope / Intercept;
+4. VOI per policy ``voi``: ``"auto"`` (default) = VOI LUT Sequence if present, else the first Window
+   Centre / Width, else nothing; ``"lut"``, ``"window"`` = only that one; ``"none"`` = skip;
+5. MONOCHROME1 inverted so that bone is bright, as in the 8-bit images SKELEX was trained on;
+6. SKELEX's path exactly: per-image global min-max to uint8 (float32, truncating cast), grey -> 3
+   channels, PIL bilinear resize to 224 x 224 without crop (PIL antialiases on downscale, like HF's
+   ViTImageProcessor with resample=2), /255, ImageNet mean / std.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
+
+from engines.decode import (
+    DecodedFrame,
+    PreprocessError,
+    decode_frame,
+    number_of_frames,
+)
+from engines.geometry import MODEL_SIZE, SourceGeometry
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessed",
+    "PreprocessError",
+    "VOIPolicy",
+    "preprocess",
+    "prepare_array",
+    "to_uint8_minmax",
+]
+
+logger = logging.getLogger(__name__)
+
+VOIPolicy = Literal["auto", "window", "lut", "none"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_DISPLAY_SIZE = 2048
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's "L" conversion
+_GREY = {"MONOCHROME1", "MONOCHROME2"}
+_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
+
+
+class Preprocessed(NamedTuple):
+    """Model input plus what is needed to map results back onto the source image."""
+
+    tensor: torch.Tensor  # [F, 3, 224, 224] float32, ImageNet-normalised
+    geometry: SourceGeometry
+    display: list[np.ndarray]  # per frame, uint8 grey after LUTs, long side <= display_size
+
+
+def to_uint8_minmax(array: np.ndarray) -> np.ndarray:
+    """SKELEX's per-image global min-max to 8 bits: float32, scale to 0..255, clip, truncating cast.
+
+    A constant (or non-finite) image becomes all zeros, as in SKELEX's ``_to_uint8_minmax``.
+    """
+    values = np.asarray(array).astype(np.float32)
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    if not np.isfinite([lo, hi]).all() or hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip((values - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+
+
+def _normalise(rgb8: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 [3, H, W]: /255 then ImageNet mean / std (HF's rescale + normalize)."""
+    scaled = rgb8.astype(np.float32) * np.float32(1 / 255)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1)))
+
+
+def _model_tensor_from_uint8(image8: np.ndarray) -> torch.Tensor:
+    """uint8 grey (H, W) or RGB (H, W, 3) -> [3, 224, 224] via PIL bilinear (antialiased) resize.
+
+    Resizing the grey image and then copying it to three channels equals resizing the RGB copy, because
+    PIL resizes each channel with the same integer kernel.
+    """
+    resized = np.asarray(
+        Image.fromarray(image8).resize((MODEL_SIZE, MODEL_SIZE), resample=Image.Resampling.BILINEAR)
+    )
+    if resized.ndim == 2:
+        resized = np.repeat(resized[:, :, None], 3, axis=2)
+    return _normalise(resized)
+
+
+def prepare_array(pixels: np.ndarray) -> torch.Tensor:
+    """SKELEX's path from an array: min-max to uint8, grey -> RGB, bilinear 224 x 224, /255, ImageNet.
+
+    Accepts a 2-D grey array of any numeric dtype (or an (H, W, 3) RGB array, min-maxed over all
+    channels as SKELEX does). Returns float32 [3, 224, 224].
+    """
+    array = np.asarray(pixels)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
+        raise ValueError(f"expected a (H, W) grey or (H, W, 3) RGB array, got shape {array.shape}")
+    return _model_tensor_from_uint8(to_uint8_minmax(array))
+
+
+def _display_image(image8: np.ndarray, display_size: int | None) -> np.ndarray:
+    """The uint8 image shrunk (aspect kept) so that its long side is <= display_size."""
+    rows, columns = image8.shape
+    if not display_size or max(rows, columns) <= display_size:
+        return image8
+    scale = display_size / max(rows, columns)
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    return np.asarray(Image.fromarray(image8).resize(size, resample=Image.Resampling.BILINEAR))
+
+
+def _frame_view(ds: Dataset, index: int) -> Dataset:
+    """The LUT attributes that apply to frame ``index``.
+
+    Enhanced multi-frame objects keep rescale and window per frame (or shared) in functional groups,
+    where pydicom's LUT helpers do not look; lift them to the top level of a shallow copy.
+    """
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if per_frame is None and shared is None:
+        return ds
+    view = Dataset()
+    for keyword in ("BitsStored", "PixelRepresentation", "PhotometricInterpretation", "BitsAllocated"):
+        if keyword in ds:
+            setattr(view, keyword, ds[keyword].value)
+    groups = [g for g in (shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None) if g]
+    for group in groups:  # per-frame after shared, so it wins
+        for sequence in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            if sequence in group and len(group[sequence].value):
+                for element in group[sequence].value[0]:
+                    view[element.tag] = element
+    return view
+
+
+def _apply_luts(pixels: np.ndarray, lut_source: Dataset, voi: VOIPolicy) -> np.ndarray:
+    values = apply_modality_lut(pixels, lut_source)
+    has_lut = "VOILUTSequence" in lut_source and len(lut_source.VOILUTSequence) > 0
+    has_window = lut_source.get("WindowCenter") is not None and lut_source.get("WindowWidth") is not None
+    if voi == "auto" and (has_lut or has_window):
+        values = apply_voi_lut(values, lut_source, index=0, prefer_lut=True)
+    elif voi == "lut" and has_lut:
+        values = apply_voi_lut(values, lut_source, index=0, prefer_lut=True)
+    elif voi == "window" and has_window:
+        values = apply_windowing(values, lut_source, index=0)
+    return values
+
+
+def _grey_frame(decoded: DecodedFrame, ds: Dataset, index: int, voi: VOIPolicy) -> np.ndarray:
+    """Stored values of one frame -> float grey values after colour conversion, LUTs and MONOCHROME1."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    pixels = decoded.pixels
+    if photometric in _COLOUR:
+        if pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise PreprocessError(f"{photometric} image decoded to shape {pixels.shape}")
+        # pydicom's decoders return RGB for YBR inputs (as_rgb); VOI LUTs do not apply to colour.
+        return pixels.astype(np.float32) @ _LUMA
+    if photometric not in _GREY:
+        raise PreprocessError(f"unsupported photometric interpretation {photometric or '(missing)'}")
+    values = _apply_luts(pixels, _frame_view(ds, index), voi)
+    if photometric == "MONOCHROME1":
+        values = np.asarray(values, dtype=np.float64)
+        values = values.max() + values.min() - values
+    return values
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            try:
+                return float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def preprocess(
+    dataset: Dataset,
+    *,
+    voi: VOIPolicy = "auto",
+    display_size: int | None = DEFAULT_DISPLAY_SIZE,
+    reduced_decode: bool = True,
+) -> Preprocessed:
+    """Turn a pydicom dataset into ``Preprocessed(tensor [F,3,224,224], geometry, display)``.
+
+    ``display_size`` bounds the overlay image's long side (None: no display needed, which lets JPEG 2000
+    decode at the smallest resolution that still covers 224 px). ``reduced_decode=False`` forces full-size
+    decoding. Raises :class:`PreprocessError` when the image cannot be used.
+    """
+    if voi not in ("auto", "window", "lut", "none"):
+        raise ValueError(f"voi must be auto, window, lut or none, not {voi!r}")
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation"):
+        if dataset.get(keyword) is None:
+            raise PreprocessError(f"missing {keyword}")
+    frames = number_of_frames(dataset)
+    tensors: list[torch.Tensor] = []
+    display: list[np.ndarray] = []
+    decoded_shape: tuple[int, int] | None = None
+    for index in range(frames):
+        decoded = decode_frame(
+            dataset, index, model_size=MODEL_SIZE, display_size=display_size, allow_reduced=reduced_decode
+        )
+        try:
+            grey = _grey_frame(decoded, dataset, index, voi)
+        except PreprocessError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed LUT attributes surface as many types
+            raise PreprocessError(f"cannot apply LUTs to frame {index}: {exc}") from exc
+        image8 = to_uint8_minmax(grey)
+        decoded_shape = image8.shape
+        tensors.append(_model_tensor_from_uint8(image8))
+        display.append(_display_image(image8, display_size))
+    assert decoded_shape is not None
+    geometry = SourceGeometry(
+        rows=int(dataset.Rows),
+        columns=int(dataset.Columns),
+        frame_count=frames,
+        pixel_spacing=_pixel_spacing(dataset),
+        decoded_rows=decoded_shape[0],
+        decoded_columns=decoded_shape[1],
+    )
+    logger.debug("preprocessed %d frame(s), decoded at %s of %s", frames, decoded_shape, (geometry.rows, geometry.columns))
+    return Preprocessed(torch.stack(tensors), geometry, display)

@@ -1,0 +1,212 @@
+"""Decoding: every accepted transfer syntax, reduced-resolution JPEG 2000 / HTJ2K, and clean failures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, get_frame
+
+from engines.decode import (
+    PreprocessError,
+    choose_reduce_level,
+    decode_frame,
+    frame_fragment,
+    parse_j2k_header,
+)
+from engines.preprocess import preprocess
+from tests.engines.dicom_fixtures import (
+    SYNTAXES,
+    encode,
+    make_dataset,
+    missing_tool,
+    synthetic_radiograph,
+)
+
+
+def _skip_without_tool(key: str) -> None:
+    if (tool := missing_tool(key)) is not None:
+        pytest.skip(f"{tool} not installed (Debian dcmtk / openjph-tools)")
+
+
+@pytest.mark.parametrize("key", sorted(SYNTAXES))
+def test_every_syntax_decodes_to_the_original_pixels(key: str, tmp_path: Path) -> None:
+    _skip_without_tool(key)
+    syntax = SYNTAXES[key]
+    bits = 8 if syntax.eight_bit_only else 12
+    original = synthetic_radiograph(256, 200, bits=bits, seed=3)
+    ds = encode(make_dataset(original, bits_stored=bits), key, tmp_path)
+    assert ds.file_meta.TransferSyntaxUID == syntax.uid
+
+    decoded = decode_frame(ds, 0, allow_reduced=False)
+    assert decoded.reduce_level == 0
+    assert decoded.pixels.shape == original.shape
+    error = np.abs(decoded.pixels.astype(np.int64) - original.astype(np.int64))
+    if syntax.lossless:
+        assert error.max() == 0
+    else:
+        # DCMTK's lossy JPEG shifts values to start at 0, so compare shapes of the picture: each image
+        # min-max normalised to [0, 1], which is all the model path keeps anyway.
+        def unit(a: np.ndarray) -> np.ndarray:
+            a = a.astype(np.float64)
+            return (a - a.min()) / (a.max() - a.min())
+
+        unit_error = np.abs(unit(decoded.pixels) - unit(original))
+        assert unit_error.mean() <= syntax.lossy_tolerance
+        assert unit_error.max() <= 0.12
+        assert error.max() > 0  # the stream really is lossy
+
+    result = preprocess(ds)
+    assert result.tensor.shape == (1, 3, 224, 224)
+    assert (result.geometry.rows, result.geometry.columns) == original.shape
+
+
+@pytest.mark.parametrize("key", ["explicit_le", "rle", "jpegls_lossless", "j2k_lossless", "htj2k_lossless"])
+def test_multiframe_gives_one_tensor_per_frame(key: str, tmp_path: Path) -> None:
+    _skip_without_tool(key)
+    frames = np.stack([synthetic_radiograph(240, 230, seed=s) for s in range(3)])
+    frames[1] = frames[1][::-1]  # make the frames clearly different
+    frames[2] = frames[2] // 2
+    ds = encode(make_dataset(frames), key, tmp_path)
+    result = preprocess(ds)
+    assert result.tensor.shape == (3, 3, 224, 224)
+    assert result.geometry.frame_count == 3 and len(result.display) == 3
+    for index in range(3):
+        single = preprocess(make_dataset(frames[index]))
+        assert np.array_equal(result.tensor[index].numpy(), single.tensor[0].numpy())
+    assert not np.array_equal(result.tensor[0].numpy(), result.tensor[1].numpy())
+
+
+def test_choose_reduce_level_keeps_every_consumer_covered() -> None:
+    # 2500 x 2048 radiograph, 5 decomposition levels.
+    assert choose_reduce_level(2500, 2048, 5) == 3  # 313 x 256: both axes still >= 224
+    assert choose_reduce_level(2500, 2048, 5, display_size=1024) == 1  # long side 1250 >= 1024
+    assert choose_reduce_level(2500, 2048, 5, display_size=2048) == 0  # 1250 < 2048
+    assert choose_reduce_level(4280, 3520, 5, display_size=2048) == 1  # 2140 >= 2048
+    assert choose_reduce_level(2500, 2048, 2) == 2  # never more than the codestream has
+    assert choose_reduce_level(300, 3000, 5) == 0  # short axis already near 224
+    assert choose_reduce_level(200, 180, 5) == 0  # smaller than the model input
+
+
+@pytest.mark.parametrize("key", ["j2k_lossless", "j2k_lossy", "htj2k_lossless", "htj2k_rpcl", "htj2k_lossy"])
+def test_reduced_resolution_decode_and_geometry(key: str, tmp_path: Path) -> None:
+    _skip_without_tool(key)
+    original = synthetic_radiograph(1000, 950, seed=5)
+    ds = encode(make_dataset(original), key, tmp_path)
+    header = parse_j2k_header(frame_fragment(ds, 0))
+    assert (header.rows, header.columns, header.precision, header.signed) == (1000, 950, 12, False)
+    assert header.decomposition_levels >= 2
+
+    reduced = decode_frame(ds, 0, display_size=None)
+    assert reduced.reduce_level == 2  # 250 x 238; one more level would give 125 x 119 < 224
+    assert reduced.pixels.shape == (250, math.ceil(950 / 4))
+    assert reduced.pixels.dtype == np.uint16
+    # The LL band is a low-passed, subsampled copy of the image: compare with 4 x 4 block means.
+    block_means = original[:1000, :948].reshape(250, 4, 237, 4).astype(np.float64).mean(axis=(1, 3))
+    deviation = np.abs(reduced.pixels[:, :237].astype(np.float64) - block_means)
+    assert np.median(deviation) < 0.01 * 4095
+    assert decode_frame(ds, 0, display_size=600).reduce_level == 0  # 500 < 600: no reduction
+    assert decode_frame(ds, 0, display_size=500).reduce_level == 1
+
+    result = preprocess(ds, display_size=None)
+    geometry = result.geometry
+    assert (geometry.rows, geometry.columns) == (1000, 950)  # the header's size, not the decoded one
+    assert (geometry.decoded_rows, geometry.decoded_columns) == (250, 238)
+    assert result.display[0].shape == (250, 238)
+    full = preprocess(ds, display_size=None, reduced_decode=False)
+    assert (full.geometry.decoded_rows, full.geometry.decoded_columns) == (1000, 950)
+    # Same picture: the model inputs agree closely (min-max over a low-passed image shifts them a little).
+    assert float((full.tensor - result.tensor).abs().mean()) < 0.1
+
+
+def test_reduced_decode_of_signed_data(tmp_path: Path) -> None:
+    original = synthetic_radiograph(600, 560, seed=7).astype(np.int16) - 2048
+    ds = encode(make_dataset(original, pixel_representation=1), "j2k_lossless", tmp_path)
+    assert parse_j2k_header(frame_fragment(ds, 0)).signed
+    full = decode_frame(ds, 0, allow_reduced=False).pixels
+    assert np.array_equal(full, original)
+    reduced = decode_frame(ds, 0, display_size=None)
+    assert reduced.reduce_level == 1 and reduced.pixels.dtype == np.int16
+    block_means = original.reshape(300, 2, 280, 2).astype(np.float64).mean(axis=(1, 3))
+    assert np.median(np.abs(reduced.pixels - block_means)) < 0.01 * 4095
+    assert reduced.pixels.min() < 0
+
+
+def _truncated(ds: pydicom.Dataset, keep: float) -> pydicom.Dataset:
+    fragment = get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([fragment[: int(len(fragment) * keep)]])
+    return ds
+
+
+@pytest.mark.parametrize("key", ["j2k_lossless", "htj2k_lossless", "jpegls_lossless", "rle", "jpeg_lossless_sv1"])
+def test_truncated_stream_raises_preprocess_error(key: str, tmp_path: Path) -> None:
+    _skip_without_tool(key)
+    ds = encode(make_dataset(synthetic_radiograph(256, 240)), key, tmp_path)
+    broken = _truncated(ds, 0.3)
+    with pytest.raises(PreprocessError) as info:
+        preprocess(broken, display_size=None, reduced_decode=False)
+    assert info.value.reason
+
+
+def test_corrupt_j2k_raises_also_on_the_reduced_path(tmp_path: Path) -> None:
+    ds = encode(make_dataset(synthetic_radiograph(512, 512)), "j2k_lossless", tmp_path)
+    fragment = bytearray(get_frame(ds.PixelData, 0, number_of_frames=1))
+    fragment[200:] = b"\xff" * (len(fragment) - 200)
+    ds.PixelData = encapsulate([bytes(fragment)])
+    with pytest.raises(PreprocessError):
+        preprocess(ds, display_size=None)
+
+
+def test_garbage_fragment_and_truncated_native_data_raise() -> None:
+    ds = make_dataset(synthetic_radiograph(64, 64))
+    ds.PixelData = ds.PixelData[:1000]
+    with pytest.raises(PreprocessError, match="decode"):
+        preprocess(ds)
+    ds = make_dataset(synthetic_radiograph(64, 64))
+    ds.file_meta.TransferSyntaxUID = SYNTAXES["j2k_lossless"].uid
+    ds.PixelData = encapsulate([b"not a codestream" * 10])
+    with pytest.raises(PreprocessError):
+        preprocess(ds)
+
+
+def test_unsupported_syntax_and_missing_pixels_raise() -> None:
+    ds = make_dataset(synthetic_radiograph(64, 64))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2
+    with pytest.raises(PreprocessError, match="unsupported transfer syntax"):
+        preprocess(ds)
+    ds = make_dataset(synthetic_radiograph(64, 64))
+    del ds.PixelData
+    with pytest.raises(PreprocessError, match="PixelData"):
+        preprocess(ds)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+     "MR_small_implicit.dcm", "MR_small_expb.dcm"],
+)
+def test_pydicom_sample_files_match_their_uncompressed_original(name: str) -> None:
+    reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    ds = pydicom.dcmread(get_testdata_file(name))
+    assert np.array_equal(decode_frame(ds, 0).pixels, reference)
+
+
+def test_stream_libjpeg_rejects_is_a_clear_preprocess_error() -> None:
+    # pydicom's JPEG-lossy.dcm (12-bit extended) has a scan header libjpeg refuses; GDCM is more lenient.
+    ds = pydicom.dcmread(get_testdata_file("JPEG-lossy.dcm"))
+    with pytest.raises(PreprocessError, match="JPEG Extended"):
+        preprocess(ds)
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "image_dfl.dcm", "JPGExtended.dcm",
+                                  "SC_rgb_jpeg_dcmtk.dcm", "JPEGLSNearLossless_16.dcm"])
+def test_pydicom_sample_files_preprocess(name: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    result = preprocess(ds)
+    assert result.tensor.shape[1:] == (3, 224, 224)
+    assert result.tensor.shape[0] == int(ds.get("NumberOfFrames", 1) or 1)
+    assert float(result.tensor.std()) > 0.05  # a real picture, not a constant
