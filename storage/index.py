@@ -162,6 +162,11 @@ class Index:
             if existing is not None and existing.sha256 == record.sha256:
                 return IndexResult(IndexOutcome.DUPLICATE)
 
+            # New content for this study: a (re)processing is due once the study settles again.
+            study.revision = (study.revision or 0) + 1
+            study.status = "received"
+            study.status_reason = None
+
             values = dict(
                 series_id=series.id,
                 sop_class_uid=record.sop_class_uid,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
@@ -38,6 +38,11 @@ class Study(Base):
     # received -> (Pipeline issue: waiting, queued, processing, done, not_analysed, failed)
     status: Mapped[str] = mapped_column(String(16), default="received")
     status_reason: Mapped[str | None] = mapped_column(Text)
+    # Bumped by every new or replaced instance; a job processes one revision, so an instance arriving
+    # after (or during) processing leads to a new job for the new revision.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    queued_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0 routine, 1 high, 2 urgent
 
     series: Mapped[list["Series"]] = relationship(back_populates="study")
 
@@ -115,4 +120,79 @@ class Association(Base):
     reject_reason: Mapped[str | None] = mapped_column(String(64))
 
 
+class Job(Base):
+    """One processing run of one study revision; the database is the queue (claimed with a lease)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_revision: Mapped[int] = mapped_column(Integer)
+    # queued, processing, done, not_analysed, failed, superseded
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ImageResult(Base):
+    """What the worker made of one instance in one job: analysed (with outputs), ineligible or failed."""
+
+    __tablename__ = "image_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    frame_index: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16))  # analysed, ineligible, failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    score: Mapped[float | None] = mapped_column(Float)
+    outputs: Mapped[dict | None] = mapped_column(JSON)
+
+
+class OutboxItem(Base):
+    """One result object for one destination; delivered at most once, retried with backoff, or dead-lettered."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    kind: Mapped[str] = mapped_column(String(8))  # SR, SC
+    path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
+    destination: Mapped[str] = mapped_column(String(64), index=True)  # peer name
+    # pending, sending, delivered, dead, discarded
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class RoleHeartbeat(Base):
+    """Each running role process reports here; `msknode status` and /healthz read it."""
+
+    __tablename__ = "role_heartbeats"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)  # role@host:pid
+    role: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    detail: Mapped[dict | None] = mapped_column(JSON)
+
+
 Index("ix_studies_last_received_at", Study.last_received_at)
+Index("ix_jobs_claim", Job.state, Job.priority, Job.created_at)
+Index("ix_outbox_claim", OutboxItem.state, OutboxItem.next_attempt_at)
