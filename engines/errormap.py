@@ -171,7 +171,8 @@ def highest_error_region(error_map: np.ndarray | Tensor, geometry: SourceGeometr
     if not np.isfinite(m).all() or m.max() <= m.min():
         return None
     threshold = float(np.percentile(m, percentile))
-    selected = m >= threshold if threshold < m.max() else m == m.max()
+    # A mostly-flat map puts the percentile on its floor: then take everything above the floor.
+    selected = m > threshold if threshold <= m.min() else m >= threshold
     labels, count = ndimage.label(selected, structure=np.ones((3, 3)))
     sums = ndimage.sum(m, labels, index=np.arange(1, count + 1))
     best = int(np.argmax(sums)) + 1
