@@ -760,6 +760,27 @@ def _uid(*parts: object) -> str:
     return generate_uid(prefix=None, entropy_srcs=["msknode-phantom", *[str(p) for p in parts]])
 
 
+# SNOMED CT codes (CID 4031 anatomic regions, CID 4010 DX views).
+_REGION_CODES = {
+    "HAND": ("85562004", "Hand"),
+    "KNEE": ("72696002", "Knee"),
+    "FEMUR": ("71341001", "Femur"),
+    "LEG": ("30021000", "Lower leg"),
+    "FOREARM": ("14975008", "Forearm"),
+}
+_VIEW_CODES = {"AP": ("399348003", "antero-posterior"), "PA": ("399300004", "postero-anterior")}
+
+
+def _code(value: str, meaning: str):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "SCT"
+    item.CodeMeaning = meaning
+    return item
+
+
 def to_dataset(
     phantom: Phantom,
     *,
@@ -779,7 +800,7 @@ def to_dataset(
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
         ComputedRadiographyImageStorage,
-        DigitalXRayImagePresentationStorage,
+        DigitalXRayImageStorageForPresentation,
         ExplicitVRLittleEndian,
         JPEG2000Lossless,
         PYDICOM_IMPLEMENTATION_UID,
@@ -792,7 +813,7 @@ def to_dataset(
     index = phantom.seed if patient_index is None else patient_index
     key = study_key or f"{phantom.kind}-{phantom.seed}"
     date = study_date or (_dt.date(2024, 1, 1) + _dt.timedelta(days=index % 700))
-    sop_class = ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImagePresentationStorage
+    sop_class = ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation
     sop_uid = _uid("sop", key, instance_number, phantom.seed, phantom.kind, tuple(f.kind for f in phantom.findings))
 
     meta = FileMetaDataset()
@@ -833,6 +854,7 @@ def to_dataset(
     ds.ImagerPixelSpacing = [f"{phantom.pixel_spacing[0]:.4f}", f"{phantom.pixel_spacing[1]:.4f}"]
     ds.PixelSpacing = ds.ImagerPixelSpacing
     ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.PixelSpacingCalibrationDescription = "synthetic phantom: spacing at the detector plane"
     if modality == "CR":
         ds.Laterality = phantom.laterality
     else:
@@ -840,9 +862,13 @@ def to_dataset(
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageType = ["DERIVED", "PRIMARY"]
         ds.DetectorType = "SCINTILLATOR"
-        ds.ViewCodeSequence = []
-        ds.AnatomicRegionSequence = []
-        ds.PatientOrientation = ds.PatientOrientation
+        ds.PixelIntensityRelationship = "LOG"
+        # -1: higher values mean less X-ray intensity (bone bright, MONOCHROME2); stored inverted for MONOCHROME1.
+        ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
+        ds.PositionerType = ""
+        ds.AcquisitionContextSequence = []
+        ds.ViewCodeSequence = [_code(*_VIEW_CODES[phantom.view])]
+        ds.AnatomicRegionSequence = [_code(*_REGION_CODES[phantom.body_part])]
     if modality == "CR":
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
 

@@ -1,10 +1,24 @@
-"""CLI: ``msknode heads train``, ``msknode model calibrate`` and ``msknode infer``."""
+"""CLI: ``msknode heads train``, ``msknode model calibrate``, ``msknode infer`` and ``msknode phantoms``.
+
+These are a site's tools around its weights, without a PACS: fit a linear-probe head on labelled DICOM files,
+record the abnormality scores of its normal studies (so results can say "98th percentile"), and run the whole
+engine on a few files to see what the node would send (PNG overlays plus JSON).
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import time
 from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import typer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo-mae"
 
 heads_app = typer.Typer(help="Train linear-probe heads on frozen embeddings.", no_args_is_help=True)
 
@@ -12,8 +26,266 @@ heads_app = typer.Typer(help="Train linear-probe heads on frozen embeddings.", n
 def register(app: typer.Typer, model_app: typer.Typer) -> None:
     """Attach the commands that live outside the heads sub-app."""
     app.command("infer")(infer)
+    app.command("phantoms")(phantoms)
+    model_app.command("calibrate")(calibrate)
 
 
-def infer(files: list[Path], out: Path = typer.Option(..., "--out")) -> None:
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _dicom_files(paths: Iterable[Path]) -> list[Path]:
+    """Files as given, and every file under the given folders (sorted); non-DICOM files are skipped later."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in (".csv", ".json", ".png", ".txt")))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise typer.BadParameter(f"{path} does not exist")
+    return found
+
+
+def _load_encoder(model: Path, load_heads: bool = True):
+    import engines
+
+    try:
+        return engines.load(model, load_heads=load_heads)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a usage error here
+        typer.echo(f"cannot load model {model}: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heads train
+# ---------------------------------------------------------------------------------------------------------
+
+
+@heads_app.command("train")
+def heads_train(
+    model: Path = typer.Option(DEFAULT_MODEL, "--model", help="checkpoint (folder or file) whose encoder stays frozen"),
+    data: Path = typer.Option(..., "--data", help="folder of the DICOM files named in the labels CSV"),
+    labels: Path = typer.Option(..., "--labels", help="CSV with a 'file' column (relative to --data) and the label column"),
+    name: str = typer.Option(..., "--name", help="head name, e.g. fracture; also the default label column"),
+    column: Optional[str] = typer.Option(None, "--column", help="label column (default: the head name)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names for integer labels 0..K-1 (softmax); default: one sigmoid label for 0/1"),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", min=0.05, max=0.9),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="heads folder (default: <model>/heads)"),
+) -> None:
+    """Fit a linear probe on frozen CLS embeddings of labelled DICOM files; save it in format 3e."""
+    import numpy as np
+    import torch
+
+    from engines.heads import save_head
+    from engines.training import dicom_inputs, fit_linear_probe, probe_to_head
+
+    column = column or name
+    with labels.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "file" not in rows[0] or column not in rows[0]:
+        typer.echo(f"{labels}: needs columns 'file' and {column!r}", err=True)
+        raise typer.Exit(code=2)
+    try:
+        targets = [int(float(r[column])) for r in rows]
+    except ValueError as exc:
+        typer.echo(f"{labels}: column {column!r} must hold integer labels ({exc})", err=True)
+        raise typer.Exit(code=2) from exc
+    class_names = [c.strip() for c in classes.split(",")] if classes else [name]
+    if not classes and set(targets) - {0, 1}:
+        class_names = [f"{name}{k}" for k in range(max(targets) + 1)]
+    encoder = _load_encoder(model, load_heads=False)
+    embeddings: list[torch.Tensor] = []
+    kept: list[int] = []
+    with _progress() as bar:
+        task = bar.add_task("embedding", total=len(rows))
+        for row, target in zip(rows, targets):
+            try:
+                x, _, _ = dicom_inputs(data / row["file"])
+            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the fit
+                log.warning("skipping %s: %s", row["file"], exc)
+                bar.advance(task)
+                continue
+            embeddings.append(encoder.embed(x[:1]))
+            kept.append(target)
+            bar.advance(task)
+    if len(set(kept)) < 2:
+        typer.echo("need at least two classes among the readable files", err=True)
+        raise typer.Exit(code=2)
+    fit = fit_linear_probe(torch.cat(embeddings), np.asarray(kept), class_names, test_fraction=test_fraction, seed=seed)
+    head = probe_to_head(
+        fit,
+        name,
+        encoder.encoder_hash,
+        provenance={"data": str(data), "labels": str(labels), "column": column, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+    weights, meta = save_head(head, out or (Path(model) / "heads"))
+    for key, value in fit.metrics.items():
+        typer.echo(f"{key}: {value:.3f}")
+    typer.echo(f"train {fit.train_size}, held out {fit.test_size}; saved {weights} and {meta.name}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model calibrate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def calibrate(
+    model: Path = typer.Option(DEFAULT_MODEL, "--model", help="checkpoint folder; calibration.json is written beside it"),
+    data: Path = typer.Option(..., "--data", help="folder of the site's normal studies (DICOM)"),
+    passes: int = typer.Option(10, "--passes", min=1),
+    seed: int = typer.Option(0, "--seed", help="error-map mask seed (use the node's)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write calibration.json (default: the model folder)"),
+) -> None:
+    """Store the distribution of abnormality scores over normal studies, for percentiles in results."""
+    from engines.training import CALIBRATION_FILE, Calibration, dicom_inputs
+
+    encoder = _load_encoder(model, load_heads=False)
+    files = _dicom_files([data])
+    scores: list[float] = []
+    with _progress() as bar:
+        task = bar.add_task("error maps", total=len(files))
+        for path in files:
+            try:
+                x, _, _ = dicom_inputs(path)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("skipping %s: %s", path.name, exc)
+                bar.advance(task)
+                continue
+            _, frame_scores = encoder.error_map(x, seed=seed, passes=passes)
+            scores.extend(float(s) for s in frame_scores)
+            bar.advance(task)
+    if not scores:
+        typer.echo(f"no readable DICOM images under {data}", err=True)
+        raise typer.Exit(code=2)
+    calibration = Calibration.from_scores(
+        scores,
+        encoder_sha256=encoder.encoder_hash,
+        passes=passes,
+        seed=seed,
+        source=str(data),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    target = out or (Path(model) if Path(model).is_dir() else Path(model).parent)
+    path = calibration.save(target if target.suffix == ".json" else Path(target) / CALIBRATION_FILE)
+    summary = calibration.summary()
+    typer.echo(f"{summary['n']} images: median {summary['p50']:.5f}, p95 {summary['p95']:.5f}, p99 {summary['p99']:.5f}; saved {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def infer(
+    files: list[Path] = typer.Argument(..., help="DICOM files or folders"),
+    out: Path = typer.Option(..., "--out", help="folder for <name>.png overlays and <name>.json results"),
+    model: Path = typer.Option(DEFAULT_MODEL, "--model"),
+    passes: int = typer.Option(10, "--passes", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0),
+) -> None:
     """Run preprocessing, the error map and the heads on DICOM files without a PACS."""
-    raise typer.Exit(code=2)
+    import numpy as np
+
+    from engines.errormap import highest_error_region
+    from engines.overlay import save_overlay_png
+    from engines.training import dicom_inputs, load_calibration
+
+    encoder = _load_encoder(model)
+    calibration = load_calibration(model if Path(model).is_dir() else Path(model).parent, encoder.encoder_hash)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = _dicom_files(files)
+    failures = 0
+    with _progress() as bar:
+        task = bar.add_task("infer", total=len(paths))
+        for index, path in enumerate(paths):
+            try:
+                x, geometry, display = dicom_inputs(path)
+            except Exception as exc:  # noqa: BLE001
+                typer.echo(f"{path.name}: cannot use ({exc})", err=True)
+                failures += 1
+                bar.advance(task)
+                continue
+            maps, scores = encoder.error_map(x, seed=seed, passes=passes)
+            predictions = encoder.predict(x)
+            for frame in range(x.shape[0]):
+                stem = f"{index:04d}_{path.stem}" + (f"_f{frame + 1}" if x.shape[0] > 1 else "")
+                error_map = maps[frame].numpy()
+                score = float(scores[frame])
+                region = highest_error_region(error_map, geometry)
+                result: dict[str, Any] = {
+                    "file": str(path),
+                    "frame": frame + 1,
+                    "model": {"name": encoder.name, "version": encoder.version, "encoder_sha256": encoder.encoder_hash},
+                    "error_map": {"passes": passes, "seed": seed},
+                    "score": score,
+                    "percentile": calibration.percentile(score) if calibration else None,
+                    "heads": {
+                        name: {
+                            "labels": encoder.heads[name].labels,
+                            "activation": encoder.heads[name].activation,
+                            "probabilities": [float(p) for p in probs[frame]],
+                        }
+                        for name, probs in predictions.items()
+                    },
+                    "region": None
+                    if region is None
+                    else {
+                        "polygon": np.round(region.polygon, 2).tolist(),
+                        "centroid": np.round(region.centroid, 2).tolist(),
+                        "area_fraction": region.area_fraction,
+                        "mean_error": region.mean_error,
+                        "coordinates": "source pixels (column, row), SCOORD convention",
+                    },
+                    "geometry": {"rows": geometry.rows, "columns": geometry.columns, "pixel_spacing": geometry.pixel_spacing},
+                    "overlay": f"{stem}.png",
+                }
+                save_overlay_png(out / f"{stem}.png", display[frame], error_map, alpha=alpha)
+                (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+                pct = f", percentile {result['percentile']:.0f}" if calibration else ""
+                bar.console.print(f"{path.name}: score {score:.5f}{pct}")
+            bar.advance(task)
+    if failures and failures == len(paths):
+        raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# phantoms
+# ---------------------------------------------------------------------------------------------------------
+
+
+def phantoms(
+    out: Path = typer.Argument(..., help="folder for the DICOM files and labels.csv"),
+    count: int = typer.Option(12, "--count", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    kinds: str = typer.Option("hand,knee,long_bone", "--kinds", help="comma-separated: hand, knee, long_bone"),
+    p_finding: float = typer.Option(0.5, "--p-finding", min=0.0, max=1.0, help="share of images with a focal finding"),
+    modality: str = typer.Option("CR", "--modality", help="CR or DX"),
+    jpeg2000: bool = typer.Option(False, "--jpeg2000", help="JPEG 2000 lossless (pylibjpeg-openjpeg)"),
+    monochrome1_every: int = typer.Option(0, "--monochrome1-every", help="store every n-th image as MONOCHROME1"),
+) -> None:
+    """Write synthetic phantom radiographs (not real patients) as DICOM studies, with labels.csv."""
+    from engines.phantoms import KINDS, write_dataset
+
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = set(chosen) - set(KINDS)
+    if unknown or not chosen:
+        raise typer.BadParameter(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if modality not in ("CR", "DX"):
+        raise typer.BadParameter("modality must be CR or DX")
+    csv_path = write_dataset(
+        out,
+        count,
+        seed=seed,
+        kinds=chosen,
+        p_finding=p_finding,
+        modality=modality,
+        compress="jpeg2000-lossless" if jpeg2000 else None,
+        monochrome1_every=monochrome1_every,
+        progress=True,
+    )
+    typer.echo(f"wrote {count} phantom images and {csv_path}")
