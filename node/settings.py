@@ -12,7 +12,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -80,6 +80,15 @@ class StorageSettings(_Section):
         return value
 
 
+PRIORITIES = ("routine", "high", "urgent")
+Priority = Literal["routine", "high", "urgent"]
+
+
+def priority_rank(priority: str) -> int:
+    """routine 0 < high 1 < urgent 2 (stored as an integer so the queue can order by it)."""
+    return PRIORITIES.index(priority)
+
+
 class PeerSettings(_Section):
     """[[peers]]: a DICOM application entity the node talks to."""
 
@@ -89,6 +98,8 @@ class PeerSettings(_Section):
     port: int = Field(104, ge=1, le=65535)
     may_send: bool = True
     receives_results: bool = False
+    settle_seconds: float | None = Field(None, ge=0, description="overrides pipeline.settle_seconds for this sender")
+    priority: Priority = Field("routine", description="initial priority of studies this peer sends")
 
     _check_ae = field_validator("ae_title")(_validate_ae_title)
     _addresses: frozenset[str] = PrivateAttr(default_factory=frozenset)
@@ -113,6 +124,87 @@ class PeerSettings(_Section):
         self._addresses = frozenset(str(info[4][0]) for info in infos)
 
 
+class PipelineSettings(_Section):
+    """[pipeline]: when a study is complete, and how jobs are run."""
+
+    settle_seconds: float = Field(10.0, ge=0)
+    force_complete_seconds: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
+    job_timeout_seconds: float = Field(600.0, gt=0)
+    lease_seconds: float = Field(60.0, gt=1)
+    poll_seconds: float = Field(1.0, gt=0)
+    workers: int = Field(1, ge=1, le=32)
+
+
+DEFAULT_BODY_PARTS = [
+    "HAND", "WRIST", "FOREARM", "ELBOW", "ARM", "HUMERUS", "SHOULDER", "CLAVICLE", "SCAPULA",
+    "HIP", "PELVIS", "FEMUR", "THIGH", "KNEE", "LEG", "TIBIA", "FIBULA", "ANKLE", "FOOT", "HEEL",
+    "FINGER", "TOE", "EXTREMITY", "LOWER LIMB", "UPPER LIMB", "LOWERLIMB", "UPPERLIMB",
+]
+
+
+class EligibilitySettings(_Section):
+    """[eligibility]: which images the model is for. Ineligible images are recorded with the reason."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    sop_classes: list[str] = Field(
+        default_factory=lambda: [
+            "1.2.840.10008.5.1.4.1.1.1",  # CR
+            "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+            "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+        ]
+    )
+    photometric_interpretations: list[str] = Field(default_factory=lambda: ["MONOCHROME1", "MONOCHROME2"])
+    body_parts: list[str] = Field(default_factory=lambda: list(DEFAULT_BODY_PARTS))
+    allow_unknown_body_part: bool = True
+    excluded_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    peers: list[str] = Field(default_factory=list, description="peer names whose studies are analysed; empty = all")
+
+
+class EngineSettings(_Section):
+    """[engine]: the model and how it runs."""
+
+    model: Path = Path("models/demo-mae")
+    backend: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    batch_size: int = Field(8, ge=1, le=256)
+    passes: int = Field(10, ge=1, le=64)
+    seed: int = Field(0, ge=0)
+    voi: Literal["auto", "window", "lut", "none"] = "auto"
+
+
+class ResultsSettings(_Section):
+    """[results]: the objects sent back."""
+
+    report_not_analysed: bool = False
+    series_number_base: int = Field(9000, ge=1, le=2147483000)
+    manufacturer: str = "msknode"
+    send_secondary_capture: bool = True
+
+
+class SenderSettings(_Section):
+    """[sender]: delivery of results to every peer with receives_results."""
+
+    backoff_seconds: list[float] = Field(default_factory=lambda: [30.0, 120.0, 600.0, 3600.0])
+    max_age_hours: float = Field(48.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_concurrent_per_destination: int = Field(2, ge=1, le=16)
+
+    @field_validator("backoff_seconds")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("backoff_seconds needs at least one positive delay")
+        return value
+
+
+class RetentionSettings(_Section):
+    """[retention]: what is deleted, and when. Undelivered work is never deleted."""
+
+    days: float = Field(7.0, gt=0)
+    emergency_cleanup: bool = True
+
+
 class LoggingSettings(_Section):
     """[logging]"""
 
@@ -126,6 +218,12 @@ class Settings(_Section):
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     peers: list[PeerSettings] = Field(default_factory=list)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    eligibility: EligibilitySettings = Field(default_factory=EligibilitySettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    sender: SenderSettings = Field(default_factory=SenderSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -136,6 +234,18 @@ class Settings(_Section):
                 raise ValueError(f"peers[{index}].name: duplicate peer name {peer.name!r}")
             seen[peer.name] = index
         return self
+
+    def peer_by_ae_title(self, ae_title: str | None) -> PeerSettings | None:
+        for peer in self.peers:
+            if ae_title is not None and peer.ae_title == ae_title.strip():
+                return peer
+        return None
+
+    def settle_seconds_for(self, calling_ae_title: str | None) -> float:
+        peer = self.peer_by_ae_title(calling_ae_title)
+        if peer is not None and peer.settle_seconds is not None:
+            return peer.settle_seconds
+        return self.pipeline.settle_seconds
 
     def peer(self, name: str) -> PeerSettings:
         for peer in self.peers:
