@@ -1,0 +1,142 @@
+"""The outbox: result objects waiting for delivery, one row per (object, destination).
+
+Claimed with a lease like jobs. Transient failures reschedule the row with an escalating delay;
+permanent ones (and rows older than the maximum age) go to the dead letter state with the reason.
+Only failed destinations are retried: each row is one destination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, func, or_, select, update
+
+from storage.db import Database
+from storage.models import OutboxItem
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    destination: str
+    path: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: str
+    attempts: int
+    created_at: datetime
+
+
+class Outbox:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+        self._postgres = database.engine.dialect.name == "postgresql"
+
+    def _claimable(self, now: datetime):  # type: ignore[no-untyped-def]
+        return or_(
+            and_(OutboxItem.state == "pending", OutboxItem.next_attempt_at <= now),
+            and_(OutboxItem.state == "sending", OutboxItem.lease_expires_at < now),
+        )
+
+    def claim(self, owner: str, lease_seconds: float, destination: str, limit: int) -> list[Delivery]:
+        """Claim up to ``limit`` due rows for one destination, most urgent first."""
+        now = utcnow()
+        claimed: list[Delivery] = []
+        with self.db.session() as session:
+            query = (
+                select(OutboxItem.id)
+                .where(self._claimable(now), OutboxItem.destination == destination)
+                .order_by(OutboxItem.priority.desc(), OutboxItem.created_at, OutboxItem.id)
+                .limit(limit)
+            )
+            if self._postgres:
+                query = query.with_for_update(skip_locked=True)
+            for (item_id,) in session.execute(query).all():
+                result = session.execute(
+                    update(OutboxItem)
+                    .where(OutboxItem.id == item_id, self._claimable(now))
+                    .values(
+                        state="sending",
+                        lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        attempts=OutboxItem.attempts + 1,
+                    )
+                )
+                if result.rowcount != 1:
+                    continue
+                item = session.get(OutboxItem, item_id)
+                assert item is not None
+                claimed.append(
+                    Delivery(item.id, item.destination, item.path, item.sop_instance_uid, item.sop_class_uid,
+                             item.kind, item.attempts, item.created_at)
+                )
+        return claimed
+
+    def destinations_due(self) -> list[str]:
+        now = utcnow()
+        with self.db.session() as session:
+            return list(session.scalars(select(OutboxItem.destination).where(self._claimable(now)).distinct()))
+
+    def delivered(self, item_id: int, owner: str, status: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == item_id, OutboxItem.lease_owner == owner)
+                .values(state="delivered", delivered_at=utcnow(), last_status=status, last_error=None, lease_owner=None)
+            )
+
+    def retry_later(self, item_id: int, owner: str, status: str, error: str, delay_seconds: float) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == item_id, OutboxItem.lease_owner == owner)
+                .values(
+                    state="pending",
+                    next_attempt_at=utcnow() + timedelta(seconds=delay_seconds),
+                    last_status=status,
+                    last_error=error,
+                    lease_owner=None,
+                )
+            )
+
+    def dead_letter(self, item_id: int, owner: str | None, status: str, error: str) -> None:
+        with self.db.session() as session:
+            conditions = [OutboxItem.id == item_id]
+            if owner is not None:
+                conditions.append(OutboxItem.lease_owner == owner)
+            session.execute(
+                update(OutboxItem)
+                .where(*conditions)
+                .values(state="dead", last_status=status, last_error=error, lease_owner=None)
+            )
+
+    # -- admin -------------------------------------------------------------------------------
+    def retry(self, item_id: int) -> bool:
+        """Send a dead letter again (admin action)."""
+        with self.db.session() as session:
+            result = session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == item_id, OutboxItem.state == "dead")
+                .values(state="pending", attempts=0, next_attempt_at=utcnow(), created_at=utcnow())
+            )
+            return result.rowcount == 1
+
+    def discard(self, item_id: int) -> bool:
+        with self.db.session() as session:
+            result = session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == item_id, OutboxItem.state.in_(("dead", "pending")))
+                .values(state="discarded")
+            )
+            return result.rowcount == 1
+
+    def counts(self) -> dict[str, int]:
+        with self.db.session() as session:
+            return {state: count for state, count in session.execute(
+                select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+            ).all()}
