@@ -67,11 +67,15 @@ def to_uint8_minmax(array: np.ndarray) -> np.ndarray:
 
     A constant (or non-finite) image becomes all zeros, as in SKELEX's ``_to_uint8_minmax``.
     """
-    values = np.asarray(array).astype(np.float32)
+    values = np.array(array, dtype=np.float32)  # a copy, so the in-place steps below are safe
     lo, hi = np.nanmin(values), np.nanmax(values)
     if not np.isfinite([lo, hi]).all() or hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.clip((values - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+    # Same float32 operations, in the same order, as ((values - lo) / (hi - lo) * 255.0), but in place.
+    np.subtract(values, lo, out=values)
+    np.divide(values, hi - lo, out=values)
+    np.multiply(values, np.float32(255.0), out=values)
+    return np.clip(values, 0, 255, out=values).astype(np.uint8)
 
 
 def _normalise(rgb8: np.ndarray) -> torch.Tensor:
