@@ -751,13 +751,12 @@ def random_findings(rng: np.random.Generator, p_finding: float = 0.5) -> tuple[l
 # DICOM
 # ---------------------------------------------------------------------------------------------------------
 
-_UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # under pydicom's documentation root style; synthetic objects only
-
-
 def _uid(*parts: object) -> str:
-    from pydicom.uid import generate_uid
+    """A deterministic UID: "2.25." + a 128-bit (UUID-sized) integer hashed from the parts."""
+    import hashlib
 
-    return generate_uid(prefix=None, entropy_srcs=["msknode-phantom", *[str(p) for p in parts]])
+    digest = hashlib.sha256("|".join(["msknode-phantom", *[str(p) for p in parts]]).encode()).hexdigest()
+    return "2.25." + str(int(digest[:32], 16))
 
 
 # SNOMED CT codes (CID 4031 anatomic regions, CID 4010 DX views).
