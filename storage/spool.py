@@ -145,6 +145,31 @@ class Spool:
                 fsync_dir(self.root)
         return StoredFile(relative, sha256, size, already_present=False)
 
+    def write_result(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> str:
+        """Durably write an object the node built; a retry with identical bytes rewrites the same path."""
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise ValueError(f"not a valid UID for a spool path: {uid!r}")
+        relative = f"results/{study_uid}/{series_uid}/{sop_uid}.dcm"
+        destination = self.root / relative
+        directory = destination.parent
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staged = self.incoming / f"out-{sop_uid}.{os.getpid()}.{time.monotonic_ns()}.part"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staged, destination)
+        if self.fsync:
+            fsync_dir(directory)
+        return relative
+
     def remove(self, relative_path: str) -> None:
         """Delete a stored file (used when the index refused it, so nothing is left orphaned)."""
         path = self.root / relative_path

@@ -1,0 +1,326 @@
+"""The worker role: claim study jobs, run the engine on the eligible images, build the results, queue them.
+
+One encoder per process, loaded once. Images of several queued studies are batched together up to
+``engine.batch_size`` frames. Each image ends as *analysed* (with its outputs), *ineligible* (with the rule
+that excluded it) or *failed* (with the decode/preprocess error); one bad image never fails its study.
+A watchdog enforces ``pipeline.job_timeout_seconds``: past it the jobs are handed back and the process exits
+(the supervisor restarts it), so one pathological study cannot block the queue; its attempts are counted and
+after ``pipeline.max_attempts`` it is failed, visibly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+
+from node.eligibility import ineligibility_reason
+from node.settings import PRIORITIES, Settings
+from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
+from storage.spool import Spool
+from storage.worklist import JobInput, Worklist
+
+log = logging.getLogger("msknode.worker")
+
+
+@dataclass
+class Frame:
+    """One preprocessed frame waiting for the batched engine pass."""
+
+    job_id: int
+    input: JobInput
+    header: Dataset
+    frame_index: int
+    tensor: torch.Tensor
+    display: np.ndarray
+    geometry: Any
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobWork:
+    job: ClaimedJob
+    outcomes: list[ImageOutcome] = field(default_factory=list)
+    frames: list[Frame] = field(default_factory=list)
+    not_analysed: list[tuple[Dataset, str]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _priority_name(rank: int) -> str:
+    return PRIORITIES[max(0, min(rank, len(PRIORITIES) - 1))].upper()
+
+
+def _resize(map224: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    tensor = torch.as_tensor(map224, dtype=torch.float32)[None, None]
+    out = torch.nn.functional.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def _dataset_bytes(dataset: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Worker:
+    def __init__(self, settings: Settings, queue: JobQueue, worklist: Worklist, spool: Spool, encoder: Any,
+                 calibration: Any = None, owner: str | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.worklist = worklist
+        self.spool = spool
+        self.encoder = encoder
+        self.calibration = calibration
+        self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
+        self._held: list[int] = []
+        self._held_lock = threading.Lock()
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        pipeline = self.settings.pipeline
+        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True)
+        heartbeat.start()
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                log.exception("worker round failed")
+                worked = 0
+            if not worked:
+                stop.wait(pipeline.poll_seconds)
+
+    def run_once(self) -> int:
+        """Claim and process one batch of jobs; returns how many jobs were handled."""
+        pipeline = self.settings.pipeline
+        jobs = self.queue.claim(self.owner, pipeline.lease_seconds, limit=self.settings.engine.batch_size,
+                                max_attempts=pipeline.max_attempts)
+        if not jobs:
+            return 0
+        # A job being retried may be the one that hung or crashed a worker: give it a batch of its own.
+        retried = [job for job in jobs if job.attempts > 1]
+        fresh = [job for job in jobs if job.attempts <= 1]
+        for group in ([fresh] if fresh else []) + [[job] for job in retried]:
+            self._process_with_watchdog(group)
+        return len(jobs)
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        interval = max(1.0, self.settings.pipeline.lease_seconds / 3)
+        while not stop.wait(interval):
+            with self._held_lock:
+                held = list(self._held)
+            if held:
+                lost = self.queue.heartbeat(self.owner, held, self.settings.pipeline.lease_seconds)
+                for job_id in lost:
+                    log.warning("lease on job %d lost; its results will be discarded", job_id)
+
+    def _process_with_watchdog(self, jobs: list[ClaimedJob]) -> None:
+        with self._held_lock:
+            self._held = [job.id for job in jobs]
+        done = threading.Event()
+        timeout = self.settings.pipeline.job_timeout_seconds
+
+        def watchdog() -> None:
+            if done.wait(timeout):
+                return
+            for job in jobs:
+                log.error("job %d (study %s) exceeded %.0f s; handing it back", job.id, job.study_instance_uid, timeout)
+                self.queue.release(job.id, self.owner, f"timed out after {timeout:.0f} s (attempt {job.attempts})")
+            logging.shutdown()
+            os._exit(3)  # torch work cannot be interrupted in-thread; the supervisor restarts the role
+
+        guard = threading.Thread(target=watchdog, daemon=True)
+        guard.start()
+        try:
+            self.process(jobs)
+        finally:
+            done.set()
+            with self._held_lock:
+                self._held = []
+
+    # -- one batch ---------------------------------------------------------------------------
+    def process(self, jobs: list[ClaimedJob]) -> None:
+        works = [self._prepare(job) for job in jobs]
+        frames = [frame for work in works if work.error is None for frame in work.frames]
+        self._infer(frames)
+        for work in works:
+            self._finish(work)
+
+    def _prepare(self, job: ClaimedJob) -> JobWork:
+        """Read, check eligibility of and preprocess every instance of the study."""
+        from engines.preprocess import PreprocessError, preprocess
+
+        work = JobWork(job)
+        try:
+            inputs = self.worklist.inputs(job.study_instance_uid)
+        except Exception as exc:  # database hiccup: the job is retried after its lease
+            work.error = f"cannot list instances: {exc}"
+            return work
+        for item in inputs:
+            path = self.spool.absolute(item.spool_path)
+            try:
+                dataset = pydicom.dcmread(path)
+            except Exception as exc:
+                work.outcomes.append(ImageOutcome(item.instance_id, "failed", f"unreadable: {type(exc).__name__}"))
+                continue
+            peer = self.settings.peer_by_ae_title(item.calling_ae_title)
+            reason = ineligibility_reason(dataset, peer.name if peer else None, self.settings.eligibility)
+            if reason:
+                work.outcomes.append(ImageOutcome(item.instance_id, "ineligible", reason))
+                work.not_analysed.append((dataset, reason))
+                continue
+            try:
+                prepared = preprocess(dataset, voi=self.settings.engine.voi)
+            except PreprocessError as exc:
+                reason = f"cannot decode or preprocess: {exc}"
+                work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
+                work.not_analysed.append((dataset, reason))
+                continue
+            except Exception as exc:  # a decoder crashing on malformed data must not fail the study
+                reason = f"cannot decode: {type(exc).__name__}"
+                work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
+                work.not_analysed.append((dataset, reason))
+                continue
+            header = dataset.copy()
+            if "PixelData" in header:
+                del header.PixelData
+            for index in range(prepared.tensor.shape[0]):
+                work.frames.append(
+                    Frame(job.id, item, header, index, prepared.tensor[index], prepared.display[index], prepared.geometry)
+                )
+        return work
+
+    def _infer(self, frames: list[Frame]) -> None:
+        """Embedding, heads and error map for all frames, in batches of ``engine.batch_size``."""
+        from engines.errormap import highest_error_region
+
+        engine = self.settings.engine
+        for start in range(0, len(frames), engine.batch_size):
+            chunk = frames[start : start + engine.batch_size]
+            x = torch.stack([frame.tensor for frame in chunk])
+            started = time.perf_counter()
+            embedding = self.encoder.embed(x)
+            heads = self.encoder.predict(x, embedding=embedding)
+            result = self.encoder.error_map_result(x, seed=engine.seed, passes=engine.passes)
+            log.info("inference: %d frame(s) in %.2f s", len(chunk), time.perf_counter() - started)
+            for row, frame in enumerate(chunk):
+                map224 = result.maps[row].numpy()
+                score = float(result.scores[row])
+                region = highest_error_region(map224, frame.geometry)
+                frame.outputs = {
+                    "score": score,
+                    "map224": map224,
+                    "region": None if region is None else region.polygon,
+                    "heads": {name: probs[row].tolist() for name, probs in heads.items()},
+                }
+
+    def _finish(self, work: JobWork) -> None:
+        job = work.job
+        if work.error is not None:
+            self.queue.release(job.id, self.owner, work.error)
+            return
+        try:
+            state, reason, outbox, outcomes = self._build_results(work)
+        except Exception as exc:
+            log.exception("job %d: building results failed", job.id)
+            state, reason, outbox = "failed", f"building results failed: {type(exc).__name__}: {exc}", []
+            outcomes = work.outcomes
+        if not self.queue.finish(job.id, self.owner, state, outcomes, outbox, reason=reason):
+            log.warning("job %d finished after losing its lease; results dropped", job.id)
+            return
+        log.info("job %d (study %s): %s, %d object(s) queued", job.id, job.study_instance_uid, state, len(outbox))
+
+    def _build_results(self, work: JobWork) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome]]:
+        from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
+        from node.results.sc import build_sc
+        from node.results.sr import build_not_analysed_sr, build_sr
+
+        job, settings = work.job, self.settings
+        encoder = self.encoder
+        model = ModelInfo(
+            name=encoder.name, version=str(encoder.version), encoder_sha256=encoder.encoder_hash,
+            passes=settings.engine.passes, mask_ratio=float(encoder.config.mask_ratio), seed=settings.engine.seed,
+            backend=f"{encoder.backend_name}/{encoder.precision}", manufacturer=settings.results.manufacturer,
+        )
+        outcomes = list(work.outcomes)
+        images = []
+        for frame in work.frames:
+            out = frame.outputs
+            percentile = None
+            if self.calibration is not None:
+                from engines.training import percentile as score_percentile
+
+                percentile = float(score_percentile(out["score"], self.calibration))
+            head_outputs = []
+            for name, probs in out["heads"].items():
+                head = encoder.heads[name]
+                head_outputs.append(HeadOutput(name, list(head.labels), [float(p) for p in probs], head.activation))
+            display = frame.display
+            images.append(
+                ImageResult(
+                    source=frame.header, score=out["score"], percentile=percentile, heads=head_outputs,
+                    region=out["region"], display=display, error_map=_resize(out["map224"], display.shape),
+                    frame_index=frame.frame_index, source_sha256=frame.input.sha256,
+                )
+            )
+            outcomes.append(
+                ImageOutcome(
+                    frame.input.instance_id, "analysed", score=out["score"], frame_index=frame.frame_index,
+                    outputs={"percentile": percentile, "heads": out["heads"],
+                             "region": None if out["region"] is None else np.asarray(out["region"]).round(1).tolist()},
+                )
+            )
+        created = self.worklist.job_created_at(job.id) or datetime.now(timezone.utc)
+        study = StudyResult(
+            study_instance_uid=job.study_instance_uid, images=images, not_analysed=work.not_analysed,
+            priority=_priority_name(job.priority), model=model, created_at=created, node_name=settings.node.ae_title,
+        )
+        previous_path = self.worklist.previous_sr_path(job.study_instance_uid, job.id)
+        previous = None
+        if previous_path:
+            try:
+                previous = DocumentReference.from_dataset(
+                    pydicom.dcmread(self.spool.absolute(previous_path), stop_before_pixels=True)
+                )
+            except Exception:
+                log.warning("job %d: previous SR unreadable; new SR will not reference it", job.id)
+
+        objects: list[tuple[str, Dataset]] = []
+        base = settings.results.series_number_base
+        if images:
+            objects.append(("SR", build_sr(study, base, previous)))
+            if settings.results.send_secondary_capture:
+                for number, image in enumerate(images, start=1):
+                    objects.append(("SC", build_sc(image, study, base + 1, number)))
+            state, reason = "done", None
+        else:
+            eligible_failed = [o for o in outcomes if o.state == "failed"]
+            if eligible_failed:
+                state, reason = "failed", "; ".join(sorted({o.reason or "" for o in eligible_failed}))[:500]
+            else:
+                state = "not_analysed"
+                reason = "; ".join(sorted({r for _, r in work.not_analysed}))[:500] or "no instances"
+            if settings.results.report_not_analysed and work.not_analysed:
+                objects.append(("SR", build_not_analysed_sr(study, base, previous)))
+
+        destinations = [peer.name for peer in settings.peers if peer.receives_results]
+        outbox: list[OutboxEntry] = []
+        for kind, dataset in objects:
+            dataset = getattr(dataset, "__wrapped__", dataset)
+            path = self.spool.write_result(
+                job.study_instance_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID),
+                _dataset_bytes(dataset),
+            )
+            for destination in destinations:
+                outbox.append(OutboxEntry(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), kind, path, destination))
+        return state, reason, outbox, outcomes

@@ -1,0 +1,59 @@
+"""What a worker needs from the database about a claimed job: its instances, who sent them, earlier SRs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from storage.db import Database
+from storage.models import Instance, Job, OutboxItem, Study
+
+
+@dataclass(frozen=True)
+class JobInput:
+    instance_id: int
+    sop_instance_uid: str
+    spool_path: str
+    sha256: str
+    calling_ae_title: str
+
+
+class Worklist:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def inputs(self, study_instance_uid: str) -> list[JobInput]:
+        with self.db.session() as session:
+            rows = session.scalars(
+                select(Instance)
+                .where(Instance.study_instance_uid == study_instance_uid)
+                .order_by(Instance.series_id, Instance.instance_number, Instance.sop_instance_uid)
+            ).all()
+            return [JobInput(r.id, r.sop_instance_uid, r.spool_path, r.sha256, r.calling_ae_title) for r in rows]
+
+    def job_created_at(self, job_id: int):  # type: ignore[no-untyped-def]
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            return job.created_at if job else None
+
+    def previous_sr_path(self, study_instance_uid: str, current_job_id: int) -> str | None:
+        """The newest SR built for this study by an earlier job (delivered or not), to supersede."""
+        with self.db.session() as session:
+            return session.scalar(
+                select(OutboxItem.path)
+                .where(
+                    OutboxItem.study_instance_uid == study_instance_uid,
+                    OutboxItem.kind == "SR",
+                    OutboxItem.job_id != current_job_id,
+                    OutboxItem.state.in_(("delivered", "pending", "sending", "dead")),
+                )
+                .order_by(OutboxItem.created_at.desc(), OutboxItem.id.desc())
+                .limit(1)
+            )
+
+    def study_priority(self, study_instance_uid: str) -> int:
+        with self.db.session() as session:
+            return session.scalar(
+                select(Study.priority).where(Study.study_instance_uid == study_instance_uid)
+            ) or 0
