@@ -1,0 +1,78 @@
+"""Copies of received headers, normalised so the builders never trip over real-world gaps.
+
+Modality headers often lack Type 2 attributes (highdicom's SR constructor reads PatientSex, StudyID, ... by
+plain attribute access and raises) or carry empty ones. We never touch the caller's dataset: the builders
+work on a copy without pixel data, with every attribute they read present (empty where unknown).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from pydicom.dataset import Dataset
+
+# Bulk data the builders never need (copying a 30 MB PixelData per call would be pointless).
+_BULK_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009, 0x00282000, 0x00880200}
+
+# Type 2 attributes of the Patient / General Study modules that highdicom copies from the source.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+)
+
+BIPED_LETTERS = set("APLRHF")
+
+
+def _is_overlay_data(tag: int) -> bool:
+    return 0x6000 <= (tag >> 16) <= 0x601E and (tag & 0xFFFF) == 0x3000
+
+
+def header_copy(dataset: Dataset) -> Dataset:
+    """A deep copy of ``dataset`` without pixel data, overlays or an ICC profile."""
+    result = Dataset()
+    for element in dataset:
+        if element.tag in _BULK_TAGS or _is_overlay_data(element.tag):
+            continue
+        result.add(copy.deepcopy(element))
+    if hasattr(dataset, "file_meta"):
+        result.file_meta = copy.deepcopy(dataset.file_meta)
+    return result
+
+
+def normalised(dataset: Dataset) -> Dataset:
+    """A header copy with every Type 2 patient/study attribute present (empty if the source lacks it)."""
+    result = header_copy(dataset)
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in result or result[keyword].value is None:
+            setattr(result, keyword, "")
+    for keyword in ("Modality", "Manufacturer"):
+        if keyword not in result:
+            setattr(result, keyword, "")
+    return result
+
+
+def patient_orientation(dataset: Dataset) -> list[str] | None:
+    """The source's Patient Orientation when it is two valid biped codes (e.g. ``["A", "FL"]``), else None."""
+    value = dataset.get("PatientOrientation")
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else [str(v) for v in value]
+    if len(values) != 2 or any(not v or set(v) - BIPED_LETTERS for v in values):
+        return None
+    return values
+
+
+def laterality(dataset: Dataset) -> str:
+    """R or L from Laterality, else ImageLaterality, else empty (SC Laterality is Type 2C: keep it present)."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(dataset.get(keyword, "") or "").upper()
+        if value in ("R", "L"):
+            return value
+    return ""

@@ -1,0 +1,113 @@
+"""Secondary Capture of the error map over the radiograph, one per analysed image, in its own series."""
+
+from __future__ import annotations
+
+import hashlib
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+from node.results import codes
+from node.results.headers import laterality, normalised, patient_orientation
+from node.results.model import ImageResult, StudyResult
+from node.results.render import ALPHA, render_error_map
+from node.results.sr import add_algorithm_equipment, freeze_timestamps, series_description
+from node.results.uids import analysed_input_set, content_digest, instance_uid, series_uid
+
+# highdicom insists on a valid orientation for PATIENT images; the source's own value (or empty) replaces it.
+_PLACEHOLDER_ORIENTATION = ("A", "F")
+
+
+def sc_series_uid(study: StudyResult) -> str:
+    """One SC series per (study, model, analysed input set): changed inputs give a new series."""
+    return series_uid("sc", study.study_instance_uid, study.model, analysed_input_set(study))
+
+
+def build_sc(
+    image: ImageResult,
+    study: StudyResult,
+    series_number: int,
+    instance_number: int,
+    *,
+    jpeg: bool = False,
+) -> hd.sc.SCImage:
+    """RGB SC of ``image``'s error map; uncompressed Explicit VR LE, or JPEG baseline (YBR_FULL_422) if ``jpeg``."""
+    if not any(im is image for im in study.images):
+        raise ValueError("the image must be one of the study's analysed images")
+    source = normalised(image.source)
+    pixels, _ = render_error_map(image.display, image.error_map, study.model.name, study.model.version)
+
+    series = sc_series_uid(study)
+    digest = content_digest(
+        {
+            "source": str(source.SOPInstanceUID),
+            "frame": image.frame_index,
+            "source_sha256": image.source_sha256,
+            "pixels": hashlib.sha256(pixels.tobytes()).hexdigest(),
+            "shape": pixels.shape,
+            "series_number": series_number,
+            "instance_number": instance_number,
+            "priority": study.priority,
+            "created_at": study.created_at.isoformat(),
+            "model": study.model.identity,
+            "node": study.node_name,
+            "jpeg": jpeg,
+        }
+    )
+    orientation = patient_orientation(source)
+    created = study.created_at
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series,
+        series_number=series_number,
+        sop_instance_uid=instance_uid("sc", series, digest),
+        instance_number=instance_number,
+        manufacturer=study.model.manufacturer,
+        patient_orientation=tuple(orientation) if orientation else _PLACEHOLDER_ORIENTATION,
+        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
+        series_description=series_description("sc", study.priority, study.model),
+        manufacturer_model_name=study.model.name,
+        software_versions=study.model.version,
+        content_date=created.date(),
+        content_time=created.time(),
+        series_date=created.date(),
+        series_time=created.time(),
+    )
+    # Scaling keeps directions, so the source's orientation still holds; empty stays empty (Type 2C).
+    sc.PatientOrientation = orientation if orientation else ""
+    sc.Laterality = laterality(source)  # Type 2C; dciodvfy wants it present even when empty
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    sc.BurnedInAnnotation = "NO"  # the banner carries no patient identifiers
+    sc.RecognizableVisualFeatures = "NO"
+    sc.SourceImageSequence = [_source_reference(source, image.frame_index)]
+    sc.DerivationDescription = (
+        f"Masked-autoencoder reconstruction error map of {study.model.name} {study.model.version} "
+        f"({study.model.passes} passes, mask ratio {study.model.mask_ratio}, seed {study.model.seed}) "
+        f"in the hot colormap at alpha {ALPHA} over the source radiograph; banner and colour bar burned in"
+    )
+    if jpeg:
+        sc.LossyImageCompression = "01"
+        sc.LossyImageCompressionMethod = "ISO_10918_1"
+    freeze_timestamps(sc, created)
+    add_algorithm_equipment(sc, study)
+    return sc
+
+
+def _source_reference(source: Dataset, frame_index: int) -> Dataset:
+    purpose = Dataset()
+    purpose.CodeValue = codes.SOURCE_IMAGE_PURPOSE.value
+    purpose.CodingSchemeDesignator = codes.SOURCE_IMAGE_PURPOSE.scheme_designator
+    purpose.CodeMeaning = codes.SOURCE_IMAGE_PURPOSE.meaning
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        item.ReferencedFrameNumber = frame_index + 1
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item

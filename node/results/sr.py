@@ -1,0 +1,450 @@
+"""Comprehensive 3D SR (TID 1500 Measurement Report) with the model's findings for one study.
+
+Tree (see docs/results.md for the codes)::
+
+    CONTAINER Imaging Measurement Report (TID 1500)
+      HAS CONCEPT MOD  Language: en-US
+      HAS OBS CONTEXT  Observer type: Device (uid, node name, manufacturer, model name, serial = encoder sha256)
+      HAS CONCEPT MOD  Procedure reported: XR unspecified body region
+      CONTAINS  Image Library (TID 1600): the analysed images
+      CONTAINS  Imaging Measurements
+        per image: TID 1501 group (abnormality score, percentile, every head output, algorithm TID 4019)
+        per image: TID 1410 group with the highest-error region as SCOORD POLYLINE (source pixels)
+      CONTAINS  Qualitative Evaluations: triage priority; "not analysed" status and reasons
+
+The not-analysed variant keeps the header, observer and procedure, and carries only the status and one
+reason per instance. Superseding goes through Predecessor Documents Sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import highdicom as hd
+import numpy as np
+from highdicom._standard_utils import does_iod_have_pixel_data
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CompositeContentItem,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    ImageContentItem,
+    ImageRegion,
+    LanguageOfContentItemAndDescendants,
+    Measurement,
+    MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.valuerep import DA, DT, TM
+
+from node.results import codes
+from node.results.headers import normalised, patient_orientation
+from node.results.model import DocumentReference, ImageResult, ModelInfo, StudyResult
+from node.results.uids import (
+    analysed_input_set,
+    content_digest,
+    device_uid,
+    instance_uid,
+    not_analysed_input_set,
+    series_uid,
+    sorted_images,
+    tracking_uid,
+)
+
+CONTAINS = RelationshipTypeValues.CONTAINS
+HAS_ACQ_CONTEXT = RelationshipTypeValues.HAS_ACQ_CONTEXT
+HAS_CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
+INFERRED_FROM = RelationshipTypeValues.INFERRED_FROM
+PIXELS = Code("{pixels}", "UCUM", "Pixels")
+ENGLISH = Code("en-US", "RFC5646", "English (United States)")
+SOURCE = Code("260753009", "SCT", "Source")
+
+
+def series_description(kind: str, priority: str, model: ModelInfo) -> str:
+    """"AI <PRIORITY> <what> <model> <version>", at most 64 characters (LO)."""
+    what = {"sr": f"{priority} findings", "sr-not-analysed": "NOT ANALYSED", "sc": f"{priority} error map"}[kind]
+    text = f"AI {what} {model.name} {model.version}"
+    return text if len(text) <= 64 else text[:64]
+
+
+# --- public builders -------------------------------------------------------------------------------------------
+def build_sr(
+    study: StudyResult, series_number: int, previous: Dataset | DocumentReference | None = None
+) -> hd.sr.Comprehensive3DSR:
+    """The findings SR of a study with at least one analysed image (not-analysed instances listed too)."""
+    if not study.images:
+        raise ValueError("no analysed image: use build_not_analysed_sr")
+    return _build(study, series_number, previous, kind="sr")
+
+
+def build_not_analysed_sr(
+    study: StudyResult, series_number: int, previous: Dataset | DocumentReference | None = None
+) -> hd.sr.Comprehensive3DSR:
+    """A short SR saying the study was not analysed and why (one reason per instance), no measurements."""
+    if study.images:
+        raise ValueError("the study has analysed images: use build_sr")
+    if not study.not_analysed:
+        raise ValueError("nothing to report: no not-analysed instance given")
+    return _build(study, series_number, previous, kind="sr-not-analysed")
+
+
+# --- assembly --------------------------------------------------------------------------------------------------
+def _build(
+    study: StudyResult, series_number: int, previous: Dataset | DocumentReference | None, kind: str
+) -> hd.sr.Comprehensive3DSR:
+    images = sorted_images(study.images)
+    skipped = sorted(study.not_analysed, key=lambda pair: str(pair[0].SOPInstanceUID))
+    sources = {str(im.source.SOPInstanceUID): normalised(im.source) for im in images}
+    skipped_sources = [(normalised(ds), reason) for ds, reason in skipped]
+    evidence = list(sources.values()) + [ds for ds, _ in skipped_sources if str(ds.SOPInstanceUID) not in sources]
+    previous_ref = _previous_reference(previous)
+
+    inputs = analysed_input_set(study) if kind == "sr" else not_analysed_input_set(study)
+    series = series_uid(kind, study.study_instance_uid, study.model, inputs)
+    sop = instance_uid(kind, series, _digest(study, series_number, previous_ref, kind))
+
+    root = ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")
+    root.ContentSequence = ContentSequence()
+    root.ContentSequence.extend(LanguageOfContentItemAndDescendants(ENGLISH))
+    root.ContentSequence.extend(_observation_context(study))
+    root.ContentSequence.append(
+        CodeContentItem(
+            name=dcm_codes.DCM.ProcedureReported, value=codes.PROCEDURE_XR, relationship_type=HAS_CONCEPT_MOD
+        )
+    )
+    library_images = [(sources[str(im.source.SOPInstanceUID)], im.frame_index) for im in images]
+    if kind == "sr-not-analysed":  # the findings SR's library holds only what was analysed
+        library_images += [(ds, 0) for ds, _ in skipped_sources if does_iod_have_pixel_data(ds.SOPClassUID)]
+    if library_images:
+        root.ContentSequence.append(_image_library(library_images))
+    if images:
+        root.ContentSequence.append(_imaging_measurements(study, images, sources))
+    root.ContentSequence.append(_qualitative_evaluations(study, skipped_sources, with_priority=bool(images)))
+
+    created = study.created_at
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=root,
+        series_instance_uid=series,
+        series_number=series_number,
+        sop_instance_uid=sop,
+        instance_number=1,
+        manufacturer=study.model.manufacturer,
+        is_complete=True,
+        previous_versions=[previous_ref] if previous_ref is not None else None,
+        series_description=series_description(kind, study.priority, study.model),
+        coding_schemes=codes.coding_schemes(),
+        manufacturer_model_name=study.model.name,
+        software_versions=study.model.version,
+        content_date=created.date(),
+        content_time=created.time(),
+        series_date=created.date(),
+        series_time=created.time(),
+    )
+    freeze_timestamps(sr, created)
+    add_algorithm_equipment(sr, study)
+    return sr
+
+
+def _digest(study: StudyResult, series_number: int, previous: Dataset | None, kind: str) -> str:
+    """Everything that goes into the SR's content, so different content never shares a SOP Instance UID."""
+    payload = {
+        "kind": kind,
+        "study": study.study_instance_uid,
+        "series_number": series_number,
+        "priority": study.priority,
+        "created_at": study.created_at.isoformat(),
+        "node": study.node_name,
+        "model": study.model.identity,
+        "backend": study.model.backend,
+        "manufacturer": study.model.manufacturer,
+        "previous": None if previous is None else str(previous.SOPInstanceUID),
+        "images": [
+            {
+                "sop": str(im.source.SOPInstanceUID),
+                "frame": im.frame_index,
+                "sha256": im.source_sha256,
+                "score": repr(float(im.score)),
+                "percentile": None if im.percentile is None else repr(float(im.percentile)),
+                "heads": [[h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation] for h in im.heads],
+                "region": None if im.region is None else np.asarray(im.region, dtype=np.float64).tolist(),
+            }
+            for im in sorted_images(study.images)
+        ],
+        "not_analysed": sorted((str(ds.SOPInstanceUID), reason) for ds, reason in study.not_analysed),
+    }
+    return content_digest(payload)
+
+
+def _previous_reference(previous: Dataset | DocumentReference | None) -> Dataset | None:
+    """The four identifiers highdicom's Predecessor Documents Sequence needs, from a dataset or a reference."""
+    if previous is None:
+        return None
+    ref = previous if isinstance(previous, DocumentReference) else DocumentReference.from_dataset(previous)
+    ds = Dataset()
+    ds.StudyInstanceUID = ref.study_instance_uid
+    ds.SeriesInstanceUID = ref.series_instance_uid
+    ds.SOPInstanceUID = ref.sop_instance_uid
+    ds.SOPClassUID = ref.sop_class_uid
+    return ds
+
+
+def _observation_context(study: StudyResult) -> ObservationContext:
+    device = DeviceObserverIdentifyingAttributes(
+        uid=device_uid(study.model),
+        name=study.node_name,
+        manufacturer_name=study.model.manufacturer,
+        model_name=study.model.name,
+        serial_number=study.model.encoder_sha256,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=dcm_codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
+    """TID 4019 with everything needed to reproduce the error map."""
+    return AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        family=dcm_codes.cid7162.ArtificialIntelligence,
+        manufacturer=model.manufacturer,
+        parameters=[
+            f"passes={model.passes}",
+            f"mask_ratio={model.mask_ratio!r}",
+            f"seed={model.seed}",
+            f"backend={model.backend}",
+            f"encoder_sha256={model.encoder_sha256}",
+        ],
+    )
+
+
+def _frames(source: Dataset, frame_index: int) -> list[int] | None:
+    """1-based referenced frame numbers, only for multi-frame sources (highdicom refuses them otherwise)."""
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        return [frame_index + 1]
+    if frame_index != 0:
+        raise ValueError(f"frame_index {frame_index} given for a single-frame source")
+    return None
+
+
+def _image_library(entries: Sequence[tuple[Dataset, int]]) -> ContainerContentItem:
+    """TID 1600, written here because highdicom's needs ImagerPixelSpacing and a 2-value PatientOrientation,
+    which CR headers often lack; rows that the source cannot fill are left out (all are optional in TID 1602)."""
+    group = ContainerContentItem(name=dcm_codes.DCM.ImageLibraryGroup, relationship_type=CONTAINS)
+    group.ContentSequence = ContentSequence()
+    for source, frame_index in entries:
+        item = ImageContentItem(
+            name=SOURCE,
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            referenced_frame_numbers=_frames(source, frame_index),
+            relationship_type=CONTAINS,
+        )
+        item.ContentSequence = ContentSequence(_library_descriptors(source))
+        group.ContentSequence.append(item)
+    library = ContainerContentItem(name=dcm_codes.DCM.ImageLibrary, relationship_type=CONTAINS)
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
+def _library_descriptors(source: Dataset) -> list:
+    from highdicom.sr.templates import _get_coded_modality
+
+    descriptors: list = []
+    try:
+        modality = _get_coded_modality(source.SOPClassUID)
+    except (ValueError, KeyError):
+        modality = None
+    if modality is not None:
+        descriptors.append(
+            CodeContentItem(name=dcm_codes.DCM.Modality, value=modality, relationship_type=HAS_ACQ_CONTEXT)
+        )
+    for concept, keyword in ((dcm_codes.DCM.PixelDataRows, "Rows"), (dcm_codes.DCM.PixelDataColumns, "Columns")):
+        if source.get(keyword):
+            descriptors.append(
+                NumContentItem(name=concept, value=int(source[keyword].value), unit=PIXELS,
+                               relationship_type=HAS_ACQ_CONTEXT)
+            )
+    orientation = patient_orientation(source)
+    if orientation is not None:
+        for concept, value in zip((dcm_codes.DCM.PatientOrientationRow, dcm_codes.DCM.PatientOrientationColumn),
+                                  orientation):
+            descriptors.append(TextContentItem(name=concept, value=value, relationship_type=HAS_ACQ_CONTEXT))
+    spacing = source.get("ImagerPixelSpacing") or source.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2:
+        for concept, value in ((dcm_codes.DCM.HorizontalPixelSpacing, spacing[1]),
+                               (dcm_codes.DCM.VerticalPixelSpacing, spacing[0])):
+            descriptors.append(
+                NumContentItem(name=concept, value=float(value), unit=dcm_codes.UCUM.Millimeter,
+                               relationship_type=HAS_ACQ_CONTEXT)
+            )
+    return descriptors
+
+
+def _imaging_measurements(
+    study: StudyResult, images: Sequence[ImageResult], sources: dict[str, Dataset]
+) -> ContainerContentItem:
+    container = ContainerContentItem(name=dcm_codes.DCM.ImagingMeasurements, relationship_type=CONTAINS)
+    container.ContentSequence = ContentSequence()
+    algorithm = algorithm_identification(study.model)
+    for number, image in enumerate(images, start=1):
+        source = sources[str(image.source.SOPInstanceUID)]
+        frames = _frames(source, image.frame_index)
+        container.ContentSequence.extend(_image_group(study, image, source, frames, number, algorithm))
+        if image.region is not None:
+            container.ContentSequence.extend(_region_group(study, image, source, frames, number, algorithm))
+    return container
+
+
+def _image_group(
+    study: StudyResult, image: ImageResult, source: Dataset, frames: list[int] | None, number: int,
+    algorithm: AlgorithmIdentification,
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one image: score, percentile, every head's probabilities and the argmax of softmax heads."""
+    measurements = [Measurement(name=codes.ABNORMALITY_SCORE, value=float(image.score), unit=codes.UNITS_ONE)]
+    if image.percentile is not None:
+        measurements.append(
+            Measurement(name=codes.ABNORMALITY_PERCENTILE, value=float(image.percentile), unit=codes.UNITS_PERCENT)
+        )
+    evaluations = []
+    for head in image.heads:
+        for label, probability in zip(head.labels, head.probabilities):
+            measurements.append(
+                Measurement(name=codes.probability_concept(head.name, label), value=float(probability),
+                            unit=codes.UNITS_ONE)
+            )
+        if head.activation == "softmax":
+            evaluations.append(
+                QualitativeEvaluation(codes.head_concept(head.name), codes.class_value(head.name, head.top_label))
+            )
+    tracking = TrackingIdentifier(
+        uid=tracking_uid(study.study_instance_uid, str(source.SOPInstanceUID), image.frame_index, "image"),
+        identifier=f"Image {number} whole-image analysis",
+    )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations or None,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(source, frames)],
+    )
+
+
+def closed_polyline(region: np.ndarray) -> np.ndarray:
+    """(column, row) float points with the first point repeated at the end (a closed POLYLINE)."""
+    points = np.asarray(region, dtype=np.float64)
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points
+
+
+def _region_group(
+    study: StudyResult, image: ImageResult, source: Dataset, frames: list[int] | None, number: int,
+    algorithm: AlgorithmIdentification,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: the highest-error region as a closed SCOORD POLYLINE in source pixel coordinates."""
+    region = ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=closed_polyline(image.region),
+        source_image=SourceImageForRegion.from_source_image(source, frames),
+    )
+    tracking = TrackingIdentifier(
+        uid=tracking_uid(study.study_instance_uid, str(source.SOPInstanceUID), image.frame_index, "region"),
+        identifier=f"Image {number} highest-error region",
+    )
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=codes.HIGHEST_ERROR_REGION,
+        algorithm_id=algorithm,
+    )
+
+
+def _qualitative_evaluations(
+    study: StudyResult, skipped: Sequence[tuple[Dataset, str]], with_priority: bool
+) -> ContainerContentItem:
+    """TID 1500 row 10: study-level items (triage priority; not-analysed status with a reason per instance)."""
+    container = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=CONTAINS)
+    container.ContentSequence = ContentSequence()
+    if with_priority:
+        container.ContentSequence.append(
+            CodeContentItem(name=codes.TRIAGE_PRIORITY, value=codes.PRIORITY_VALUES[study.priority],
+                            relationship_type=CONTAINS)
+        )
+    else:
+        container.ContentSequence.append(
+            CodeContentItem(name=codes.ANALYSIS_STATUS, value=codes.NOT_ANALYSED, relationship_type=CONTAINS)
+        )
+    for source, reason in skipped:
+        item = TextContentItem(name=codes.REASON_NOT_ANALYSED, value=reason, relationship_type=CONTAINS)
+        item.ContentSequence = ContentSequence([_reference(source)])
+        container.ContentSequence.append(item)
+    return container
+
+
+def _reference(source: Dataset) -> ImageContentItem | CompositeContentItem:
+    if does_iod_have_pixel_data(source.SOPClassUID):
+        return ImageContentItem(
+            name=SOURCE, referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=INFERRED_FROM,
+        )
+    return CompositeContentItem(
+        name=SOURCE, referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=INFERRED_FROM,
+    )
+
+
+# --- shared with the SC builder --------------------------------------------------------------------------------
+def freeze_timestamps(dataset: Dataset, created: datetime) -> None:
+    """Replace every "now" highdicom wrote with ``created``, so rebuilding gives the same bytes."""
+    dataset.InstanceCreationDate = DA(created.date())
+    dataset.InstanceCreationTime = TM(created.time())
+    if "DateOfSecondaryCapture" in dataset:
+        dataset.DateOfSecondaryCapture = DA(created.date())
+        dataset.TimeOfSecondaryCapture = TM(created.time())
+    for item in dataset.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = DT(created)
+    if created.utcoffset() is not None:
+        offset = int(created.utcoffset().total_seconds() // 60)
+        sign = "+" if offset >= 0 else "-"
+        dataset.TimezoneOffsetFromUTC = f"{sign}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+
+
+def add_algorithm_equipment(dataset: Dataset, study: StudyResult) -> None:
+    """IHE AIR: describe the algorithm in Contributing Equipment (purpose 99IHE "Processing Algorithm").
+
+    Added by hand: highdicom's ContributingEquipment accepts only DCM purposes and raises on this code.
+    """
+    purpose = Dataset()
+    purpose.CodeValue = codes.PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = codes.PROCESSING_ALGORITHM.scheme_designator
+    purpose.CodeMeaning = codes.PROCESSING_ALGORITHM.meaning
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.Manufacturer = study.model.manufacturer
+    item.ManufacturerModelName = study.model.name
+    item.SoftwareVersions = study.model.version
+    item.DeviceUID = device_uid(study.model)
+    item.ContributionDateTime = DT(study.created_at)
+    item.ContributionDescription = f"AI algorithm {study.model.name} {study.model.version} (node {study.node_name})"
+    dataset.ContributingEquipmentSequence.append(item)
