@@ -165,15 +165,17 @@ class Receiver:
         calling = (rq.primitive.calling_ae_title or "").strip() if rq.primitive else ""
         called = (rq.primitive.called_ae_title or "").strip() if rq.primitive else ""
         address, port = rq.address, rq.port
-        server = self._server
-        others = [a for a in (server.active_associations if server else []) if a is not assoc]
+        # Count accepted associations only: a bare TCP connection that never sends an A-ASSOCIATE-RQ
+        # (a load balancer's health check, a port scan) must not take a slot until its ACSE timeout.
+        with self._lock:
+            open_associations = sum(1 for key in self._ids if key != id(assoc))
         decision = decide(
             self.node,
             self.peers(),
             calling,
             called,
             address,
-            active_associations=len(others),
+            active_associations=open_associations,
             disk_has_room=lambda: self.spool.has_room(self.min_free_disk_mb),
         )
         try:

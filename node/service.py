@@ -1,11 +1,18 @@
-"""Running the node: ``msknode serve`` wires settings, storage and the receiver, and stops cleanly."""
+"""Running the node: ``msknode serve`` runs one role in-process, or supervises every configured role.
+
+Roles: receiver (Storage SCP), scheduler (completion, housekeeping), worker (the model), sender (results
+to the PACS). They share only the database and the spool.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from node.receiver import Receiver
 from node.settings import Settings
@@ -16,12 +23,12 @@ from storage.spool import Spool
 
 log = logging.getLogger("msknode.serve")
 
-ROLES = ("all", "receiver")
+ROLES = ("all", "receiver", "scheduler", "worker", "sender")
 
 
 @dataclass
 class Runtime:
-    """What a running node holds; built by :func:`open_runtime`."""
+    """What a running role holds; built by :func:`open_runtime`."""
 
     settings: Settings
     database: Database
@@ -49,20 +56,7 @@ def build_receiver(runtime: Runtime) -> Receiver:
     )
 
 
-def serve(settings: Settings, role: str = "all", stop_event: threading.Event | None = None) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop_event``); open associations get a grace period, then abort."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    runtime = open_runtime(settings)
-    interrupted = runtime.index.close_interrupted_associations()
-    if interrupted:
-        log.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
-    swept = runtime.spool.sweep_incoming()
-    if swept:
-        log.info("removed %d unacknowledged partial file(s) from the spool", swept)
-
-    stop = stop_event or threading.Event()
-
+def _install_signal_handlers(stop: threading.Event) -> None:
     def _request_stop(signum: int, _frame: object) -> None:
         log.info("signal %s received: stopping", signal.Signals(signum).name)
         stop.set()
@@ -71,6 +65,14 @@ def serve(settings: Settings, role: str = "all", stop_event: threading.Event | N
         signal.signal(signal.SIGTERM, _request_stop)
         signal.signal(signal.SIGINT, _request_stop)
 
+
+def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
+    interrupted = runtime.index.close_interrupted_associations()
+    if interrupted:
+        log.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
+    swept = runtime.spool.sweep_incoming()
+    if swept:
+        log.info("removed %d unacknowledged partial file(s) from the spool", swept)
     receiver = build_receiver(runtime)
     receiver.start()
     try:
@@ -78,5 +80,64 @@ def serve(settings: Settings, role: str = "all", stop_event: threading.Event | N
             pass
     finally:
         receiver.stop()
-        runtime.database.dispose()
+
+
+def run_scheduler(runtime: Runtime, stop: threading.Event) -> None:
+    from node.scheduler import Scheduler
+
+    Scheduler(runtime.settings, runtime.database, runtime.spool).run(stop)
+
+
+def run_worker(runtime: Runtime, stop: threading.Event) -> None:
+    import engines
+    from engines.training import load_calibration
+    from node.worker import Worker
+    from storage.queue import JobQueue
+    from storage.worklist import Worklist
+
+    engine = runtime.settings.engine
+    precision = None if engine.precision == "auto" else engine.precision
+    encoder = engines.load(engine.model, backend=engine.backend, precision=precision)
+    calibration = load_calibration(engine.model, encoder.encoder_hash) if Path(engine.model).is_dir() else None
+    worker = Worker(runtime.settings, JobQueue(runtime.database), Worklist(runtime.database), runtime.spool,
+                    encoder, calibration)
+    worker.run(stop)
+
+
+def run_sender(runtime: Runtime, stop: threading.Event) -> None:
+    from node.sender import Sender
+    from storage.outbox import Outbox
+
+    settings = runtime.settings
+    sender = Sender(settings.node.ae_title, lambda: settings.peers, Outbox(runtime.database), runtime.spool,
+                    settings.sender)
+    sender.run(stop, settings.pipeline.poll_seconds)
+
+
+RUNNERS = {"receiver": run_receiver, "scheduler": run_scheduler, "worker": run_worker, "sender": run_sender}
+
+
+def serve(settings: Settings, role: str = "all", stop_event: threading.Event | None = None,
+          config_path: Path | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop_event``)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    stop = stop_event or threading.Event()
+    _install_signal_handlers(stop)
+    roles = list(dict.fromkeys(settings.pipeline.roles))
+    if role == "all" and len(roles) > 1:
+        from node.supervisor import Supervisor
+
+        upgrade(settings.storage.database_url)  # once, before the children race to do it
+        counts = [(name, settings.pipeline.workers if name == "worker" else 1) for name in roles]
+        log.info("supervising roles %s on %s (pid %d)", ", ".join(roles), socket.gethostname(), os.getpid())
+        Supervisor(counts, config_path).run(stop)
         log.info("stopped")
+        return
+    name = roles[0] if role == "all" else role
+    runtime = open_runtime(settings)
+    try:
+        RUNNERS[name](runtime, stop)
+    finally:
+        runtime.database.dispose()
+        log.info("%s stopped", name)

@@ -134,6 +134,10 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(60.0, gt=1)
     poll_seconds: float = Field(1.0, gt=0)
     workers: int = Field(1, ge=1, le=32)
+    roles: list[Literal["receiver", "scheduler", "worker", "sender"]] = Field(
+        default_factory=lambda: ["receiver", "scheduler", "worker", "sender"],
+        description="the roles `msknode serve` runs on this machine",
+    )
 
 
 DEFAULT_BODY_PARTS = [

@@ -3,7 +3,7 @@
 Roles share only the database and the spool, so each runs as its own process (``msknode serve --role
 NAME``): inference never shares an interpreter (or a GIL) with the receiver. Children are started with
 PR_SET_PDEATHSIG so that a supervisor killed with SIGKILL takes its roles with it instead of leaving them
-holding the DICOM port.
+holding the DICOM port (SIGKILL: exactly what happened to the parent).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
 

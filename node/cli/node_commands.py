@@ -42,7 +42,9 @@ def load_or_exit(path: Path | None) -> Settings:
 
 def serve(
     config: ConfigOption = None,
-    role: Annotated[str, typer.Option(help="Run one role only: all | receiver.")] = "all",
+    role: Annotated[
+        str, typer.Option(help="all (supervise [pipeline] roles), or one of receiver | scheduler | worker | sender.")
+    ] = "all",
 ) -> None:
     """Run the node in the foreground until Ctrl-C / SIGTERM."""
     from node.logsetup import configure_logging
@@ -50,7 +52,7 @@ def serve(
 
     settings = load_or_exit(config)
     configure_logging(settings.logging.level, settings.logging.format)
-    run_serve(settings, role=role)
+    run_serve(settings, role=role, config_path=config)
 
 
 @config_app.command("check")

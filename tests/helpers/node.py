@@ -78,6 +78,8 @@ class NodeConfig:
     peers: Sequence[Peer] = DEFAULT_PEERS
     log_level: str = "INFO"
     extra_node: dict[str, Any] = field(default_factory=dict)
+    # Intake tests run the receiver role alone (one process, no model loaded); pipeline tests add the rest.
+    roles: Sequence[str] = ("receiver",)
 
     @property
     def spool_dir(self) -> Path:
@@ -116,6 +118,9 @@ class NodeConfig:
             f"spool_dir = {toml_value(self.spool_dir)}",
             f"min_free_disk_mb = {self.min_free_disk_mb}",
             f"fsync = {toml_value(self.fsync)}",
+            "",
+            "[pipeline]",
+            "roles = [" + ", ".join(toml_value(role) for role in self.roles) + "]",
             "",
             "[logging]",
             f'level = "{self.log_level}"',
@@ -172,11 +177,29 @@ class NodeProcess:
         )
         log.close()
         try:
-            wait_for_port("127.0.0.1", self.port, timeout, self.process)
+            self._wait_until_listening(timeout)
         except Exception:
             self.kill()
             raise RuntimeError(f"msknode serve did not start:\n{self.log()}") from None
         return self
+
+    def _wait_until_listening(self, timeout: float) -> None:
+        """Wait for this start's "listening" log line.
+
+        Not a TCP connect probe: a connection that never sends an A-ASSOCIATE-RQ stays open on the node
+        until its ACSE timeout, which would skew association-limit and shutdown tests.
+        """
+        marker = f"--- start {self.starts} ---"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exited with {self.process.returncode}")
+            text = self.log()
+            if "listening as" in text[text.rfind(marker):]:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"not listening after {timeout} s")
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,67 @@
+"""The scheduler role: APScheduler jobs for study completion and housekeeping.
+
+- completion: every ``pipeline.poll_seconds``, queue the studies that have settled (storage.completion);
+- spool hygiene: every 10 minutes, remove partial receive files older than an hour (never acknowledged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.settings import Settings, priority_rank
+from storage import completion
+from storage.db import Database
+from storage.queue import JobQueue
+from storage.spool import Spool
+
+log = logging.getLogger("msknode.scheduler")
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, database: Database, spool: Spool) -> None:
+        self.settings = settings
+        self.database = database
+        self.spool = spool
+        self.queue = JobQueue(database)
+
+    def _initial_priority(self, calling_ae_title: str | None) -> int:
+        peer = self.settings.peer_by_ae_title(calling_ae_title)
+        return priority_rank(peer.priority) if peer else 0
+
+    def completion_tick(self) -> None:
+        try:
+            decisions = completion.tick(
+                self.database,
+                self.queue,
+                self.settings.settle_seconds_for,
+                self.settings.pipeline.force_complete_seconds,
+                self._initial_priority,
+            )
+        except Exception:
+            log.exception("completion pass failed")
+            return
+        for decision in decisions:
+            if decision.complete:
+                log.info(
+                    "study %s revision %d complete%s: queued",
+                    decision.study_instance_uid, decision.revision, " (forced)" if decision.forced else "",
+                )
+
+    def sweep(self) -> None:
+        removed = self.spool.sweep_incoming(older_than_seconds=3600)
+        if removed:
+            log.info("removed %d stale partial receive file(s)", removed)
+
+    def run(self, stop: threading.Event) -> None:
+        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler.add_job(self.completion_tick, "interval", seconds=self.settings.pipeline.poll_seconds,
+                          max_instances=1, coalesce=True, id="completion")
+        scheduler.add_job(self.sweep, "interval", minutes=10, max_instances=1, coalesce=True, id="sweep")
+        scheduler.start()
+        try:
+            stop.wait()
+        finally:
+            scheduler.shutdown(wait=True)
