@@ -55,6 +55,7 @@ class Peer:
     host: str = "127.0.0.1"
     port: int = 104
     may_send: bool = True
+    receives_results: bool = False
 
 
 DEFAULT_PEERS = (
@@ -134,6 +135,7 @@ class NodeConfig:
                 f'host = "{peer.host}"',
                 f"port = {peer.port}",
                 f"may_send = {toml_value(peer.may_send)}",
+                f"receives_results = {toml_value(peer.receives_results)}",
                 "",
             ]
         self.directory.mkdir(parents=True, exist_ok=True)
