@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database
-from storage.models import Association, Instance, InstanceReplacement, Series, Study
+from storage.models import Association, ImageResult, Instance, InstanceReplacement, Job, OutboxItem, Series, Study
 
 
 def utcnow() -> datetime:
@@ -235,12 +235,45 @@ class Index:
                         "series": len(study.series),
                         "modalities": sorted(m for m in modalities if m),
                         "status": study.status,
-                        "status_reason": study.status_reason,
+                        "reason": study.status_reason,
+                        "priority": ("routine", "high", "urgent")[max(0, min(study.priority or 0, 2))],
                         "first_received": study.first_received_at.isoformat(),
                         "last_received": study.last_received_at.isoformat(),
+                        **self._processing_summary(session, study),
                     }
                 )
             return result
+
+    @staticmethod
+    def _processing_summary(session, study: Study) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        """The latest job's per-image outcomes and the delivery state per destination."""
+        job = session.scalar(
+            select(Job).where(Job.study_id == study.id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+        )
+        images: list[dict[str, object]] = []
+        if job is not None:
+            rows = session.execute(
+                select(ImageResult, Instance.sop_instance_uid)
+                .join(Instance, Instance.id == ImageResult.instance_id)
+                .where(ImageResult.job_id == job.id)
+                .order_by(ImageResult.id)
+            ).all()
+            images = [
+                {"sop_instance_uid": uid, "frame": r.frame_index, "state": r.state, "reason": r.reason, "score": r.score}
+                for r, uid in rows
+            ]
+        deliveries: dict[str, dict[str, int]] = {}
+        for destination, state, count in session.execute(
+            select(OutboxItem.destination, OutboxItem.state, func.count())
+            .where(OutboxItem.study_instance_uid == study.study_instance_uid)
+            .group_by(OutboxItem.destination, OutboxItem.state)
+        ).all():
+            deliveries.setdefault(destination, {})[state] = int(count)
+        return {
+            "job": None if job is None else {"id": job.id, "state": job.state, "attempts": job.attempts, "error": job.last_error},
+            "images": images,
+            "deliveries": deliveries,
+        }
 
     def instance_paths(self, study_instance_uid: str) -> list[str]:
         with self.db.session() as session:
