@@ -1,7 +1,9 @@
 """The scheduler role: APScheduler jobs for study completion and housekeeping.
 
 - completion: every ``pipeline.poll_seconds``, queue the studies that have settled (storage.completion);
-- spool hygiene: every 10 minutes, remove partial receive files older than an hour (never acknowledged).
+- spool hygiene: every 10 minutes, remove partial receive files older than an hour (never acknowledged);
+- retention: every 5 minutes, purge finished, delivered studies past ``retention.days``, and the oldest
+  finished ones while free disk is below twice the watermark (undelivered work is never deleted).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from node.settings import Settings, priority_rank
 from storage import completion
 from storage.db import Database
 from storage.queue import JobQueue
+from storage.retention import Retention
 from storage.spool import Spool
 
 log = logging.getLogger("msknode.scheduler")
@@ -55,11 +58,23 @@ class Scheduler:
         if removed:
             log.info("removed %d stale partial receive file(s)", removed)
 
+    def retention(self) -> None:
+        settings = self.settings
+        try:
+            Retention(self.database, self.spool).run(
+                settings.retention.days,
+                lambda: self.spool.has_room(settings.storage.min_free_disk_mb * 2),
+                emergency=settings.retention.emergency_cleanup,
+            )
+        except Exception:
+            log.exception("retention pass failed")
+
     def run(self, stop: threading.Event) -> None:
         scheduler = BackgroundScheduler(timezone="UTC")
         scheduler.add_job(self.completion_tick, "interval", seconds=self.settings.pipeline.poll_seconds,
                           max_instances=1, coalesce=True, id="completion")
         scheduler.add_job(self.sweep, "interval", minutes=10, max_instances=1, coalesce=True, id="sweep")
+        scheduler.add_job(self.retention, "interval", minutes=5, max_instances=1, coalesce=True, id="retention")
         scheduler.start()
         try:
             stop.wait()
