@@ -46,9 +46,37 @@ def header_copy(dataset: Dataset) -> Dataset:
     return result
 
 
+def character_set(dataset: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set in a form highdicom accepts, else UTF-8.
+
+    ``\\ISO 2022 IR 87`` (empty first value = default repertoire) is legal DICOM but highdicom refuses the
+    empty value; "ISO 2022 IR 6" says the same thing explicitly. Anything highdicom cannot take (unknown or
+    misspelt terms) becomes ISO_IR 192: the copied values are already decoded text, so UTF-8 can carry them.
+    """
+    from highdicom.valuerep import _check_specific_character_set
+
+    value = dataset.get("SpecificCharacterSet")
+    if value is None or value == "":
+        return None
+    values = [value] if isinstance(value, str) else [str(v) for v in value]
+    values = [v.strip() for v in values]
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"
+    cleaned: str | list[str] = values[0] if len(values) == 1 else values
+    try:
+        _check_specific_character_set(cleaned)
+    except (ValueError, TypeError):
+        return "ISO_IR 192"
+    return cleaned
+
+
 def normalised(dataset: Dataset) -> Dataset:
-    """A header copy with every Type 2 patient/study attribute present (empty if the source lacks it)."""
+    """A header copy with every Type 2 patient/study attribute present (empty if the source lacks it) and a
+    Specific Character Set highdicom accepts."""
     result = header_copy(dataset)
+    charset = character_set(result)
+    if charset is not None:
+        result.SpecificCharacterSet = charset
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in result or result[keyword].value is None:
             setattr(result, keyword, "")

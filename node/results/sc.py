@@ -12,7 +12,7 @@ from node.results import codes
 from node.results.headers import laterality, normalised, patient_orientation
 from node.results.model import ImageResult, StudyResult
 from node.results.render import ALPHA, render_error_map
-from node.results.sr import add_algorithm_equipment, freeze_timestamps, series_description
+from node.results.sr import add_algorithm_equipment, frame_numbers, freeze_timestamps, series_description
 from node.results.uids import analysed_input_set, content_digest, instance_uid, series_uid
 
 # highdicom insists on a valid orientation for PATIENT images; the source's own value (or empty) replaces it.
@@ -107,7 +107,8 @@ def _source_reference(source: Dataset, frame_index: int) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
-        item.ReferencedFrameNumber = frame_index + 1
+    frames = frame_numbers(source, frame_index)
+    if frames is not None:
+        item.ReferencedFrameNumber = frames[0]
     item.PurposeOfReferenceCodeSequence = [purpose]
     return item

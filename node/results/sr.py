@@ -23,7 +23,7 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
-from highdicom._standard_utils import does_iod_have_pixel_data
+from highdicom._standard_utils import does_iod_have_pixel_data, is_multiframe_image
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
@@ -237,9 +237,9 @@ def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
     )
 
 
-def _frames(source: Dataset, frame_index: int) -> list[int] | None:
-    """1-based referenced frame numbers, only for multi-frame sources (highdicom refuses them otherwise)."""
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+def frame_numbers(source: Dataset, frame_index: int) -> list[int] | None:
+    """1-based referenced frame numbers, only for sources of a multi-frame IOD (highdicom refuses them else)."""
+    if is_multiframe_image(source) and int(source.get("NumberOfFrames", 1) or 1) > 1:
         return [frame_index + 1]
     if frame_index != 0:
         raise ValueError(f"frame_index {frame_index} given for a single-frame source")
@@ -256,7 +256,7 @@ def _image_library(entries: Sequence[tuple[Dataset, int]]) -> ContainerContentIt
             name=SOURCE,
             referenced_sop_class_uid=source.SOPClassUID,
             referenced_sop_instance_uid=source.SOPInstanceUID,
-            referenced_frame_numbers=_frames(source, frame_index),
+            referenced_frame_numbers=frame_numbers(source, frame_index),
             relationship_type=CONTAINS,
         )
         item.ContentSequence = ContentSequence(_library_descriptors(source))
@@ -292,7 +292,7 @@ def _library_descriptors(source: Dataset) -> list:
     spacing = source.get("ImagerPixelSpacing") or source.get("PixelSpacing")
     if spacing is not None and len(spacing) == 2:
         for concept, value in ((dcm_codes.DCM.HorizontalPixelSpacing, spacing[1]),
-                               (dcm_codes.DCM.VerticalPixelSpacing, spacing[0])):
+                                            (dcm_codes.DCM.VerticalPixelSpacing, spacing[0])):
             descriptors.append(
                 NumContentItem(name=concept, value=float(value), unit=dcm_codes.UCUM.Millimeter,
                                relationship_type=HAS_ACQ_CONTEXT)
@@ -308,7 +308,7 @@ def _imaging_measurements(
     algorithm = algorithm_identification(study.model)
     for number, image in enumerate(images, start=1):
         source = sources[str(image.source.SOPInstanceUID)]
-        frames = _frames(source, image.frame_index)
+        frames = frame_numbers(source, image.frame_index)
         container.ContentSequence.extend(_image_group(study, image, source, frames, number, algorithm))
         if image.region is not None:
             container.ContentSequence.extend(_region_group(study, image, source, frames, number, algorithm))

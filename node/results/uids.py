@@ -10,25 +10,30 @@ Rule (documented in docs/results.md):
 * **SOP Instance UIDs** = f(kind, series UID, digest of the object's content). Identical content gives the same
   UID (a retry rebuilds byte-identical objects); different content never reuses a UID (DICOM requires it).
 
-All UIDs are ``2.25.<128-bit integer>`` from :func:`pydicom.uid.generate_uid` with entropy sources, so no
-organisational root is needed and no two kinds can collide.
+All UIDs are ``2.25.<integer of a name-based UUID>`` (ISO/IEC 9834-8 form, UUID version 5 of the parts), so no
+organisational root is needed and no two kinds can collide. Note: ``pydicom.uid.generate_uid(prefix=None,
+entropy_srcs=...)`` looks like the same thing but ignores ``entropy_srcs`` when ``prefix`` is None and returns a
+random UUID, so it cannot be used here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-from pydicom.uid import generate_uid
 
 from node.results.model import ImageResult, ModelInfo, StudyResult
 
 
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:msknode:results/1")
+
+
 def derive_uid(*parts: str) -> str:
-    """A ``2.25`` UID that depends only on ``parts`` (order matters)."""
-    return str(generate_uid(prefix=None, entropy_srcs=["msknode-results/1", *parts]))
+    """A ``2.25`` UID that depends only on ``parts`` (order matters; parts are length-prefixed)."""
+    name = "".join(f"{len(part)}:{part};" for part in parts)
+    return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
 
 
 def content_digest(payload: Any) -> str:

@@ -13,6 +13,7 @@ from node.results.model import HeadOutput, ImageResult, ModelInfo, StudyResult
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
+XA = "1.2.840.10008.5.1.4.1.1.12.1"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 CREATED_AT = datetime(2026, 11, 22, 10, 30, 15, 123000)
 

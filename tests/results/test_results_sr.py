@@ -1,0 +1,345 @@
+"""The TID 1500 Comprehensive 3D SR: values, geometry, header copying, variants, determinism, validators."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
+
+from node.results import build_not_analysed_sr, build_sr
+from node.results import codes
+from node.results.model import DocumentReference, HeadOutput
+from tests.results.helpers import dciodvfy_errors, decode, dsrdump, encode, write
+from tests.results.sources import (
+    CR,
+    MR,
+    REGION,
+    XA,
+    STUDY_UID,
+    image_result,
+    model_info,
+    source_header,
+    study_result,
+)
+
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+         "ReferringPhysicianName", "StudyDate", "StudyTime")
+
+
+# --- helpers: read the content tree back ----------------------------------------------------------------------
+def concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return str(code.CodingSchemeDesignator), str(code.CodeValue)
+
+
+def children(item: Dataset, scheme: str, value: str) -> list[Dataset]:
+    return [child for child in item.get("ContentSequence", []) if concept(child) == (scheme, value)]
+
+
+def only(items: list[Dataset]) -> Dataset:
+    assert len(items) == 1, items
+    return items[0]
+
+
+def measurement_groups(sr: Dataset) -> list[Dataset]:
+    container = only(children(sr, "DCM", "126010"))  # Imaging Measurements
+    return [g for g in container.ContentSequence if concept(g) == ("DCM", "125007")]
+
+
+def group_source_uid(group: Dataset) -> str:
+    """SOP Instance UID the group refers to (IMAGE child, or the SCOORD's selected-from IMAGE)."""
+    for item in group.ContentSequence:
+        if item.ValueType == "IMAGE":
+            return str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        if item.ValueType == "SCOORD":
+            return str(item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    raise AssertionError("group without an image reference")
+
+
+def numbers(group: Dataset) -> dict[tuple[str, str], float]:
+    return {
+        concept(item): float(item.MeasuredValueSequence[0].FloatingPointValue)
+        for item in group.ContentSequence
+        if item.ValueType == "NUM"
+    }
+
+
+def coded(group: Dataset) -> dict[tuple[str, str], tuple[str, str]]:
+    return {
+        concept(item): (str(item.ConceptCodeSequence[0].CodingSchemeDesignator), str(item.ConceptCodeSequence[0].CodeValue))
+        for item in group.ContentSequence
+        if item.ValueType == "CODE" and item.RelationshipType == "CONTAINS"
+    }
+
+
+def key(code) -> tuple[str, str]:
+    return code.scheme_designator, code.value
+
+
+@pytest.fixture
+def two_images():
+    dx = source_header(1)
+    cr = source_header(2, sop_class=CR, modality="CR")
+    first = image_result(dx, score=0.0123, percentile=97.5)
+    second = dataclasses.replace(
+        image_result(cr, score=0.0042, percentile=None),
+        heads=[HeadOutput("fracture", ["fracture"], [0.03125], "sigmoid"),
+               HeadOutput("kl_grade", ["0", "1", "2", "3", "4"], [0.7, 0.1, 0.1, 0.05, 0.05], "softmax")],
+    )
+    return first, second
+
+
+# --- content ---------------------------------------------------------------------------------------------------
+def test_measurements_equal_the_inputs(two_images):
+    study = study_result(list(two_images))
+    sr = decode(encode(build_sr(study, 9000)))
+    groups = measurement_groups(sr)
+    image_groups = [g for g in groups if not any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
+    assert len(image_groups) == 2
+    by_source = {group_source_uid(g): g for g in image_groups}
+    for image in two_images:
+        group = by_source[str(image.source.SOPInstanceUID)]
+        values = numbers(group)
+        assert values.pop(key(codes.ABNORMALITY_SCORE)) == image.score
+        if image.percentile is None:
+            assert key(codes.ABNORMALITY_PERCENTILE) not in values
+        else:
+            assert values.pop(key(codes.ABNORMALITY_PERCENTILE)) == image.percentile
+        expected_codes = {}
+        for head in image.heads:
+            for label, probability in zip(head.labels, head.probabilities):
+                assert values.pop(key(codes.probability_concept(head.name, label))) == probability
+            if head.activation == "softmax":
+                expected_codes[key(codes.head_concept(head.name))] = key(codes.class_value(head.name, head.top_label))
+        assert values == {}, "no measurement beyond the inputs"
+        assert coded(group) == expected_codes
+
+
+def test_kl_grade_and_tumour_class_use_declared_codes(two_images):
+    sr = decode(encode(build_sr(study_result([two_images[0]]), 9000)))
+    group = next(g for g in measurement_groups(sr) if any(i.ValueType == "NUM" for i in g.ContentSequence))
+    values = coded(group)
+    assert values[key(codes.KL_GRADE)] == ("99MSKNODE", "KL3")  # argmax of the fixture's KL probabilities
+    assert values[key(codes.TUMOUR_CLASS)] == ("99MSKNODE", "TUMBENIGN")
+    declared = {str(item.CodingSchemeDesignator) for item in sr.CodingSchemeIdentificationSequence}
+    assert {"99MSKNODE", "99IHE"} <= declared
+
+
+def test_scoord_is_the_input_polygon_in_source_pixels(two_images):
+    sr = decode(encode(build_sr(study_result(list(two_images)), 9000)))
+    regions = [g for g in measurement_groups(sr) if any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
+    assert len(regions) == 2
+    for group in regions:
+        scoord = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+        assert scoord.GraphicType == "POLYLINE"
+        points = np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+        np.testing.assert_array_equal(points, REGION)
+        assert coded(group)[("DCM", "121071")] == key(codes.HIGHEST_ERROR_REGION)
+
+
+def test_open_polygon_is_closed_and_missing_region_gives_no_roi_group():
+    open_region = REGION[:-1] + 0.5
+    with_region = image_result(source_header(1), region=open_region)
+    without = image_result(source_header(2), region=None)
+    sr = decode(encode(build_sr(study_result([with_region, without]), 9000)))
+    regions = [g for g in measurement_groups(sr) if any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
+    assert [group_source_uid(g) for g in regions] == [str(with_region.source.SOPInstanceUID)]
+    scoord = next(i for i in regions[0].ContentSequence if i.ValueType == "SCOORD")
+    points = np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+    np.testing.assert_array_equal(points, np.vstack([open_region, open_region[:1]]))
+
+
+def test_header_copies_study_patient_accession_and_identifies_the_device(two_images):
+    study = study_result(list(two_images), priority="URGENT")
+    sr = decode(encode(build_sr(study, 9042)))
+    source = two_images[0].source
+    assert sr.SOPClassUID == Comprehensive3DSRStorage
+    for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "AccessionNumber", "StudyID", "StudyDate",
+                    "PatientBirthDate", "PatientSex"):
+        assert sr[keyword].value == source[keyword].value, keyword
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.SeriesNumber == 9042
+    assert sr.SeriesDescription.startswith("AI URGENT")
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    evidence = {
+        str(ref.ReferencedSOPInstanceUID)
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(im.source.SOPInstanceUID) for im in two_images}
+    # Observer: device with the encoder hash; AIR contributing equipment with the 99IHE purpose.
+    observer = {concept(i): i for i in sr.ContentSequence if i.RelationshipType == "HAS OBS CONTEXT"}
+    assert observer[("DCM", "121012")].UID  # Device Observer UID
+    assert observer[("DCM", "121016")].TextValue == study.model.encoder_sha256  # serial number
+    assert observer[("DCM", "121015")].TextValue == study.model.name  # model name
+    air = [e for e in sr.ContributingEquipmentSequence
+           if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
+    assert len(air) == 1 and air[0].ManufacturerModelName == study.model.name
+    assert air[0].SoftwareVersions == study.model.version and air[0].DeviceUID == observer[("DCM", "121012")].UID
+
+
+def test_algorithm_identification_carries_the_error_map_parameters(two_images):
+    study = study_result([two_images[0]], seed=77)
+    sr = decode(encode(build_sr(study, 9000)))
+    group = measurement_groups(sr)[0]
+    texts = {}
+    for item in group.ContentSequence:
+        if item.ValueType == "TEXT":
+            texts.setdefault(concept(item), []).append(str(item.TextValue))
+    assert texts[("DCM", "111001")] == [study.model.name]
+    assert texts[("DCM", "111003")] == [study.model.version]
+    assert {"passes=10", "mask_ratio=0.75", "seed=77", f"encoder_sha256={study.model.encoder_sha256}"} <= set(
+        texts[("DCM", "111002")]
+    )
+
+
+def test_triage_priority_is_a_study_level_item(two_images):
+    for priority in ("ROUTINE", "HIGH", "URGENT"):
+        sr = decode(encode(build_sr(study_result(list(two_images), priority=priority), 9000)))
+        evaluations = only(children(sr, *key(codes.QUALITATIVE_EVALUATIONS)))
+        assert coded(evaluations) == {key(codes.TRIAGE_PRIORITY): key(codes.PRIORITY_VALUES[priority])}
+
+
+def test_image_library_lists_the_analysed_images_with_their_frames():
+    multi = source_header(1, sop_class=XA, modality="XA")  # a multi-frame IOD
+    multi.NumberOfFrames = 3
+    study = study_result([image_result(multi, frame_index=2)], not_analysed=[(source_header(9, sop_class=MR,
+                                                                               modality="MR"), "modality MR")])
+    sr = decode(encode(build_sr(study, 9000)))
+    library = only(children(sr, "DCM", "111028"))
+    images = [i for group in library.ContentSequence for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    assert [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images] == [str(multi.SOPInstanceUID)]
+    assert images[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 3
+    scoord = next(i for g in measurement_groups(sr) for i in g.ContentSequence if i.ValueType == "SCOORD")
+    assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 3
+    # The not-analysed MR is still reported, with its reason, in the findings SR.
+    evaluations = only(children(sr, *key(codes.QUALITATIVE_EVALUATIONS)))
+    reason = only(children(evaluations, *key(codes.REASON_NOT_ANALYSED)))
+    assert reason.TextValue == "modality MR"
+
+
+# --- not-analysed variant and superseding ----------------------------------------------------------------------
+def test_not_analysed_sr_says_why_per_image_and_has_no_measurements():
+    mr = source_header(5, sop_class=MR, modality="MR")
+    cr = source_header(6, sop_class=CR, modality="CR")
+    reasons = {str(mr.SOPInstanceUID): "modality MR not eligible", str(cr.SOPInstanceUID): "body part CHEST not eligible"}
+    study = study_result([], not_analysed=[(mr, reasons[str(mr.SOPInstanceUID)]), (cr, reasons[str(cr.SOPInstanceUID)])])
+    sr = decode(encode(build_not_analysed_sr(study, 9000)))
+    assert sr.SeriesDescription.startswith("AI NOT ANALYSED")
+    assert not children(sr, "DCM", "126010"), "no Imaging Measurements container"
+    evaluations = only(children(sr, *key(codes.QUALITATIVE_EVALUATIONS)))
+    assert coded(evaluations) == {key(codes.ANALYSIS_STATUS): key(codes.NOT_ANALYSED)}
+    found = {
+        str(item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID): str(item.TextValue)
+        for item in children(evaluations, *key(codes.REASON_NOT_ANALYSED))
+    }
+    assert found == reasons
+    assert sr.PatientID == mr.PatientID and sr.StudyInstanceUID == STUDY_UID
+    with pytest.raises(ValueError):
+        build_sr(study, 9000)
+    with pytest.raises(ValueError):
+        build_not_analysed_sr(study_result([image_result(source_header(1))]), 9000)
+
+
+@pytest.mark.parametrize("as_reference", [False, True])
+def test_new_sr_supersedes_the_previous_one(two_images, as_reference):
+    old = decode(encode(build_not_analysed_sr(
+        study_result([], not_analysed=[(source_header(7, sop_class=MR, modality="MR"), "modality MR")]), 9000)))
+    previous = DocumentReference.from_dataset(old) if as_reference else old
+    new = decode(encode(build_sr(study_result(list(two_images)), 9000, previous=previous)))
+    item = only(list(new.PredecessorDocumentsSequence))
+    assert item.StudyInstanceUID == old.StudyInstanceUID
+    series = only(list(item.ReferencedSeriesSequence))
+    assert series.SeriesInstanceUID == old.SeriesInstanceUID
+    ref = only(list(series.ReferencedSOPSequence))
+    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID) == (old.SOPInstanceUID, old.SOPClassUID)
+    assert new.SOPInstanceUID != old.SOPInstanceUID
+
+
+# --- determinism and UIDs --------------------------------------------------------------------------------------
+def test_same_inputs_give_byte_identical_sr(two_images):
+    first = encode(build_sr(study_result(list(two_images)), 9000))
+    again = encode(build_sr(study_result(list(reversed(two_images))), 9000))  # order of the list must not matter
+    assert first == again
+
+
+def test_uids_follow_the_documented_rule(two_images):
+    base = decode(encode(build_sr(study_result(list(two_images)), 9000)))
+    changed_value = dataclasses.replace(two_images[0], score=0.5)
+    same_inputs = decode(encode(build_sr(study_result([changed_value, two_images[1]]), 9000)))
+    assert same_inputs.SeriesInstanceUID == base.SeriesInstanceUID  # a retry never makes a second series
+    assert same_inputs.SOPInstanceUID != base.SOPInstanceUID  # different content never reuses a UID
+    fewer_inputs = decode(encode(build_sr(study_result([two_images[0]]), 9000)))
+    assert fewer_inputs.SeriesInstanceUID != base.SeriesInstanceUID
+    replaced = dataclasses.replace(two_images[0], source_sha256="f" * 64)
+    replaced_sr = decode(encode(build_sr(study_result([replaced, two_images[1]]), 9000)))
+    assert replaced_sr.SeriesInstanceUID != base.SeriesInstanceUID
+    other_model = decode(encode(build_sr(study_result(list(two_images), version="0.2.0"), 9000)))
+    assert other_model.SeriesInstanceUID != base.SeriesInstanceUID
+    for ds in (base, same_inputs, fewer_inputs, other_model):
+        assert ds.SOPInstanceUID.startswith("2.25.") and ds.SeriesInstanceUID.startswith("2.25.")
+    assert base.InstanceCreationDate == "20261122" and base.ContentTime.startswith("103015")
+
+
+def test_input_headers_are_not_mutated(two_images):
+    with_pixels = copy.deepcopy(two_images[0].source)
+    with_pixels.PixelData = b"\x00\x01" * 16
+    image = dataclasses.replace(two_images[0], source=with_pixels)
+    skipped = source_header(8, sop_class=MR, modality="MR", drop=("StudyID", "PatientSex"))
+    before = [copy.deepcopy(image.source), copy.deepcopy(skipped)]
+    sr = build_sr(study_result([image], not_analysed=[(skipped, "modality MR")]), 9000)
+    assert [image.source, skipped] == before
+    assert "StudyID" not in skipped and "PixelData" not in sr
+
+
+# --- robustness to real headers and character sets, validated by dciodvfy and dsrdump --------------------------
+def test_sources_missing_type2_attributes_and_orientation_build_valid_sr(tmp_path):
+    bare = source_header(1, sop_class=CR, modality="CR",
+                         drop=TYPE2 + ("PatientOrientation", "ImagerPixelSpacing", "Laterality", "Manufacturer"))
+    empty = source_header(2)
+    empty.PatientOrientation = ""
+    empty.PatientSex = ""
+    study = study_result([image_result(bare), image_result(empty)])
+    sr = decode(encode(build_sr(study, 9000)))
+    for keyword in TYPE2:
+        assert keyword in sr and not sr[keyword].value, keyword
+    errors, _ = dciodvfy_errors(write(sr, tmp_path / "sr.dcm"))
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "charset, name",
+    [
+        ("ISO_IR 192", "Müller^Zoë=李^小龍"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+        ("ISO_IR 100", "Müller^Zoë"),
+    ],
+)
+def test_character_sets_survive(tmp_path, charset, name):
+    received = decode(encode(source_header(1, charset=charset, patient_name=name)))  # as read from the wire
+    sr = decode(encode(build_sr(study_result([image_result(received)]), 9000)))
+    assert str(sr.PatientName) == name
+    errors, _ = dciodvfy_errors(write(sr, tmp_path / "sr.dcm"))
+    assert errors == []
+
+
+def test_every_sr_variant_validates(tmp_path, two_images):
+    mr = source_header(5, sop_class=MR, modality="MR")
+    findings = build_sr(study_result(list(two_images), not_analysed=[(mr, "modality MR not eligible")]), 9000)
+    not_analysed = build_not_analysed_sr(study_result([], not_analysed=[(mr, "modality MR not eligible")]), 9000)
+    superseding = build_sr(study_result(list(two_images)), 9000, previous=not_analysed)
+    for name, sr in (("findings", findings), ("not-analysed", not_analysed), ("superseding", superseding)):
+        path = write(sr, tmp_path / f"{name}.dcm")
+        errors, warnings = dciodvfy_errors(path)
+        assert errors == [], (name, errors)
+        unexpected = [w for w in warnings if "99MSKNODE" not in w and "99IHE" not in w and "DeviceUID" not in w]
+        assert unexpected == [], (name, unexpected)
+        tree = dsrdump(path)
+        assert "Imaging Measurement Report" in tree
+    assert "Fracture probability" in dsrdump(tmp_path / "findings.dcm")
+    assert "Reason not analysed" in dsrdump(tmp_path / "not-analysed.dcm")
