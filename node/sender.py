@@ -140,8 +140,19 @@ class Sender:
                     self.outbox.dead_letter(item.id, self.owner, "rejected", reason)
                 log.error("destination %s rejected us permanently: %s", peer.name, reason)
                 return
+            refused = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+            if refused and not assoc.accepted_contexts:
+                # The peer answered but accepted none of our presentation contexts (pynetdicom then aborts).
+                for item in items:
+                    self.outbox.dead_letter(
+                        item.id, self.owner, "0x0122",
+                        f"destination does not accept SOP class {item.sop_class_uid} (uncompressed offered)",
+                    )
+                log.error("destination %s accepts none of the result SOP classes", peer.name)
+                return
+            # pynetdicom reports a refused or timed-out connection as an aborted association.
             reason = "association rejected (transient)" if assoc.is_rejected else (
-                "association aborted" if assoc.is_aborted else "destination unreachable")
+                "could not associate (connection refused, timed out or aborted)")
             for item in items:
                 self._give_up_or_retry(item, "no-association", reason)
             return
