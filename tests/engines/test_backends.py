@@ -1,0 +1,142 @@
+"""Backend selection, CPU precisions, and the TensorRT plan cache (the only place a stand-in tensorrt is used)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from engines.backends import resolve_backend_name, select_backend
+from engines.backends.tensorrt_backend import BatchProfile, PlanCache, PlanKey
+from engines.backends.torch_backend import TorchBackend
+from engines.encoder import Encoder
+from engines.errormap import noise_from_seed
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_auto_resolution(monkeypatch):
+    assert resolve_backend_name("auto", "cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend_name("auto", "auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("engines.backends.tensorrt_available", lambda: False)
+    assert resolve_backend_name("auto", "auto") == "cuda"
+    monkeypatch.setattr("engines.backends.tensorrt_available", lambda: True)
+    assert resolve_backend_name("auto", "cuda") == "tensorrt"
+    assert resolve_backend_name("cpu", "cuda") == "cpu"  # an explicit choice wins
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend_name("metal")
+
+
+def test_explicit_unavailable_backends_raise(tiny_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        select_backend(tiny_model, backend="cuda")
+    with pytest.raises((ImportError, RuntimeError)):
+        select_backend(tiny_model, backend="tensorrt")
+
+
+def test_auto_falls_back_to_cuda_when_tensorrt_fails(tiny_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("engines.backends.tensorrt_available", lambda: True)
+    built = {}
+
+    class FakeTorchBackend:  # stands in for CUDA torch, which this machine cannot run
+        def __init__(self, model, device, precision):
+            built.update(device=device, precision=precision)
+            self.name, self.device, self.precision = "cuda", device, precision
+
+    monkeypatch.setattr("engines.backends.torch_backend.TorchBackend", FakeTorchBackend)
+    monkeypatch.setattr(
+        "engines.backends.tensorrt_backend.TensorRTBackend.from_model",
+        classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(ImportError("no tensorrt"))),
+    )
+    backend = select_backend(tiny_model, backend="auto", device="auto")
+    assert backend.name == "cuda" and built == {"device": "cuda", "precision": "fp16"}
+
+
+def test_cpu_precisions_and_description(tiny_model, images):
+    fp32 = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "fp32"))
+    bf16 = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "bf16"))
+    assert bf16.describe()["precision"] == "bf16" and fp32.describe()["backend"] == "cpu"
+    assert next(fp32.model.parameters()).dtype == torch.float32  # bf16 runs on its own copy
+    noise = noise_from_seed(0, 4, 196)
+    maps32, _ = fp32.error_map(images, noise=noise)
+    maps16, _ = bf16.error_map(images, noise=noise)
+    assert maps16.dtype == torch.float32
+    assert pearson(maps32, maps16) >= 0.99
+    assert torch.allclose(fp32.embed(images), bf16.embed(images), atol=0.1)
+    with pytest.raises(ValueError, match="fp16"):
+        TorchBackend(tiny_model, "cpu", "fp16")
+
+
+def test_chunked_reconstruction_equals_one_batch(tiny_model, images):
+    noise = noise_from_seed(1, 3, 196)
+    small = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=2))
+    large = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=64))
+    assert torch.allclose(small.error_map(images, noise=noise)[0], large.error_map(images, noise=noise)[0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- TensorRT plan cache
+class FakeRuntime:
+    """Stand-in for trt.Runtime: 'deserialises' plans that start with b'PLAN'."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def deserialize_cuda_engine(self, data: bytes):
+        self.calls += 1
+        return types.SimpleNamespace(plan=data) if data.startswith(b"PLAN") else None
+
+
+def key(**changes) -> PlanKey:
+    fields = dict(onnx_sha256="a" * 64, gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+                  tensorrt_version="10.3.0", precision="fp16", profile=repr(BatchProfile()))
+    fields.update(changes)
+    return PlanKey(**fields)
+
+
+def test_plan_key_changes_with_everything_a_plan_depends_on():
+    base = key().file_name("decoder")
+    for change in (dict(onnx_sha256="b" * 64), dict(gpu_name="NVIDIA A100"), dict(compute_capability="8.0"),
+                   dict(tensorrt_version="10.4.0"), dict(precision="bf16"), dict(profile="other")):
+        assert key(**change).file_name("decoder") != base
+    assert key().file_name("decoder") == base and key().file_name("encoder_full") != base
+
+
+def test_cache_hit_miss_and_rebuild_after_failed_deserialisation(tmp_path):
+    cache, runtime, builds = PlanCache(tmp_path), FakeRuntime(), []
+
+    def build():
+        builds.append(1)
+        return b"PLAN-v%d" % len(builds)
+
+    first = cache.get_engine(None, runtime, key(), "decoder", build)
+    second = cache.get_engine(None, runtime, key(), "decoder", build)
+    assert len(builds) == 1 and first.plan == second.plan == b"PLAN-v1"  # miss then hit
+    cache.plan_path(key(), "decoder").write_bytes(b"garbage from another TensorRT")
+    third = cache.get_engine(None, runtime, key(), "decoder", build)
+    assert len(builds) == 2 and third.plan == b"PLAN-v2"
+    assert cache.plan_path(key(), "decoder").read_bytes() == b"PLAN-v2"
+    other_gpu = cache.get_engine(None, runtime, key(gpu_name="NVIDIA L4", compute_capability="8.9"), "decoder", build)
+    assert len(builds) == 3 and other_gpu.plan == b"PLAN-v3"
+
+
+def test_timing_cache_is_per_gpu_and_tensorrt_version(tmp_path):
+    cache = PlanCache(tmp_path)
+    assert cache.timing_cache_path(key()) == cache.timing_cache_path(key(onnx_sha256="c" * 64))
+    assert cache.timing_cache_path(key()) != cache.timing_cache_path(key(tensorrt_version="10.4.0"))
+    assert cache.timing_cache_path(key()) != cache.timing_cache_path(key(gpu_name="NVIDIA L4"))
+
+
+def test_profile_shapes_cover_the_worker_batches():
+    shapes = BatchProfile(min_images=1, opt_images=4, max_images=8, passes=10).shapes("decoder", 49, 50, 1024, 196, 224)
+    assert shapes["latent"] == ((10, 50, 1024), (40, 50, 1024), (80, 50, 1024))
+    masked = BatchProfile().shapes("encoder_masked", 49, 50, 1024, 196, 224)
+    assert masked["ids_keep"][0] == (1, 10, 49)
