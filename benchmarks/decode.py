@@ -84,7 +84,7 @@ def bench_syntax(key: str, original: np.ndarray, work: Path, repeat: int) -> dic
             print(f"  {key}: plugin {plugin} failed: {exc}", file=sys.stderr)
     row: dict[str, object] = {"key": key, "uid": str(ds.file_meta.TransferSyntaxUID), "bits": bits, "mb": size / 1e6,
                               "ratio": pixels.size * (2 if bits > 8 else 1) / size, "plugins": per_plugin,
-                              "chosen": (PREFERRED_PLUGINS.get(str(ds.file_meta.TransferSyntaxUID)) or ("pydicom",))[0]}
+                              "chosen": " > ".join(PREFERRED_PLUGINS.get(str(ds.file_meta.TransferSyntaxUID), ("pydicom",)))}
     if str(ds.file_meta.TransferSyntaxUID) in WAVELET_SYNTAXES:
         header = parse_j2k_header(frame_fragment(ds, 0))
         for label, display in (("model", None), ("d1024", 1024)):
