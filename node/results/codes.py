@@ -26,15 +26,19 @@ def private(value: str, meaning: str) -> Code:
     return Code(value, PRIVATE_SCHEME, meaning)
 
 
-def coding_schemes() -> list[CodingSchemeIdentificationItem]:
-    """Declarations of the non-standard schemes our objects use."""
-    return [
-        CodingSchemeIdentificationItem(
-            designator=PRIVATE_SCHEME,
-            name="msknode private codes",
-            version="1",
-            responsible_organization="msknode developers",
-        ),
+def coding_schemes(private_codes: bool = True) -> list[CodingSchemeIdentificationItem]:
+    """Declarations of the non-standard schemes an object uses (the SC uses only 99IHE)."""
+    declared = []
+    if private_codes:
+        declared.append(
+            CodingSchemeIdentificationItem(
+                designator=PRIVATE_SCHEME,
+                name="msknode private codes",
+                version="1",
+                responsible_organization="msknode developers",
+            )
+        )
+    return declared + [
         CodingSchemeIdentificationItem(
             designator=IHE_SCHEME,
             name="IHE trial implementation codes",

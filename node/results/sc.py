@@ -71,6 +71,7 @@ def build_sc(
         patient_orientation=tuple(orientation) if orientation else _PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
         series_description=series_description("sc", study.priority, study.model),
+        coding_schemes=codes.coding_schemes(private_codes=False),
         manufacturer_model_name=study.model.name,
         software_versions=study.model.version,
         content_date=created.date(),
