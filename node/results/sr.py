@@ -18,6 +18,7 @@ reason per instance. Superseding goes through Predecessor Documents Sequence.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -50,7 +51,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import SecondaryCaptureImageStorage
 from pydicom.valuerep import DA, DT, TM
 
 from node.results import codes
@@ -113,6 +114,7 @@ def _build(
     sources = {str(im.source.SOPInstanceUID): normalised(im.source) for im in images}
     skipped_sources = [(normalised(ds), reason) for ds, reason in skipped]
     evidence = list(sources.values()) + [ds for ds, _ in skipped_sources if str(ds.SOPInstanceUID) not in sources]
+    evidence, true_classes = _known_class_first(evidence)
     previous_ref = _previous_reference(previous)
 
     inputs = analysed_input_set(study) if kind == "sr" else not_analysed_input_set(study)
@@ -130,7 +132,7 @@ def _build(
     )
     library_images = [(sources[str(im.source.SOPInstanceUID)], im.frame_index) for im in images]
     if kind == "sr-not-analysed":  # the findings SR's library holds only what was analysed
-        library_images += [(ds, 0) for ds, _ in skipped_sources if does_iod_have_pixel_data(ds.SOPClassUID)]
+        library_images += [(ds, 0) for ds, _ in skipped_sources if is_image(ds)]
     if library_images:
         root.ContentSequence.append(_image_library(library_images))
     if images:
@@ -157,9 +159,38 @@ def _build(
         series_date=created.date(),
         series_time=created.time(),
     )
+    _restore_evidence_classes(sr, true_classes)
     freeze_timestamps(sr, created)
     add_algorithm_equipment(sr, study)
     return sr
+
+
+def _known_class(dataset: Dataset) -> bool:
+    from highdicom._standard_utils import get_sop_class_iod_map
+
+    return str(dataset.SOPClassUID) in get_sop_class_iod_map()
+
+
+def _known_class_first(evidence: list[Dataset]) -> tuple[list[Dataset], dict[str, str]]:
+    """Evidence with an instance of a standard SOP class first: highdicom copies the patient and study modules
+    from ``evidence[0]`` by looking up its IOD, which fails for private SOP classes (the node stores those too).
+    If none is standard, the first gets a stand-in class; the true classes are put back afterwards."""
+    for position, dataset in enumerate(evidence):
+        if _known_class(dataset):
+            return [dataset] + evidence[:position] + evidence[position + 1:], {}
+    stand_in = copy.deepcopy(evidence[0])
+    stand_in.SOPClassUID = SecondaryCaptureImageStorage
+    return [stand_in] + evidence[1:], {str(evidence[0].SOPInstanceUID): str(evidence[0].SOPClassUID)}
+
+
+def _restore_evidence_classes(sr: Dataset, true_classes: dict[str, str]) -> None:
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study_item in sr.get(keyword, []):
+            for series in study_item.ReferencedSeriesSequence:
+                for reference in series.ReferencedSOPSequence:
+                    uid = str(reference.ReferencedSOPInstanceUID)
+                    if uid in true_classes:
+                        reference.ReferencedSOPClassUID = true_classes[uid]
 
 
 def _digest(study: StudyResult, series_number: int, previous: Dataset | None, kind: str) -> str:
@@ -401,8 +432,16 @@ def _qualitative_evaluations(
     return container
 
 
+def is_image(source: Dataset) -> bool:
+    """Whether the source's IOD has pixel data; private or unknown SOP classes count as not an image."""
+    try:
+        return bool(does_iod_have_pixel_data(str(source.SOPClassUID)))
+    except KeyError:
+        return False
+
+
 def _reference(source: Dataset) -> ImageContentItem | CompositeContentItem:
-    if does_iod_have_pixel_data(source.SOPClassUID):
+    if is_image(source):
         return ImageContentItem(
             name=SOURCE, referenced_sop_class_uid=source.SOPClassUID,
             referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=INFERRED_FROM,

@@ -343,3 +343,23 @@ def test_every_sr_variant_validates(tmp_path, two_images):
         assert "Imaging Measurement Report" in tree
     assert "Fracture probability" in dsrdump(tmp_path / "findings.dcm")
     assert "Reason not analysed" in dsrdump(tmp_path / "not-analysed.dcm")
+
+
+def test_not_analysed_private_and_non_image_instances_keep_their_classes(tmp_path):
+    private = source_header(11, sop_class="1.2.826.0.1.3680043.8.498.99.1", modality="OT")
+    text_sr = source_header(12, sop_class="1.2.840.10008.5.1.4.1.1.88.11", modality="SR")
+    study = study_result([], not_analysed=[(private, "private SOP class not eligible"), (text_sr, "not an image")])
+    sr = decode(encode(build_not_analysed_sr(study, 9000)))
+    evidence = {
+        str(ref.ReferencedSOPInstanceUID): str(ref.ReferencedSOPClassUID)
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in (private, text_sr)}
+    evaluations = only(children(sr, *key(codes.QUALITATIVE_EVALUATIONS)))
+    targets = {item.ContentSequence[0].ValueType for item in children(evaluations, *key(codes.REASON_NOT_ANALYSED))}
+    assert targets == {"COMPOSITE"}
+    assert private.SOPClassUID == "1.2.826.0.1.3680043.8.498.99.1", "input untouched"
+    errors, _ = dciodvfy_errors(write(sr, tmp_path / "sr.dcm"))
+    assert errors == []
