@@ -100,7 +100,10 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._counts: dict[int, int] = {}
         self._ids: dict[int, str] = {}
+        self._assocs: dict[int, Any] = {}  # accepted and not yet finished (keeps ids from being reused)
         self._lock = threading.Lock()
+        self._reaper_stop = threading.Event()
+        self._reaper: threading.Thread | None = None
         self.ae = self._make_ae()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -139,8 +142,29 @@ class Receiver:
         self._server = self.ae.start_server(
             (self.node.host, self.node.port), block=False, evt_handlers=handlers
         )
+        self._reaper_stop.clear()
+        self._reaper = threading.Thread(target=self._reap_loop, name="msknode-reaper", daemon=True)
+        self._reaper.start()
         host, port = self.address
         log.info("listening as %s on %s:%s", self.node.ae_title, host, port)
+
+    def _reap_loop(self) -> None:
+        while not self._reaper_stop.wait(1.0):
+            self._reap()
+
+    def _reap(self) -> None:
+        """Finish associations whose thread ended without any event.
+
+        pynetdicom ends an association silently when its state machine raises (for example ENOSPC while
+        writing a received dataset): no EVT_ABORTED, no EVT_CONN_CLOSE. Without this its audit row would
+        stay 'open', its partial file would stay in ``.incoming`` and it would hold a slot of
+        ``max_associations`` for ever.
+        """
+        with self._lock:
+            dead = [assoc for assoc in self._assocs.values() if not assoc.is_alive()]
+        for assoc in dead:
+            self._discard_partial_transfer(assoc)
+            self._finish(assoc, "aborted")
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, let open associations finish for ``grace_seconds``, then abort the rest."""
@@ -157,6 +181,10 @@ class Receiver:
             assoc.abort()
         server.server_close()
         self._server = None
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(5)
+        self._reap()
 
     # -- association events ------------------------------------------------------------------
     def _on_requested(self, event: evt.Event) -> None:
@@ -167,6 +195,7 @@ class Receiver:
         address, port = rq.address, rq.port
         # Count accepted associations only: a bare TCP connection that never sends an A-ASSOCIATE-RQ
         # (a load balancer's health check, a port scan) must not take a slot until its ACSE timeout.
+        self._reap()
         with self._lock:
             open_associations = sum(1 for key in self._ids if key != id(assoc))
         decision = decide(
@@ -198,12 +227,14 @@ class Receiver:
         with self._lock:
             self._ids[id(assoc)] = association_id
             self._counts[id(assoc)] = 0
+            self._assocs[id(assoc)] = assoc
         log.info("accepted association %s: calling=%s called=%s from %s", association_id, calling, called, address)
 
     def _finish(self, assoc: Any, outcome: str) -> None:
         with self._lock:
             association_id = self._ids.pop(id(assoc), None)
             count = self._counts.pop(id(assoc), 0)
+            self._assocs.pop(id(assoc), None)
         if association_id is None:
             return  # rejected, or already finished
         try:
@@ -216,11 +247,30 @@ class Receiver:
         self._finish(event.assoc, "released")
 
     def _on_aborted(self, event: evt.Event) -> None:
+        self._discard_partial_transfer(event.assoc)
         self._finish(event.assoc, "aborted")
 
     def _on_conn_close(self, event: evt.Event) -> None:
         # A TCP close without A-RELEASE or A-ABORT is an abort as far as completeness goes.
+        self._discard_partial_transfer(event.assoc)
         self._finish(event.assoc, "aborted")
+
+    @staticmethod
+    def _discard_partial_transfer(assoc: Any) -> None:
+        """Remove the temporary file of a C-STORE cut short (abort, closed connection, disk full).
+
+        pynetdicom leaves it in ``.incoming`` (its chunked file is ``delete=False``) until the next
+        start's sweep; on a full disk that is exactly the space needed to recover.
+        """
+        message = getattr(getattr(assoc, "dimse", None), "message", None)
+        handle = getattr(message, "_data_set_file", None)
+        if handle is None:
+            return
+        try:
+            handle.close()
+        except OSError:
+            pass  # flushing the rest may fail again on a full disk; the file goes anyway
+        Path(handle.name).unlink(missing_ok=True)
 
     def _on_c_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
