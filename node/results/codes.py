@@ -130,3 +130,8 @@ def probability_concept(head: str, label: str) -> Code:
     if concept.value == KL_GRADE.value:
         return private(f"KLPROB{label}"[:16], _clip(f"Probability of Kellgren-Lawrence grade {label}"))
     return private("P" + _digest(head, label, length=14), _clip(f"Probability of {label} ({head})"))
+
+
+def output_concept(head: str, label: str) -> Code:
+    """Concept naming a raw (identity-activation) head output, a NUM with unit UCUM 1."""
+    return private("V" + _digest(head, label, length=14), _clip(f"AI output {label} ({head})"))

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydicom.dataset import Dataset
 
-Activation = Literal["sigmoid", "softmax"]
+Activation = Literal["sigmoid", "softmax", "identity"]
 PRIORITIES = ("ROUTINE", "HIGH", "URGENT")
 
 
@@ -48,7 +48,10 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadOutput:
-    """One head's activated output on one image (binary sigmoid heads: one label and one probability)."""
+    """One head's activated output on one image (binary sigmoid heads: one label and one probability).
+
+    ``identity`` heads (engines allow them, e.g. a regression probe) report raw finite values, not probabilities.
+    """
 
     name: str
     labels: list[str]
@@ -56,12 +59,14 @@ class HeadOutput:
     activation: Activation
 
     def __post_init__(self) -> None:
-        if self.activation not in ("sigmoid", "softmax"):
-            raise ValueError(f"head {self.name!r}: activation must be sigmoid or softmax")
+        if self.activation not in ("sigmoid", "softmax", "identity"):
+            raise ValueError(f"head {self.name!r}: activation must be sigmoid, softmax or identity")
         if not self.labels or len(self.labels) != len(self.probabilities):
-            raise ValueError(f"head {self.name!r}: one probability per label is required")
+            raise ValueError(f"head {self.name!r}: one value per label is required")
         for p in self.probabilities:
-            if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            if not math.isfinite(p):
+                raise ValueError(f"head {self.name!r}: value {p!r} is not finite")
+            if self.activation != "identity" and not 0.0 <= p <= 1.0:
                 raise ValueError(f"head {self.name!r}: probability {p!r} outside [0, 1]")
 
     @property
@@ -104,6 +109,8 @@ class ImageResult:
             region = np.asarray(self.region)
             if region.ndim != 2 or region.shape[1] != 2 or region.shape[0] < 2:
                 raise ValueError("region must be an [N, 2] (column, row) array")
+            if not np.all(np.isfinite(region)):
+                raise ValueError("region coordinates must be finite")
         if self.frame_index < 0:
             raise ValueError("frame_index must be >= 0")
 

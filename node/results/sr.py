@@ -358,11 +358,9 @@ def _image_group(
         )
     evaluations = []
     for head in image.heads:
-        for label, probability in zip(head.labels, head.probabilities):
-            measurements.append(
-                Measurement(name=codes.probability_concept(head.name, label), value=float(probability),
-                            unit=codes.UNITS_ONE)
-            )
+        name_for = codes.output_concept if head.activation == "identity" else codes.probability_concept
+        for label, value in zip(head.labels, head.probabilities):
+            measurements.append(Measurement(name=name_for(head.name, label), value=float(value), unit=codes.UNITS_ONE))
         if head.activation == "softmax":
             evaluations.append(
                 QualitativeEvaluation(codes.head_concept(head.name), codes.class_value(head.name, head.top_label))

@@ -88,7 +88,8 @@ def two_images():
     second = dataclasses.replace(
         image_result(cr, score=0.0042, percentile=None),
         heads=[HeadOutput("fracture", ["fracture"], [0.03125], "sigmoid"),
-               HeadOutput("kl_grade", ["0", "1", "2", "3", "4"], [0.7, 0.1, 0.1, 0.05, 0.05], "softmax")],
+               HeadOutput("kl_grade", ["0", "1", "2", "3", "4"], [0.7, 0.1, 0.1, 0.05, 0.05], "softmax"),
+               HeadOutput("site_bone_age", ["years"], [12.25], "identity")],
     )
     return first, second
 
@@ -111,12 +112,34 @@ def test_measurements_equal_the_inputs(two_images):
             assert values.pop(key(codes.ABNORMALITY_PERCENTILE)) == image.percentile
         expected_codes = {}
         for head in image.heads:
+            name_for = codes.output_concept if head.activation == "identity" else codes.probability_concept
             for label, probability in zip(head.labels, head.probabilities):
-                assert values.pop(key(codes.probability_concept(head.name, label))) == probability
+                assert values.pop(key(name_for(head.name, label))) == probability
             if head.activation == "softmax":
                 expected_codes[key(codes.head_concept(head.name))] = key(codes.class_value(head.name, head.top_label))
         assert values == {}, "no measurement beyond the inputs"
         assert coded(group) == expected_codes
+
+
+def test_head_outputs_are_validated():
+    with pytest.raises(ValueError):
+        HeadOutput("fracture", ["fracture"], [1.5], "sigmoid")
+    with pytest.raises(ValueError):
+        HeadOutput("kl_grade", ["0", "1"], [0.5], "softmax")
+    with pytest.raises(ValueError):
+        HeadOutput("x", ["a"], [float("nan")], "identity")
+    assert HeadOutput("x", ["a"], [42.0], "identity").probabilities == [42.0]
+
+
+def test_derived_codes_are_stable_short_and_distinct():
+    first = codes.probability_concept("site_head", "label a")
+    assert first == codes.probability_concept("site_head", "label a")
+    assert first != codes.probability_concept("site_head", "label b")
+    assert first != codes.output_concept("site_head", "label a")
+    long_label = "x" * 200
+    for code in (codes.head_concept(long_label), codes.class_value(long_label, long_label),
+                 codes.probability_concept(long_label, long_label)):
+        assert len(code.value) <= 16 and len(code.meaning) <= 64 and code.scheme_designator == "99MSKNODE"
 
 
 def test_kl_grade_and_tumour_class_use_declared_codes(two_images):
