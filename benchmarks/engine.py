@@ -1,0 +1,147 @@
+"""Engine benchmark: our CPU error map against SKELEX's reference procedure, same machine, same run.
+
+ViT-L/16 shapes with random weights (throughput does not depend on the values). The reference is what
+``zero_shot_heatmap.py`` does per image: transformers ``ViTMAEForPreTraining``, one extra masked forward plus
+10 sequential masked forwards, each image alone. Ours: ``Encoder.error_map`` with all passes of several images
+in one batch, the patch projection once per image, fused qkv + SDPA, no extra pass.
+
+Both runs use the same masks (the reference gets each pass's noise), so the maps are compared directly
+(Pearson). Prints images/s for both and the ratio.
+
+    .venv/bin/python benchmarks/engine.py                  # defaults: 2 reference images, 4 of ours
+    .venv/bin/python benchmarks/engine.py --precision bf16 # also time the bf16 CPU path
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+
+def build_pair(seed: int = 0):
+    """A ViT-L/16 MAE with random weights, as transformers' reference and as our Encoder (same tensors)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from engines.encoder import Encoder
+    from engines.loaders import LoadedCheckpoint, build_model, hf_filter_fn
+    from engines.vit_mae import MAEConfig, sincos_pos_embed_2d
+
+    config = MAEConfig()
+    with torch.device("meta"):
+        hf = ViTMAEForPreTraining(ViTMAEConfig(**config.to_hf_dict()))
+    hf = hf.to_empty(device="cpu").eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.dim() == 1 and "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.05 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+        hf.vit.embeddings.position_embeddings.copy_(sincos_pos_embed_2d(config.hidden_size, config.grid_size))
+        hf.decoder.decoder_pos_embed.copy_(sincos_pos_embed_2d(config.decoder_hidden_size, config.grid_size))
+    state = {k: v.clone() for k, v in hf_filter_fn(hf.state_dict()).items()}
+    from pathlib import Path
+
+    model = build_model(LoadedCheckpoint("hf-vitmae", config, state, True, Path("benchmark")))
+    return hf, Encoder(model, name="vit-l-random")
+
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 1, 3)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 1, 3)
+
+
+@torch.inference_mode()
+def reference_map(hf, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """SKELEX compute_hotspot_map: one extra forward (x0), then one forward per pass, accumulated per pixel."""
+    hf(pixel_values=image[None])  # the reference's extra pass that only yields the display image
+    err = torch.zeros(1, 224, 224)
+    hits = torch.zeros(1, 224, 224)
+    for pass_noise in noise:
+        out = hf(pixel_values=image[None], noise=pass_noise[None])
+        rec = hf.unpatchify(out.logits).permute(0, 2, 3, 1)
+        mask = hf.unpatchify(out.mask.unsqueeze(-1).repeat(1, 1, 768)).permute(0, 2, 3, 1)
+        x = image[None].permute(0, 2, 3, 1)
+        delta = ((rec * STD + MEAN).clamp(0, 1) - (x * STD + MEAN).clamp(0, 1)) * mask
+        err += (delta**2).mean(dim=-1)
+        hits += mask[..., 0]
+    out_map = torch.zeros_like(err)
+    out_map[hits > 0] = err[hits > 0] / hits[hits > 0]
+    return out_map[0]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref-images", type=int, default=2, help="images run through the reference procedure")
+    parser.add_argument("--images", type=int, default=4, help="images run through ours (one batch)")
+    parser.add_argument("--passes", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from engines.backends.torch_backend import TorchBackend, cpu_supports_bf16
+    from engines.encoder import Encoder
+    from engines.errormap import noise_from_seed
+
+    print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, bf16 native: {cpu_supports_bf16()}")
+    hf, encoder = build_pair()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(max(args.images, args.ref_images), 3, 224, 224, generator=generator)
+    noise = noise_from_seed(0, args.passes, 196)
+
+    # warm-up both (first calls allocate)
+    with torch.inference_mode():
+        hf(pixel_values=images[:1], noise=noise[:1])
+    encoder.error_map(images[:1], noise=noise[:2])
+
+    start = time.perf_counter()
+    reference_maps = [reference_map(hf, images[i], noise) for i in range(args.ref_images)]
+    ref_seconds = time.perf_counter() - start
+    ref_ips = args.ref_images / ref_seconds
+
+    start = time.perf_counter()
+    ours_maps, _ = encoder.error_map(images[: args.images], noise=noise)
+    our_seconds = time.perf_counter() - start
+    our_ips = args.images / our_seconds
+
+    agreement = min(pearson(ours_maps[i], reference_maps[i]) for i in range(min(args.images, args.ref_images)))
+    max_diff = max(float((ours_maps[i] - reference_maps[i]).abs().max()) for i in range(min(args.images, args.ref_images)))
+    print(f"reference (transformers, 1 + {args.passes} sequential passes/image): {ref_ips:.3f} images/s "
+          f"({ref_seconds / args.ref_images:.2f} s/image, {args.ref_images} images)")
+    print(f"ours (cpu fp32, {args.passes} passes x {args.images} images in one batch): {our_ips:.3f} images/s "
+          f"({our_seconds / args.images:.2f} s/image)")
+    print(f"speed-up: {our_ips / ref_ips:.2f}x   map agreement: Pearson min {agreement:.6f}, max |diff| {max_diff:.2e}")
+    print(f"map statistics (ours, image 0): mean {ours_maps[0].mean():.4f}, std {ours_maps[0].std():.4f}, "
+          f"max {ours_maps[0].max():.4f}")
+
+    if args.precision == "bf16":
+        bf16 = Encoder(encoder.model, name="vit-l-bf16", backend=TorchBackend(encoder.model, "cpu", "bf16"))
+        bf16.error_map(images[:1], noise=noise[:2])
+        start = time.perf_counter()
+        bf16_maps, _ = bf16.error_map(images[: args.images], noise=noise)
+        bf16_seconds = time.perf_counter() - start
+        bf16_agreement = min(pearson(bf16_maps[i], ours_maps[i]) for i in range(args.images))
+        print(f"ours (cpu bf16): {args.images / bf16_seconds:.3f} images/s, Pearson vs fp32 {bf16_agreement:.4f}")
+
+
+if __name__ == "__main__":
+    main()
