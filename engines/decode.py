@@ -117,6 +117,17 @@ def transfer_syntax(ds: Dataset) -> UID:
     return UID(str(tsuid))
 
 
+#: Image Pixel attributes without which no decoder can run.
+REQUIRED_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation")
+
+
+def require_attributes(ds: Dataset) -> None:
+    """Raise a clear error for a missing or empty Image Pixel attribute (instead of a decoder's KeyError)."""
+    for keyword in REQUIRED_ATTRIBUTES:
+        if ds.get(keyword) in (None, ""):
+            raise PreprocessError(f"missing {keyword}")
+
+
 def number_of_frames(ds: Dataset) -> int:
     """NumberOfFrames, defaulting to 1 when absent or empty."""
     value = getattr(ds, "NumberOfFrames", None)
@@ -301,6 +312,7 @@ def decode_frame(
         raise PreprocessError(f"unsupported transfer syntax {tsuid}")
     if "PixelData" not in ds:
         raise PreprocessError("dataset has no PixelData (float or double pixel data is not supported)")
+    require_attributes(ds)
     frames = number_of_frames(ds)
     if not 0 <= index < frames:
         raise PreprocessError(f"frame {index} out of range (dataset has {frames})")

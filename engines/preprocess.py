@@ -29,6 +29,7 @@ from engines.decode import (
     PreprocessError,
     decode_frame,
     number_of_frames,
+    require_attributes,
 )
 from engines.geometry import MODEL_SIZE, SourceGeometry
 
@@ -204,9 +205,7 @@ def preprocess(
     """
     if voi not in ("auto", "window", "lut", "none"):
         raise ValueError(f"voi must be auto, window, lut or none, not {voi!r}")
-    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation"):
-        if dataset.get(keyword) is None:
-            raise PreprocessError(f"missing {keyword}")
+    require_attributes(dataset)
     frames = number_of_frames(dataset)
     tensors: list[torch.Tensor] = []
     display: list[np.ndarray] = []

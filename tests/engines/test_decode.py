@@ -182,6 +182,10 @@ def test_unsupported_syntax_and_missing_pixels_raise() -> None:
     del ds.PixelData
     with pytest.raises(PreprocessError, match="PixelData"):
         preprocess(ds)
+    ds = make_dataset(synthetic_radiograph(64, 64))
+    del ds.BitsStored
+    with pytest.raises(PreprocessError, match="BitsStored"):
+        decode_frame(ds, 0)
 
 
 @pytest.mark.parametrize(
