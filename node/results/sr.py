@@ -213,7 +213,9 @@ def _digest(study: StudyResult, series_number: int, previous: Dataset | None, ki
                 "sha256": im.source_sha256,
                 "score": repr(float(im.score)),
                 "percentile": None if im.percentile is None else repr(float(im.percentile)),
-                "heads": [[h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation] for h in im.heads],
+                "heads": [
+                    [h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation] for h in im.heads
+                ],
                 "region": None if im.region is None else np.asarray(im.region, dtype=np.float64).tolist(),
             }
             for im in sorted_images(study.images)

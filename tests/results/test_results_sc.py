@@ -92,7 +92,8 @@ def test_header_references_the_radiograph_and_copies_patient_and_study():
     assert sc.BurnedInAnnotation == "NO"
     assert (sc.Laterality, sc.BodyPartExamined, list(sc.PatientOrientation)) == ("L", "KNEE", ["A", "F"])
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-    air = [e for e in sc.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
+    air = [e for e in sc.ContributingEquipmentSequence
+           if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"]
     assert len(air) == 1 and air[0].SoftwareVersions == study.model.version
 
 

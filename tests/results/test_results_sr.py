@@ -21,7 +21,6 @@ from tests.results.sources import (
     XA,
     STUDY_UID,
     image_result,
-    model_info,
     source_header,
     study_result,
 )
@@ -70,7 +69,8 @@ def numbers(group: Dataset) -> dict[tuple[str, str], float]:
 
 def coded(group: Dataset) -> dict[tuple[str, str], tuple[str, str]]:
     return {
-        concept(item): (str(item.ConceptCodeSequence[0].CodingSchemeDesignator), str(item.ConceptCodeSequence[0].CodeValue))
+        concept(item): (str(item.ConceptCodeSequence[0].CodingSchemeDesignator),
+                        str(item.ConceptCodeSequence[0].CodeValue))
         for item in group.ContentSequence
         if item.ValueType == "CODE" and item.RelationshipType == "CONTAINS"
     }
@@ -250,8 +250,9 @@ def test_image_library_lists_the_analysed_images_with_their_frames():
 def test_not_analysed_sr_says_why_per_image_and_has_no_measurements():
     mr = source_header(5, sop_class=MR, modality="MR")
     cr = source_header(6, sop_class=CR, modality="CR")
-    reasons = {str(mr.SOPInstanceUID): "modality MR not eligible", str(cr.SOPInstanceUID): "body part CHEST not eligible"}
-    study = study_result([], not_analysed=[(mr, reasons[str(mr.SOPInstanceUID)]), (cr, reasons[str(cr.SOPInstanceUID)])])
+    reasons = {str(mr.SOPInstanceUID): "modality MR not eligible",
+               str(cr.SOPInstanceUID): "body part CHEST not eligible"}
+    study = study_result([], not_analysed=[(ds, reasons[str(ds.SOPInstanceUID)]) for ds in (mr, cr)])
     sr = decode(encode(build_not_analysed_sr(study, 9000)))
     assert sr.SeriesDescription.startswith("AI NOT ANALYSED")
     assert not children(sr, "DCM", "126010"), "no Imaging Measurements container"
