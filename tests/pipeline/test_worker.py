@@ -1,0 +1,148 @@
+"""The worker on the real database and spool with a tiny random model: per-image outcomes, valid SR/SC,
+deterministic objects on retry, an unreadable image failing alone, and a not-analysed study."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from sqlalchemy import select
+
+from node.settings import parse_settings
+from node.worker import Worker
+from storage import completion
+from storage.db import Database
+from storage.index import Index, InstanceRecord
+from storage.migrate import upgrade
+from storage.models import ImageResult, Job, OutboxItem, Study
+from storage.queue import JobQueue
+from storage.spool import Spool
+from storage.worklist import Worklist
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    import engines
+    from engines.loaders import save_hf_vitmae
+    from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
+
+    torch.manual_seed(0)
+    config = MAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                       decoder_intermediate_size=64)
+    folder = save_hf_vitmae(MaskedAutoencoderViT(config), tmp_path_factory.mktemp("model") / "tiny")
+    return engines.load(folder, backend="cpu")
+
+
+@pytest.fixture()
+def env(tmp_path: Path, tiny_encoder):
+    url = f"sqlite:///{tmp_path}/w.db"
+    upgrade(url)
+    database = Database(url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    settings = parse_settings({
+        "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
+        "engine": {"batch_size": 4, "passes": 4},
+        "results": {"report_not_analysed": True},
+    })
+    worker = Worker(settings, JobQueue(database), Worklist(database), spool, tiny_encoder, owner="test-worker")
+    yield database, spool, worker, settings, tmp_path
+    database.dispose()
+
+
+def receive(database: Database, spool: Spool, dataset: pydicom.Dataset, tmp: Path, association: str) -> None:
+    path = tmp / "in.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    staged = spool.incoming / "rx.dcm"
+    shutil.copyfile(path, staged)
+    stored = spool.commit_file(staged, dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+    Index(database).index_instance(InstanceRecord(
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID, dataset.SOPClassUID,
+        dataset.file_meta.TransferSyntaxUID, dataset.get("AccessionNumber"), None, dataset.Modality,
+        dataset.get("BodyPartExamined"), None, None, stored.relative_path, stored.size, stored.sha256, "PACS",
+        association))
+
+
+def complete_all(database: Database) -> None:
+    completion.tick(database, JobQueue(database), lambda _ae: 0, force_complete_seconds=0)
+
+
+def phantom_datasets(study_key: str, count: int, **kwargs) -> list[pydicom.Dataset]:
+    from engines import phantoms
+
+    return [
+        phantoms.to_dataset(phantoms.generate("hand", seed=i), patient_index=3, study_key=study_key,
+                            instance_number=i + 1, **kwargs)
+        for i in range(count)
+    ]
+
+
+def test_study_is_analysed_with_valid_results_and_a_corrupt_image_fails_alone(env) -> None:
+    database, spool, worker, _, tmp = env
+    association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    datasets = phantom_datasets("w1", 3)
+    datasets[2].PixelData = datasets[2].PixelData[:100]  # truncated pixel data: decode must fail
+    for ds in datasets:
+        receive(database, spool, ds, tmp, association)
+    complete_all(database)
+    assert worker.run_once() == 1
+    with database.session() as session:
+        results = session.scalars(select(ImageResult)).all()
+        states = sorted(r.state for r in results)
+        outbox = session.scalars(select(OutboxItem)).all()
+        study = session.scalar(select(Study))
+    assert states == ["analysed", "analysed", "failed"]
+    assert study.status == "done"
+    kinds = sorted(item.kind for item in outbox)
+    assert kinds == ["SC", "SC", "SR"] and {item.destination for item in outbox} == {"pacs"}
+    sr = pydicom.dcmread(spool.absolute(next(i.path for i in outbox if i.kind == "SR")))
+    assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID
+    assert sr.SeriesDescription.startswith("AI")
+    if shutil.which("dciodvfy"):
+        for item in outbox:
+            report = subprocess.run(["dciodvfy", "-new", str(spool.absolute(item.path))], capture_output=True, text=True)
+            errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+            assert errors == [], errors
+
+
+def test_retry_rebuilds_identical_objects(env) -> None:
+    database, spool, worker, _, tmp = env
+    association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    for ds in phantom_datasets("w2", 2):
+        receive(database, spool, ds, tmp, association)
+    complete_all(database)
+    worker.run_once()
+    with database.session() as session:
+        first = {item.sop_instance_uid: spool.absolute(item.path).read_bytes() for item in session.scalars(select(OutboxItem))}
+        job = session.scalar(select(Job))
+        job.state, job.lease_owner = "queued", None  # as if the worker had died before finishing
+        session.query(OutboxItem).delete()
+        session.query(ImageResult).delete()
+    worker.run_once()
+    with database.session() as session:
+        second = {item.sop_instance_uid: spool.absolute(item.path).read_bytes() for item in session.scalars(select(OutboxItem))}
+    assert first.keys() == second.keys()
+    assert first == second
+
+
+def test_study_with_nothing_eligible_gets_a_not_analysed_sr_with_reasons(env) -> None:
+    database, spool, worker, _, tmp = env
+    association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    for ds in phantom_datasets("w3", 1):
+        ds.BodyPartExamined = "CHEST"
+        receive(database, spool, ds, tmp, association)
+    complete_all(database)
+    worker.run_once()
+    with database.session() as session:
+        study = session.scalar(select(Study))
+        [result] = session.scalars(select(ImageResult)).all()
+        [item] = session.scalars(select(OutboxItem)).all()
+    assert study.status == "not_analysed" and "CHEST" in study.status_reason
+    assert result.state == "ineligible" and result.reason == "body part CHEST not musculoskeletal"
+    assert item.kind == "SR"
+    summary = Index(database).studies_summary()[0]
+    assert summary["status"] == "not_analysed" and summary["images"][0]["reason"] == result.reason
