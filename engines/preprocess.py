@@ -16,6 +16,8 @@ Order (policy and reasons in ``docs/preprocessing.md``):
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -235,3 +237,19 @@ def preprocess(
     )
     logger.debug("preprocessed %d frame(s), decoded at %s of %s", frames, decoded_shape, (geometry.rows, geometry.columns))
     return Preprocessed(torch.stack(tensors), geometry, display)
+
+
+class _CallableModule(types.ModuleType):
+    """Forward calls on this module to :func:`preprocess`.
+
+    The agreed API names both this submodule and its main function ``engines.preprocess``. Once anything
+    imports the submodule (``from engines.preprocess import PreprocessError``), Python binds the package
+    attribute ``engines.preprocess`` to the module, which would shadow the lazily exported function;
+    making the module callable keeps ``engines.preprocess(dataset)`` working either way.
+    """
+
+    def __call__(self, dataset: Dataset, **options: object) -> Preprocessed:
+        return preprocess(dataset, **options)  # type: ignore[arg-type]
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -207,3 +207,13 @@ def test_missing_attribute_raises_preprocess_error() -> None:
     del ds.BitsAllocated
     with pytest.raises(PreprocessError, match="BitsAllocated"):
         preprocess(ds)
+
+
+def test_engines_preprocess_is_callable_even_after_the_submodule_is_imported() -> None:
+    import engines
+    import engines.preprocess as module  # binds engines.preprocess to the module object
+
+    ds = make_dataset(synthetic_radiograph(128, 128, seed=21))
+    expected = preprocess(ds).tensor
+    assert torch.equal(engines.preprocess(ds).tensor, expected)
+    assert torch.equal(module(ds, voi="none").tensor, expected)
