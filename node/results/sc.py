@@ -19,9 +19,11 @@ from node.results.uids import analysed_input_set, content_digest, instance_uid, 
 _PLACEHOLDER_ORIENTATION = ("A", "F")
 
 
-def sc_series_uid(study: StudyResult) -> str:
-    """One SC series per (study, model, analysed input set): changed inputs give a new series."""
-    return series_uid("sc", study.study_instance_uid, study.model, analysed_input_set(study))
+def sc_series_uid(study: StudyResult, series_number: int) -> str:
+    """One SC series per (study, model, analysed input set, number, description): changed inputs give a new one."""
+    description = series_description("sc", study.priority, study.model)
+    return series_uid("sc", study.study_instance_uid, study.model, analysed_input_set(study), series_number,
+                      description)
 
 
 def build_sc(
@@ -38,7 +40,7 @@ def build_sc(
     source = normalised(image.source)
     pixels, _ = render_error_map(image.display, image.error_map, study.model.name, study.model.version)
 
-    series = sc_series_uid(study)
+    series = sc_series_uid(study, series_number)
     digest = content_digest(
         {
             "source": str(source.SOPInstanceUID),

@@ -118,7 +118,8 @@ def _build(
     previous_ref = _previous_reference(previous)
 
     inputs = analysed_input_set(study) if kind == "sr" else not_analysed_input_set(study)
-    series = series_uid(kind, study.study_instance_uid, study.model, inputs)
+    series = series_uid(kind, study.study_instance_uid, study.model, inputs, series_number,
+                        series_description(kind, study.priority, study.model))
     sop = instance_uid(kind, series, _digest(study, series_number, previous_ref, kind))
 
     root = ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")

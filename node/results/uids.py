@@ -4,9 +4,10 @@ Rule (documented in docs/results.md):
 
 * input set = the sorted ``(SOPInstanceUID, frame, stored-instance sha256)`` of the analysed frames
   (plus the not-analysed instances for the not-analysed SR);
-* **series UIDs** (one SR series, one SC series) = f(kind, study UID, model identity, input set). A retry or
-  restart therefore reuses the series; a re-processed study whose inputs changed (an image added, replaced
-  or removed) or a new model gets a new series, deterministically;
+* **series UIDs** (one SR series, one SC series) = f(kind, study UID, model identity, input set, series
+  number, series description). A retry or restart therefore reuses the series; a re-processed study whose
+  inputs changed (an image added, replaced or removed), a new model or a changed priority gets a new
+  series, deterministically;
 * **SOP Instance UIDs** = f(kind, series UID, digest of the object's content). Identical content gives the same
   UID (a retry rebuilds byte-identical objects); different content never reuses a UID (DICOM requires it).
 
@@ -58,9 +59,13 @@ def not_analysed_input_set(study: StudyResult) -> str:
     return input_set(f"{source.SOPInstanceUID}#-#{reason}" for source, reason in study.not_analysed)
 
 
-def series_uid(kind: str, study_uid: str, model: ModelInfo, inputs: str) -> str:
-    """Series UID for ``kind`` ('sr', 'sr-not-analysed', 'sc') of one study analysed by one model on one input set."""
-    return derive_uid("series", kind, study_uid, model.identity, inputs)
+def series_uid(kind: str, study_uid: str, model: ModelInfo, inputs: str, series_number: int, description: str) -> str:
+    """Series UID for ``kind`` ('sr', 'sr-not-analysed', 'sc') of one study analysed by one model on one input set.
+
+    The series-level attributes we write (number, description with the priority) are part of the identity, so
+    one series never mixes instances that disagree about them (e.g. after the triage thresholds changed).
+    """
+    return derive_uid("series", kind, study_uid, model.identity, inputs, str(series_number), description)
 
 
 def instance_uid(kind: str, series: str, digest: str) -> str:

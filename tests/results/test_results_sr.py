@@ -305,6 +305,8 @@ def test_uids_follow_the_documented_rule(two_images):
     assert replaced_sr.SeriesInstanceUID != base.SeriesInstanceUID
     other_model = decode(encode(build_sr(study_result(list(two_images), version="0.2.0"), 9000)))
     assert other_model.SeriesInstanceUID != base.SeriesInstanceUID
+    other_priority = decode(encode(build_sr(study_result(list(two_images), priority="URGENT"), 9000)))
+    assert other_priority.SeriesInstanceUID != base.SeriesInstanceUID
     for ds in (base, same_inputs, fewer_inputs, other_model):
         assert ds.SOPInstanceUID.startswith("2.25.") and ds.SeriesInstanceUID.startswith("2.25.")
     assert base.InstanceCreationDate == "20261122" and base.ContentTime.startswith("103015")
