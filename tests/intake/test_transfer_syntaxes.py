@@ -129,8 +129,13 @@ def test_deflated_stream_is_kept_as_received(matrix_node: NodeProcess, tmp_path:
     assert comparable_dataset_bytes(stored) == comparable_dataset_bytes(source)
 
 
-def test_htj2k_sent_by_pynetdicom_is_stored_byte_identical(matrix_node: NodeProcess, tmp_path: Path) -> None:
+def test_htj2k_sent_by_pynetdicom_is_stored_byte_identical(
+    matrix_node: NodeProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     require_tool("ojph_compress")
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes, not a re-encoding
     from tests.engines.dicom_fixtures import encode
 
     uncompressed = small_instance(rows=64, columns=64, seed=7)
@@ -144,7 +149,7 @@ def test_htj2k_sent_by_pynetdicom_is_stored_byte_identical(matrix_node: NodeProc
     assoc = ae.associate("127.0.0.1", matrix_node.port, ae_title=NODE_AE)
     assert assoc.is_established
     try:
-        status = assoc.send_c_store(source)  # a path: pynetdicom sends the file's dataset bytes unchanged
+        status = assoc.send_c_store(source)
     finally:
         assoc.release()
     assert status.Status == 0x0000
