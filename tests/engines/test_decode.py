@@ -112,15 +112,19 @@ def test_reduced_resolution_decode_and_geometry(key: str, tmp_path: Path) -> Non
     assert decode_frame(ds, 0, display_size=600).reduce_level == 0  # 500 < 600: no reduction
     assert decode_frame(ds, 0, display_size=500).reduce_level == 1
 
-    result = preprocess(ds, display_size=None)
+    result = preprocess(ds, display_size=None, min_decoded_side=224)
     geometry = result.geometry
     assert (geometry.rows, geometry.columns) == (1000, 950)  # the header's size, not the decoded one
     assert (geometry.decoded_rows, geometry.decoded_columns) == (250, 238)
     assert result.display[0].shape == (250, 238)
+    default = preprocess(ds, display_size=None).geometry  # keeps both sides >= 448 for the model path
+    assert (default.decoded_rows, default.decoded_columns) == (500, 475)
     full = preprocess(ds, display_size=None, reduced_decode=False)
     assert (full.geometry.decoded_rows, full.geometry.decoded_columns) == (1000, 950)
     # Same picture: the model inputs agree closely (min-max over a low-passed image shifts them a little).
     assert float((full.tensor - result.tensor).abs().mean()) < 0.1
+    closer = preprocess(ds, display_size=None)
+    assert float((full.tensor - closer.tensor).abs().mean()) < float((full.tensor - result.tensor).abs().mean())
 
 
 def test_reduced_decode_of_signed_data(tmp_path: Path) -> None:
@@ -158,7 +162,7 @@ def test_corrupt_j2k_raises_also_on_the_reduced_path(tmp_path: Path) -> None:
     fragment[200:] = b"\xff" * (len(fragment) - 200)
     ds.PixelData = encapsulate([bytes(fragment)])
     with pytest.raises(PreprocessError):
-        preprocess(ds, display_size=None)
+        preprocess(ds, display_size=None, min_decoded_side=224)  # would decode at 256 x 256
 
 
 def test_garbage_fragment_and_truncated_native_data_raise() -> None:
