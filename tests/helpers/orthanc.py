@@ -84,18 +84,16 @@ class Orthanc:
                 self.process.kill()
 
     # -- REST --------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None) -> Any:
+    def _request(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None,
+                 raw: bool = False) -> Any:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if content_type:
             request.add_header("Content-Type", content_type)
         with urllib.request.urlopen(request, timeout=120) as response:
             body = response.read()
-        if not body:
-            return None
-        try:
-            return json.loads(body)
-        except json.JSONDecodeError:
+        if raw:
             return body
+        return json.loads(body) if body else None
 
     def get(self, path: str) -> Any:
         return self._request("GET", path)
@@ -116,4 +114,4 @@ class Orthanc:
         return self.get(f"/studies/{study_id}/series?expand")
 
     def instance_file(self, instance_id: str) -> bytes:
-        return self._request("GET", f"/instances/{instance_id}/file")
+        return self._request("GET", f"/instances/{instance_id}/file", raw=True)
