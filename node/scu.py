@@ -30,6 +30,15 @@ def set_tcp_nodelay(assoc) -> None:  # type: ignore[no-untyped-def]
         pass
 
 
+def _connect_error(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to the peer fails (e.g. "Connection refused"), or None if it connects."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
 def echo(calling_ae_title: str, peer: PeerSettings, timeout: float = 10.0) -> EchoResult:
     """Associate, C-ECHO and release; the round trip covers the whole exchange."""
     ae = AE(ae_title=calling_ae_title)
@@ -45,6 +54,9 @@ def echo(calling_ae_title: str, peer: PeerSettings, timeout: float = 10.0) -> Ec
         if assoc.is_rejected:
             primitive = assoc.acceptor.primitive
             reason = f"association rejected (result {primitive.result}, source {primitive.result_source}, reason {primitive.diagnostic})" if primitive else "association rejected"
+        elif (unreachable := _connect_error(peer.host, peer.port, timeout)) is not None:
+            # pynetdicom reports a refused or timed-out connection as an abort too: tell them apart.
+            reason = f"no association (peer down or unreachable: {unreachable})"
         elif assoc.is_aborted:
             reason = "association aborted by the peer"
         else:
