@@ -217,3 +217,16 @@ def test_engines_preprocess_is_callable_even_after_the_submodule_is_imported() -
     expected = preprocess(ds).tensor
     assert torch.equal(engines.preprocess(ds).tensor, expected)
     assert torch.equal(module(ds, voi="none").tensor, expected)
+
+
+def test_modality_lut_sequence_is_applied() -> None:
+    pixels = synthetic_radiograph(200, 180, seed=22)
+    table = ((np.arange(4096) / 4095.0) ** 2 * 65535).astype(np.uint16)  # non-linear, unlike a rescale
+    item = _voi_lut_item(table, 0, 16)
+    item.ModalityLUTType = "US"
+    ds = make_dataset(pixels)
+    ds.ModalityLUTSequence = [item]
+    expected = to_uint8_minmax(table[pixels].astype(np.float64))
+    display = preprocess(ds, voi="none").display[0]
+    assert np.abs(display.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(display.astype(int) - to_uint8_minmax(pixels).astype(int)).max() > 20
