@@ -25,6 +25,7 @@ import pydicom
 from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.faults import fault_point
 from node.scu import set_tcp_nodelay
 from node.settings import PeerSettings, SenderSettings
 from storage.outbox import Delivery, Outbox
@@ -175,6 +176,7 @@ class Sender:
                 except (OSError, pydicom.errors.InvalidDicomError) as exc:
                     self.outbox.dead_letter(item.id, self.owner, "local", f"result file unreadable: {exc}")
                     continue
+                fault_point("sender.before_send")
                 status = assoc.send_c_store(dataset)
                 if status is None or "Status" not in status:
                     self._give_up_or_retry(item, "no-response", "no C-STORE response (timeout or abort)")

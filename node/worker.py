@@ -26,6 +26,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from node.eligibility import ineligibility_reason
+from node.faults import fault_point
 from node.settings import PRIORITIES, Settings
 from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
 from storage.spool import Spool
@@ -235,6 +236,7 @@ class Worker:
             log.exception("job %d: building results failed", job.id)
             state, reason, outbox = "failed", f"building results failed: {type(exc).__name__}: {exc}", []
             outcomes = work.outcomes
+        fault_point("worker.before_finish")
         if not self.queue.finish(job.id, self.owner, state, outcomes, outbox, reason=reason):
             log.warning("job %d finished after losing its lease; results dropped", job.id)
             return
