@@ -169,18 +169,51 @@ def evaluate(encoder, eval_seeds: int, out: Path, passes: int = 10, seed: int = 
     return reports
 
 
+def markdown(report: dict) -> str:
+    """The report's figures as the Markdown tables used in docs/benchmarks.md and models/README.md."""
+    pre = report["pretrain"]
+    lines = [
+        f"Pre-training: {pre['steps']} steps x {pre['batch_size']} images ({pre['steps'] * pre['batch_size']} samples from a pool of "
+        f"{report['pool']} normal phantoms), {pre['seconds'] / 60:.1f} min on {report['threads']} threads; "
+        f"loss {pre['first_loss']:.3f} (first 5 %) -> {pre['final_loss']:.3f} (last 5 %).",
+        "",
+        "| finding | n | pointing game (dilation 0 / **8** / 16 px) | pixel AUROC | score AUROC vs normal twin |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for finding in ("lytic", "sclerotic", "fracture"):
+        r = report["evaluation"][finding]
+        pg = r["pointing_game"]
+        lines.append(
+            f"| {finding} | {r['count']} | {pg['0']:.2f} / **{pg['8']:.2f}** / {pg['16']:.2f} | {r['pixel_auroc']:.3f} | {r['score_auroc']:.3f} |"
+        )
+    lines += ["", "| finding | " + " | ".join(f"pointing game @8, {k}" for k in KINDS) + " |", "| --- |" + " --- |" * len(KINDS)]
+    for finding in ("lytic", "sclerotic", "fracture"):
+        per = report["evaluation"][finding]["per_kind"]
+        lines.append(f"| {finding} | " + " | ".join(f"{per[k]['pointing_game@8']:.2f} (n={per[k]['count']})" if k in per else "-" for k in KINDS) + " |")
+    lines += ["", "| head | held-out n | AUROC | accuracy | other |", "| --- | --- | --- | --- | --- |"]
+    for name, m in report["heads"].items():
+        au = m.get("auroc", m.get("auroc_macro_ovr"))
+        other = f"mean abs. grade error {m['mean_abs_error']:.2f}" if name == "narrowing" else ("macro one-vs-rest AUROC" if "auroc_macro_ovr" in m else "")
+        lines.append(f"| {name} | {m['test']} | {au:.3f} | {m['accuracy']:.3f} | {other} |")
+    cal = report["evaluation"]["calibration"]
+    lines += ["", f"Calibration (normal twins, n={cal['n']}): median score {cal['p50']:.5f}, p95 {cal['p95']:.5f}, p99 {cal['p99']:.5f}."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-mae")
-    parser.add_argument("--pool", type=int, default=2400, help="normal phantoms for pre-training")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--pool", type=int, default=1800, help="normal phantoms for pre-training")
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--head-images", type=int, default=1800)
-    parser.add_argument("--eval-seeds", type=int, default=50, help="held-out seeds per kind and finding")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--head-images", type=int, default=1200)
+    parser.add_argument("--eval-seeds", type=int, default=30, help="held-out seeds per kind and finding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of an existing report and stop")
+    parser.add_argument("--pool-cache", type=Path, default=None, help="reuse / store the pre-training pool (.npz)")
     parser.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -190,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     report_path = out / "training_report.json"
     report: dict[str, object] = json.loads(report_path.read_text()) if (args.eval_only and report_path.is_file()) else {}
 
+    if args.markdown:
+        print(markdown(json.loads(report_path.read_text())))
+        return 0
     if args.quick:
         args.pool, args.steps, args.batch_size, args.head_images, args.eval_seeds = 24, 3, 8, 48, 2
 
@@ -199,9 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.eval_only:
         config = TINY_CONFIG if args.quick else DEMO_CONFIG
         t0 = time.perf_counter()
-        pool = build_pool(args.pool)
+        cache = args.pool_cache
+        if cache is not None and cache.is_file() and np.load(cache)["images"].shape[0] == args.pool:
+            pool = torch.from_numpy(np.load(cache)["images"])
+        else:
+            pool = build_pool(args.pool)
+            if cache is not None:
+                np.savez(cache, images=pool.numpy())
         pool_seconds = time.perf_counter() - t0
-        print(f"pool: {args.pool} phantoms in {pool_seconds:.0f} s")
+        print(f"pool: {args.pool} phantoms in {pool_seconds:.0f} s", flush=True)
         torch.manual_seed(args.seed)
         model = MaskedAutoencoderViT(config)
         settings = PretrainSettings(
@@ -212,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
 
             def tick(step: int, loss: float) -> None:
                 bar.update(task, advance=1, info=f"loss {loss:.4f}")
+                if not bar.console.is_terminal and step % 25 == 0:
+                    print(f"step {step} loss {loss:.4f} {time.perf_counter() - t_train:.0f} s", flush=True)
+
+            t_train = time.perf_counter()
 
             result = pretrain_mae(model, pool, settings, progress=tick)
         print(f"pre-training: {result.steps} steps x {settings.batch_size} in {result.seconds:.0f} s, final loss {result.final_loss:.4f}")
@@ -249,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     size = (out / "model.safetensors").stat().st_size
     print(f"model.safetensors: {size / 1e6:.1f} MB; report: {report_path}")
+    print(markdown(report))
     return 0
 
 
