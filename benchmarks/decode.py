@@ -2,9 +2,9 @@
 
 For each syntax: stream size, full-size decode time with every installed pydicom plugin, reduced-
 resolution decode (JPEG 2000 / HTJ2K) at the level the model path needs (both sides >= 448, the
-default, or >= 224, the fastest) and at the level a 1024-px overlay needs, and the whole ``preprocess`` per image (default display 2048, and no display). Also the
-resize choice (PIL bilinear vs torch antialiased interpolate) and how far a reduced decode moves the model
-input. Medians of ``--repeat`` runs, single-threaded Python process.
+default, or >= 224, the fastest) and at the level a 1024-px overlay needs, and the whole ``preprocess``
+per image (default display 2048, and no display). Also the resize choice (PIL bilinear vs torch
+antialiased interpolate) and how far a reduced decode moves the model input. Medians of ``--repeat`` runs, single-threaded Python process.
 
     .venv/bin/python benchmarks/decode.py [--repeat 3] [--markdown] [--only j2k_lossless,rle]
 
@@ -35,7 +35,13 @@ from engines.decode import (  # noqa: E402
     parse_j2k_header,
 )
 from engines.preprocess import preprocess  # noqa: E402
-from tests.engines.dicom_fixtures import SYNTAXES, encode, make_dataset, missing_tool, synthetic_radiograph  # noqa: E402
+from tests.engines.dicom_fixtures import (  # noqa: E402
+    SYNTAXES,
+    encode,
+    make_dataset,
+    missing_tool,
+    synthetic_radiograph,
+)
 
 ROWS, COLUMNS = 2500, 2048
 
@@ -84,7 +90,8 @@ def bench_syntax(key: str, original: np.ndarray, work: Path, repeat: int) -> dic
             print(f"  {key}: plugin {plugin} failed: {exc}", file=sys.stderr)
     row: dict[str, object] = {"key": key, "uid": str(ds.file_meta.TransferSyntaxUID), "bits": bits, "mb": size / 1e6,
                               "ratio": pixels.size * (2 if bits > 8 else 1) / size, "plugins": per_plugin,
-                              "chosen": " > ".join(PREFERRED_PLUGINS.get(str(ds.file_meta.TransferSyntaxUID), ("pydicom",)))}
+                              "chosen": " > ".join(PREFERRED_PLUGINS.get(str(ds.file_meta.TransferSyntaxUID),
+                                                                         ("pydicom",)))}
     if str(ds.file_meta.TransferSyntaxUID) in WAVELET_SYNTAXES:
         header = parse_j2k_header(frame_fragment(ds, 0))
         cases = (("model448", 448, None), ("model224", 224, None), ("d1024", 448, 1024))
@@ -113,7 +120,9 @@ def bench_resize(original: np.ndarray, repeat: int) -> dict[str, float]:
     from engines.preprocess import to_uint8_minmax
 
     image8 = to_uint8_minmax(original)
-    pil = lambda: np.asarray(Image.fromarray(image8).resize((224, 224), resample=Image.Resampling.BILINEAR))  # noqa: E731
+    pil = lambda: np.asarray(  # noqa: E731
+        Image.fromarray(image8).resize((224, 224), resample=Image.Resampling.BILINEAR)
+    )
     tensor = torch.from_numpy(image8.astype(np.float32))[None, None]
     torch_resize = lambda: torch.nn.functional.interpolate(  # noqa: E731
         tensor, size=(224, 224), mode="bilinear", antialias=True, align_corners=False

@@ -146,7 +146,11 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
     for keyword in ("BitsStored", "PixelRepresentation", "PhotometricInterpretation", "BitsAllocated"):
         if keyword in ds:
             setattr(view, keyword, ds[keyword].value)
-    groups = [g for g in (shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None) if g]
+    groups = []
+    if shared:
+        groups.append(shared[0])
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
     for group in groups:  # per-frame after shared, so it wins
         for sequence in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
             if sequence in group and len(group[sequence].value):
@@ -246,7 +250,9 @@ def preprocess(
         decoded_rows=decoded_shape[0],
         decoded_columns=decoded_shape[1],
     )
-    logger.debug("preprocessed %d frame(s), decoded at %s of %s", frames, decoded_shape, (geometry.rows, geometry.columns))
+    logger.debug(
+        "preprocessed %d frame(s), decoded at %s of %s", frames, decoded_shape, (geometry.rows, geometry.columns)
+    )
     return Preprocessed(torch.stack(tensors), geometry, display)
 
 
