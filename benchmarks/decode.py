@@ -4,7 +4,8 @@ For each syntax: stream size, full-size decode time with every installed pydicom
 resolution decode (JPEG 2000 / HTJ2K) at the level the model path needs (both sides >= 448, the
 default, or >= 224, the fastest) and at the level a 1024-px overlay needs, and the whole ``preprocess``
 per image (default display 2048, and no display). Also the resize choice (PIL bilinear vs torch
-antialiased interpolate) and how far a reduced decode moves the model input. Medians of ``--repeat`` runs, single-threaded Python process.
+antialiased interpolate) and how far a reduced decode moves the model input. Medians of ``--repeat``
+runs, single-threaded Python process.
 
     .venv/bin/python benchmarks/decode.py [--repeat 3] [--markdown] [--only j2k_lossless,rle]
 
