@@ -13,6 +13,7 @@ from pydicom.encaps import encapsulate, get_frame
 
 from engines.decode import (
     PreprocessError,
+    check_end_marker,
     choose_reduce_level,
     decode_frame,
     frame_fragment,
@@ -154,6 +155,16 @@ def test_truncated_stream_raises_preprocess_error(key: str, tmp_path: Path) -> N
     with pytest.raises(PreprocessError) as info:
         preprocess(broken, display_size=None, reduced_decode=False)
     assert info.value.reason
+
+
+def test_end_marker_check_allows_padding_and_catches_truncation(tmp_path: Path) -> None:
+    ds = encode(make_dataset(synthetic_radiograph(256, 240)), "j2k_lossless", tmp_path)
+    codestream = get_frame(ds.PixelData, 0, number_of_frames=1)
+    for padded in (codestream, codestream + b"\x00", codestream + b"\xff" * 3):
+        check_end_marker(padded, "JPEG 2000")
+    for broken in (codestream[:-2], codestream[: len(codestream) // 2]):
+        with pytest.raises(PreprocessError, match="end marker"):
+            check_end_marker(broken, "JPEG 2000")
 
 
 def test_corrupt_j2k_raises_also_on_the_reduced_path(tmp_path: Path) -> None:
