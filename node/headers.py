@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -60,18 +61,35 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def _check_no_short_values(ds: pydicom.Dataset) -> None:
+    """Refuse an element whose declared length runs past the end of the data.
+
+    pydicom reads such a value short without complaint, so a corrupt length can swallow the rest of the
+    dataset (UIDs, image attributes, pixel data) and still parse. Must run before elements are converted.
+    """
+    for raw in ds._dict.values():
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and isinstance(raw.value, bytes):
+            if len(raw.value) != raw.length:
+                raise HeaderError(
+                    f"truncated dataset: element {raw.tag} declares {raw.length} bytes, {len(raw.value)} present"
+                )
+
+
 def read_header(path: Path) -> HeaderInfo:
     """Parse the header of a DICOM Part 10 file written by the receiver; raise :class:`HeaderError`."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as handle:
             ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            _check_no_short_values(ds)
             pixel_offset = handle.tell()
             meta = ds.file_meta
             transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
             # Touch every element so deferred parse errors surface here, not later in a worker.
             for _ in ds.iterall():
                 pass
+    except HeaderError:
+        raise
     except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, OSError, TypeError) as exc:
         raise HeaderError(f"unparseable dataset: {type(exc).__name__}") from None
     except Exception as exc:  # pydicom raises a variety of errors on malformed input

@@ -117,7 +117,7 @@ def test_storescu_stores_byte_identical(case: Case, matrix_node: NodeProcess, tm
 
 def test_deflated_stream_is_kept_as_received(matrix_node: NodeProcess, tmp_path: Path) -> None:
     """The node stores the deflate stream it received, not an inflated or re-deflated copy of its own."""
-    source = source_file(CASES[5], tmp_path)
+    source = source_file(next(c for c in CASES if c.key == "deflated"), tmp_path)
     result = storescu(matrix_node.port, [source], syntax_flag="-xd", extra=["+cl", "1"])
     assert result.returncode == 0, result.stdout + result.stderr
     sop_uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
