@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    - install into .venv and run the node on config/msknode.toml"
 	@echo "make test   - install with the test extra, Debian tools (as root), run the whole suite"
+	@echo "make demo   - the whole loop locally: throw-away PACS, node, phantom studies, results"
 	@echo "make bench  - run the benchmarks in benchmarks/"
 
 $(PY):
@@ -39,6 +40,9 @@ debian-tools:
 
 test: install-test debian-tools
 	@bash tests/setup/run_pytest.sh $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/msknode demo
 
 bench: install-test debian-tools
 	$(PY) benchmarks/receive.py

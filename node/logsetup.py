@@ -33,3 +33,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # pynetdicom's INFO/DEBUG output can include dataset dumps; keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # APScheduler logs every interval run at INFO; the scheduler role logs what matters itself.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -140,11 +140,23 @@ def studies(
     console.print(table)
 
 
+def demo(
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep everything in this folder (default: a new temp folder).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 240.0,
+    keep: Annotated[bool, typer.Option(help="Leave the node and the PACS running afterwards.")] = False,
+) -> None:
+    """Run the whole loop locally: a throw-away PACS, the node, three phantom studies, their AI results."""
+    from node.demo import run_demo
+
+    raise typer.Exit(code=run_demo(workdir, timeout, keep))
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(config_app, name="config")
     app.add_typer(db_app, name="db")
     app.command("echo")(echo)
     app.command("studies")(studies)
+    app.command("demo")(demo)
 
 
