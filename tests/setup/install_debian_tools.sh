@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian tools the integration tests use, when root and missing.
+# Install the Debian tools the integration tests use, when root and missing:
+# dcmtk (peers), dicom3tools (dciodvfy), orthanc (the PACS), postgresql, openjph-tools (HTJ2K fixtures).
 # Without root nothing is installed; the tests that need a tool skip with a reason.
 set -u
 need=()
@@ -7,6 +8,7 @@ command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)
 if [ ${#need[@]} -eq 0 ]; then
   echo "debian tools: all present"
   exit 0
