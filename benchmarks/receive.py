@@ -241,7 +241,7 @@ def send(peer: Peer, called: str, files: list[Path], flag: str | None) -> float:
     result = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
-        raise RuntimeError(f"storescu -> {peer.name} failed: {result.stderr[-2000:]}")
+        raise RuntimeError(f"storescu -> {peer.name} failed: {(result.stdout + result.stderr)[-2000:]}")
     return elapsed
 
 
