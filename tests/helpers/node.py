@@ -78,6 +78,7 @@ class NodeConfig:
     fsync: bool = True
     peers: Sequence[Peer] = DEFAULT_PEERS
     log_level: str = "INFO"
+    acse_timeout_seconds: float = 10.0
     extra_node: dict[str, Any] = field(default_factory=dict)
     # Intake tests run the receiver role alone (one process, no model loaded); pipeline tests add the rest.
     roles: Sequence[str] = ("receiver",)
@@ -109,7 +110,7 @@ class NodeConfig:
             f"port = {self.port}",
             f"max_associations = {self.max_associations}",
             f"max_pdu_size = {self.max_pdu_size}",
-            "acse_timeout_seconds = 10",
+            f"acse_timeout_seconds = {self.acse_timeout_seconds}",
             "dimse_timeout_seconds = 30",
             "network_timeout_seconds = 30",
             *(f"{key} = {toml_value(value)}" for key, value in self.extra_node.items()),

@@ -16,7 +16,7 @@ from pynetdicom.dsutils import encode
 
 from tests.helpers.dicomdata import make_instances, small_instance
 from tests.helpers.node import DEFAULT_PEERS, NODE_AE, NodeConfig, NodeProcess, Peer
-from tests.helpers.tools import storescu
+from tests.helpers.tools import echoscu, storescu
 
 # PS3.8 9.3.4
 PERMANENT, TRANSIENT = 1, 2
@@ -45,6 +45,18 @@ def assert_not_stored(node: NodeProcess, sop_instance_uid: str) -> None:
 
 def rows_for(node: NodeProcess, calling: str) -> list[tuple[str, str | None]]:
     return [(row.outcome, row.reject_reason) for row in node.associations() if row.calling_ae_title == calling]
+
+
+@pytest.mark.dcmtk
+def test_echoscu_is_answered_and_audited(node: NodeProcess) -> None:
+    result = echoscu(node.port)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [r for r in node.wait_for_associations_closed() if r.calling_ae_title == "ECHOSCU"]
+    assert [(r.outcome, r.instance_count, r.peer_name) for r in rows] == [("released", 0, "dcmtk-echoscu")]
+
+    refused = echoscu(node.port, calling="NOBODY")
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
 
 
 @pytest.mark.dcmtk
@@ -227,7 +239,8 @@ def test_association_limit_rejects_transiently_and_recovers(node_factory) -> Non
     An idle TCP connection (a load balancer's health check) is open throughout the first two requests:
     it must not count as an association.
     """
-    node = node_factory(max_associations=2)
+    # A short ACSE timeout: the idle connection's thread otherwise holds up the node's shutdown for 10 s.
+    node = node_factory(max_associations=2, acse_timeout_seconds=2)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(small_instance().SOPClassUID, ImplicitVRLittleEndian)
     with socket.create_connection(("127.0.0.1", node.port), timeout=10):

@@ -76,6 +76,7 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
         time.sleep(0.05)
 
 
+@pytest.mark.dcmtk
 def test_restart_keeps_everything(node_factory, database_url: str, tmp_path: Path) -> None:
     node = node_factory(database_url=database_url)
     files = make_instances(tmp_path / "a", 3) + make_instances(tmp_path / "b", 2)
