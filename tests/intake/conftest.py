@@ -59,7 +59,8 @@ class InProcessNode:
     between association and C-STORE, the database under a live receiver).
     """
 
-    def __init__(self, directory: Path, database_url: str | None = None, min_free_disk_mb: int = 0) -> None:
+    def __init__(self, directory: Path, database_url: str | None = None, min_free_disk_mb: int = 0,
+                 spool_dir: Path | None = None) -> None:
         from node.service import build_receiver, open_runtime
         from node.settings import parse_settings
         from tests.helpers.node import DEFAULT_PEERS, NODE_AE, free_port
@@ -70,7 +71,7 @@ class InProcessNode:
         data = {
             "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": self.port,
                      "acse_timeout_seconds": 10, "dimse_timeout_seconds": 30, "network_timeout_seconds": 30},
-            "storage": {"database_url": self.database_url, "spool_dir": str(directory / "spool"),
+            "storage": {"database_url": self.database_url, "spool_dir": str(spool_dir or directory / "spool"),
                         "min_free_disk_mb": min_free_disk_mb},
             "peers": [{"name": p.name, "ae_title": p.ae_title, "host": p.host} for p in DEFAULT_PEERS],
         }

@@ -86,18 +86,8 @@ def test_a_really_full_filesystem_fails_cleanly_and_recovers(in_process_node, sm
 
     The watermark is 0 so the check that is exercised is the real ENOSPC path, not the watermark.
     """
-    node = in_process_node()
-    node.receiver.stop(grace_seconds=1)
-    # Re-point the receiver's spool to the small filesystem (same code path as a configured spool_dir).
-    from storage.spool import Spool
-
-    node.runtime.spool = Spool(small_filesystem / "spool", fsync=True)
-    node.receiver.spool = node.runtime.spool
-    node.spool, node.incoming = node.runtime.spool.root, node.runtime.spool.incoming
-    from node.receiver import _route_chunked_writes_to
-
-    _route_chunked_writes_to(node.incoming)
-    node.receiver.start()
+    node = in_process_node(spool_dir=small_filesystem / "spool")
+    assert node.incoming.is_relative_to(small_filesystem)
 
     filler = small_filesystem / "filler"
     free = shutil.disk_usage(small_filesystem).free
