@@ -68,6 +68,17 @@ class SlowSender(threading.Thread):
                 assoc.release()
 
 
+def largest_partial(node: NodeProcess) -> int:
+    """Size of the biggest file in ``.incoming`` (0 if none; files may vanish while we look)."""
+    sizes = [0]
+    for path in node.incoming_files():
+        try:
+            sizes.append(path.stat().st_size)
+        except FileNotFoundError:
+            pass
+    return max(sizes)
+
+
 def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
@@ -106,7 +117,7 @@ def test_sigkill_mid_association_then_restart_recovers(node_factory) -> None:
     sender = SlowSender(node.port, pause=0.02)
     sender.start()
     assert sender.established.wait(30)
-    wait_for(lambda: any(p.stat().st_size > 100_000 for p in node.incoming_files()), 60, "a partial file")
+    wait_for(lambda: largest_partial(node) > 100_000, 60, "a partial file")
     node.kill()
     sender.join(60)
     assert sender.status != 0x0000
@@ -128,7 +139,7 @@ def test_sigterm_with_an_association_open_stops_within_the_grace_period(node_fac
     sender = SlowSender(node.port, pause=0.1)  # ~13 s for 2 MB: longer than the 10 s grace period
     sender.start()
     assert sender.established.wait(30)
-    wait_for(lambda: any(p.stat().st_size > 16_384 for p in node.incoming_files()), 60, "a transfer in progress")
+    wait_for(lambda: largest_partial(node) > 16_384, 60, "a transfer in progress")
 
     started = time.monotonic()
     assert node.stop(timeout=30) == 0
