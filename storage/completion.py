@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 
-from storage.db import Database
+from storage.db import Database, as_utc, utcnow
 from storage.models import Association, Instance, Job, Study
 from storage.queue import JobQueue
 
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def evaluate(
                 ).all()
             if not rows:
                 continue
-            first = _utc(rows[0].received_at)
+            first = as_utc(rows[0].received_at)
             latest = rows[-1]
             association_ids = {row.association_id for row in rows}
             outcomes = dict(
@@ -71,7 +68,7 @@ def evaluate(
             )
             still_open = any(outcome == "open" for outcome in outcomes.values())
             latest_outcome = outcomes.get(latest.association_id)
-            quiet = (now - _utc(latest.received_at)).total_seconds()
+            quiet = (now - as_utc(latest.received_at)).total_seconds()
             settle = settle_seconds(latest.calling_ae_title)
             settled = not still_open and latest_outcome == "released" and quiet >= settle
             timed_out = (now - first).total_seconds() >= force_complete_seconds
@@ -106,7 +103,7 @@ def tick(
     now: datetime | None = None,
 ) -> list[CompletionDecision]:
     """One scheduler pass: queue the complete studies, mark the others waiting with the reason."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utcnow()
     decisions = evaluate(database, now, settle_seconds, force_complete_seconds)
     for decision in decisions:
         if decision.complete:

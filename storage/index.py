@@ -8,17 +8,13 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage.db import Database
+from storage.db import Database, utcnow
 from storage.models import Association, ImageResult, Instance, InstanceReplacement, Job, OutboxItem, Series, Study
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,13 @@ Only failed destinations are retried: each row is one destination.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
 
-from storage.db import Database
+from storage.db import Database, utcnow
 from storage.models import OutboxItem
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)

@@ -10,25 +10,17 @@ way the UPDATE re-checks the claim predicate, so two claimants can never both wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from storage.db import Database
+from storage.db import Database, utcnow
 from storage.models import ImageResult, Job, OutboxItem, Study
 
 JOB_ACTIVE_STATES = ("queued", "processing")
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
