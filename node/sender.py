@@ -19,7 +19,6 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import pydicom
 from pynetdicom import AE
@@ -28,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node.faults import fault_point
 from node.scu import set_tcp_nodelay
 from node.settings import PeerSettings, SenderSettings
+from storage.db import as_utc, utcnow
 from storage.outbox import Delivery, Outbox
 from storage.spool import Spool
 
@@ -114,8 +114,7 @@ class Sender:
 
     # -- one destination ---------------------------------------------------------------------
     def _give_up_or_retry(self, item: Delivery, status: str, error: str) -> None:
-        created = item.created_at if item.created_at.tzinfo else item.created_at.replace(tzinfo=timezone.utc)
-        age_hours = (datetime.now(timezone.utc) - created).total_seconds() / 3600
+        age_hours = (utcnow() - as_utc(item.created_at)).total_seconds() / 3600
         if age_hours >= self.settings.max_age_hours:
             self.outbox.dead_letter(
                 item.id, self.owner, status, f"gave up after {item.attempts} attempt(s) over {age_hours:.1f} h: {error}"

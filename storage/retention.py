@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, exists, select
 
-from storage.db import Database
+from storage.db import Database, utcnow
 from storage.models import ImageResult, Instance, Job, OutboxItem, Series, Study
 from storage.spool import Spool
 
@@ -64,7 +64,7 @@ class Retention:
 
     def run(self, days: float, has_room: Callable[[], bool], emergency: bool = True, now: datetime | None = None) -> int:
         """Purge expired studies, then (if still short of space) the oldest finished ones; returns studies purged."""
-        now = now or datetime.now(timezone.utc)
+        now = now or utcnow()
         purged = 0
         with self.db.session() as session:
             expired = [s.study_instance_uid for s in self._candidates(session, now - timedelta(days=days), 500)]
