@@ -8,14 +8,15 @@ in one batch, the patch projection once per image, fused qkv + SDPA, no extra pa
 Both runs use the same masks (the reference gets each pass's noise), so the maps are compared directly
 (Pearson). Prints images/s for both and the ratio.
 
-    .venv/bin/python benchmarks/engine.py                  # defaults: 2 reference images, 4 of ours
-    .venv/bin/python benchmarks/engine.py --precision bf16 # also time the bf16 CPU path
+    .venv/bin/python benchmarks/engine.py                            # fp32 and int8, 2 rounds
+    .venv/bin/python benchmarks/engine.py --precision fp32 bf16 int8  # also the bf16 CPU path
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -91,10 +92,12 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref-images", type=int, default=2, help="images run through the reference procedure")
-    parser.add_argument("--images", type=int, default=4, help="images run through ours (one batch)")
+    parser.add_argument("--images", type=int, default=4, help="images per batch of ours")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (reference image, our batch)")
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32", "int8"],
+                        help="CPU precisions of ours to time (fp32 is always the reference for agreement)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -103,44 +106,52 @@ def main() -> None:
     from engines.errormap import noise_from_seed
 
     print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, bf16 native: {cpu_supports_bf16()}")
-    hf, encoder = build_pair()
+    print(f"load average at start: {open('/proc/loadavg').read().split()[:3]}")
+    hf, fp32 = build_pair()
+    ours = {"fp32": fp32}
+    for precision in args.precision:
+        if precision != "fp32":
+            ours[precision] = Encoder(fp32.model, name=f"vit-l-{precision}", backend=TorchBackend(fp32.model, "cpu", precision))
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(max(args.images, args.ref_images), 3, 224, 224, generator=generator)
     noise = noise_from_seed(0, args.passes, 196)
 
-    # warm-up both (first calls allocate)
-    with torch.inference_mode():
+    with torch.inference_mode():  # warm-up: first calls allocate
         hf(pixel_values=images[:1], noise=noise[:1])
-    encoder.error_map(images[:1], noise=noise[:2])
+    for encoder in ours.values():
+        encoder.error_map(images[:1], noise=noise[:2])
 
-    start = time.perf_counter()
-    reference_maps = [reference_map(hf, images[i], noise) for i in range(args.ref_images)]
-    ref_seconds = time.perf_counter() - start
-    ref_ips = args.ref_images / ref_seconds
+    # Interleaved rounds, so both sides see the same (shared, noisy) machine load; medians reported.
+    ref_times: list[float] = []
+    our_times: dict[str, list[float]] = {p: [] for p in ours}
+    reference_maps: dict[int, torch.Tensor] = {}
+    our_maps: dict[str, torch.Tensor] = {}
+    for round_index in range(args.rounds):
+        for i in range(args.ref_images):
+            if round_index > 0 and i > 0:
+                break  # later rounds time one reference image each, to bound the runtime
+            start = time.perf_counter()
+            reference_maps[i] = reference_map(hf, images[i], noise)
+            ref_times.append(time.perf_counter() - start)
+        for precision, encoder in ours.items():
+            start = time.perf_counter()
+            our_maps[precision], _ = encoder.error_map(images[: args.images], noise=noise)
+            our_times[precision].append((time.perf_counter() - start) / args.images)
+        print(f"round {round_index + 1}: reference {ref_times[-1]:.2f} s/image; "
+              + ", ".join(f"ours {p} {t[-1]:.2f} s/image" for p, t in our_times.items()))
 
-    start = time.perf_counter()
-    ours_maps, _ = encoder.error_map(images[: args.images], noise=noise)
-    our_seconds = time.perf_counter() - start
-    our_ips = args.images / our_seconds
-
-    agreement = min(pearson(ours_maps[i], reference_maps[i]) for i in range(min(args.images, args.ref_images)))
-    max_diff = max(float((ours_maps[i] - reference_maps[i]).abs().max()) for i in range(min(args.images, args.ref_images)))
-    print(f"reference (transformers, 1 + {args.passes} sequential passes/image): {ref_ips:.3f} images/s "
-          f"({ref_seconds / args.ref_images:.2f} s/image, {args.ref_images} images)")
-    print(f"ours (cpu fp32, {args.passes} passes x {args.images} images in one batch): {our_ips:.3f} images/s "
-          f"({our_seconds / args.images:.2f} s/image)")
-    print(f"speed-up: {our_ips / ref_ips:.2f}x   map agreement: Pearson min {agreement:.6f}, max |diff| {max_diff:.2e}")
-    print(f"map statistics (ours, image 0): mean {ours_maps[0].mean():.4f}, std {ours_maps[0].std():.4f}, "
-          f"max {ours_maps[0].max():.4f}")
-
-    if args.precision == "bf16":
-        bf16 = Encoder(encoder.model, name="vit-l-bf16", backend=TorchBackend(encoder.model, "cpu", "bf16"))
-        bf16.error_map(images[:1], noise=noise[:2])
-        start = time.perf_counter()
-        bf16_maps, _ = bf16.error_map(images[: args.images], noise=noise)
-        bf16_seconds = time.perf_counter() - start
-        bf16_agreement = min(pearson(bf16_maps[i], ours_maps[i]) for i in range(args.images))
-        print(f"ours (cpu bf16): {args.images / bf16_seconds:.3f} images/s, Pearson vs fp32 {bf16_agreement:.4f}")
+    ref_ips = 1 / statistics.median(ref_times)
+    print(f"reference (transformers ViTMAEForPreTraining, 1 + {args.passes} sequential passes per image): "
+          f"{ref_ips:.3f} images/s (median of {len(ref_times)} images)")
+    compared = sorted(reference_maps)
+    for precision, times in our_times.items():
+        ips = 1 / statistics.median(times)
+        vs_reference = min(pearson(our_maps[precision][i], reference_maps[i]) for i in compared)
+        max_diff = max(float((our_maps[precision][i] - reference_maps[i]).abs().max()) for i in compared)
+        print(f"ours cpu {precision} ({args.passes} passes x {args.images} images per batch): {ips:.3f} images/s, "
+              f"speed-up {ips / ref_ips:.2f}x, Pearson vs reference min {vs_reference:.5f}, max |diff| {max_diff:.2e}")
+    print(f"map statistics (fp32, image 0): mean {our_maps['fp32'][0].mean():.4f}, std {our_maps['fp32'][0].std():.4f}")
+    print(f"load average at end: {open('/proc/loadavg').read().split()[:3]}")
 
 
 if __name__ == "__main__":

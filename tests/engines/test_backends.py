@@ -76,6 +76,20 @@ def test_cpu_precisions_and_description(tiny_model, images):
         TorchBackend(tiny_model, "cpu", "fp16")
 
 
+def test_cpu_int8_maps_agree_with_fp32(tiny_model, images):
+    fp32 = Encoder(tiny_model, name="t")
+    int8 = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "int8"))
+    assert int8.precision == "int8" and int8.encoder_hash == fp32.encoder_hash
+    noise = noise_from_seed(2, 4, 196)
+    maps32, _ = fp32.error_map(images, noise=noise)
+    maps8, _ = int8.error_map(images, noise=noise)
+    assert not torch.equal(maps32, maps8)  # really quantised
+    assert pearson(maps32, maps8) >= 0.99
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.backend.model.modules())
+    with pytest.raises(ValueError, match="int8"):
+        TorchBackend(tiny_model, "cuda", "int8")
+
+
 def test_chunked_reconstruction_equals_one_batch(tiny_model, images):
     noise = noise_from_seed(1, 3, 196)
     small = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=2))
