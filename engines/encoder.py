@@ -79,7 +79,7 @@ class Encoder:
         cls,
         checkpoint: LoadedCheckpoint,
         device: str = "cpu",
-        backend: str = "auto",
+        backend: str | None = None,
         precision: str | None = None,
         load_heads: bool = True,
     ) -> Encoder:

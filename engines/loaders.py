@@ -404,11 +404,15 @@ def build_model(checkpoint: LoadedCheckpoint) -> MaskedAutoencoderViT:
 def load(
     path: str | Path,
     device: str = "cpu",
-    backend: str = "auto",
+    backend: str | None = None,
     precision: str | None = None,
     load_heads: bool = True,
 ):
-    """Load any supported checkpoint as an :class:`~engines.encoder.Encoder` (the public entry point)."""
+    """Load any supported checkpoint as an :class:`~engines.encoder.Encoder` (the public entry point).
+
+    ``backend=None`` follows ``device`` (default CPU); ``backend="auto"`` picks tensorrt -> cuda -> cpu;
+    ``"cpu"``/``"cuda"``/``"tensorrt"`` force one. ``precision`` defaults per backend (cpu fp32, GPU fp16).
+    """
     from engines.encoder import Encoder
 
     checkpoint = load_checkpoint(path)

@@ -28,24 +28,30 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
-def resolve_backend_name(backend: str = "auto", device: str = "cpu") -> str:
-    """Which backend ``backend``/``device`` mean here: auto prefers tensorrt, then cuda, then cpu.
+def resolve_backend_name(backend: str | None = None, device: str = "cpu") -> str:
+    """Which backend to build.
 
-    ``device="cpu"`` (the default of ``engines.load``) keeps auto on the CPU; ``device="auto"`` or ``"cuda"``
-    lets auto pick the GPU paths when they exist.
+    ``backend="auto"``: tensorrt if importable with a CUDA device, else cuda if available, else cpu (``device`` is
+    not consulted). ``backend=None`` follows ``device``: ``"cpu"`` -> cpu, ``"cuda[:n]"`` -> cuda, ``"auto"`` ->
+    the auto chain. Any other name is taken as asked (and fails later if it cannot run).
     """
+    if backend is None:
+        if device == "auto":
+            backend = "auto"
+        else:
+            return "cuda" if device.startswith("cuda") else "cpu"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device == "cpu" or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return "cpu"
     return "tensorrt" if tensorrt_available() else "cuda"
 
 
 def select_backend(
     model: MaskedAutoencoderViT,
-    backend: str = "auto",
+    backend: str | None = None,
     device: str = "cpu",
     precision: str | None = None,
     source: Path | None = None,
@@ -63,7 +69,7 @@ def select_backend(
             chosen = TensorRTBackend.from_model(model, precision=precision or "fp16", cache_dir=plan_cache_dir)
         except Exception as exc:
             if backend == "tensorrt":
-                raise
+                raise  # asked for explicitly: say why it cannot run
             log.warning("TensorRT backend unavailable (%s); falling back to torch CUDA", exc)
             name = "cuda"
     if name == "cuda":

@@ -21,14 +21,18 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_auto_resolution(monkeypatch):
-    assert resolve_backend_name("auto", "cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_backend_name("auto", "auto") == "cpu"
+    assert resolve_backend_name(None, "cpu") == "cpu"
+    assert resolve_backend_name("auto", "cpu") == "cpu"
+    assert resolve_backend_name(None, "auto") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("engines.backends.tensorrt_available", lambda: False)
-    assert resolve_backend_name("auto", "auto") == "cuda"
+    assert resolve_backend_name(None, "cpu") == "cpu"  # the default load stays on the CPU
+    assert resolve_backend_name(None, "cuda:1") == "cuda"
+    assert resolve_backend_name("auto", "cpu") == "cuda"
     monkeypatch.setattr("engines.backends.tensorrt_available", lambda: True)
-    assert resolve_backend_name("auto", "cuda") == "tensorrt"
+    assert resolve_backend_name("auto") == "tensorrt"
+    assert resolve_backend_name(None, "auto") == "tensorrt"
     assert resolve_backend_name("cpu", "cuda") == "cpu"  # an explicit choice wins
     with pytest.raises(ValueError, match="backend"):
         resolve_backend_name("metal")
@@ -57,7 +61,7 @@ def test_auto_falls_back_to_cuda_when_tensorrt_fails(tiny_model, monkeypatch):
         "engines.backends.tensorrt_backend.TensorRTBackend.from_model",
         classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(ImportError("no tensorrt"))),
     )
-    backend = select_backend(tiny_model, backend="auto", device="auto")
+    backend = select_backend(tiny_model, backend="auto")
     assert backend.name == "cuda" and built == {"device": "cuda", "precision": "fp16"}
 
 
