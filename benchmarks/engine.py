@@ -105,13 +105,15 @@ def main() -> None:
     from engines.encoder import Encoder
     from engines.errormap import noise_from_seed
 
-    print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, bf16 native: {cpu_supports_bf16()}")
+    print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
+          f"bf16 native: {cpu_supports_bf16()}")
     print(f"load average at start: {open('/proc/loadavg').read().split()[:3]}")
     hf, fp32 = build_pair()
     ours = {"fp32": fp32}
     for precision in args.precision:
         if precision != "fp32":
-            ours[precision] = Encoder(fp32.model, name=f"vit-l-{precision}", backend=TorchBackend(fp32.model, "cpu", precision))
+            backend = TorchBackend(fp32.model, "cpu", precision)
+            ours[precision] = Encoder(fp32.model, name=f"vit-l-{precision}", backend=backend)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(max(args.images, args.ref_images), 3, 224, 224, generator=generator)
     noise = noise_from_seed(0, args.passes, 196)

@@ -104,7 +104,10 @@ class Encoder:
                 encoder.add_head(head)
         for note in checkpoint.notes:
             log.info("%s: %s", name, note)
-        log.info("encoder %s ready: backend=%s precision=%s heads=%s", name, encoder.backend_name, encoder.precision, sorted(encoder.heads))
+        log.info(
+            "encoder %s ready: backend=%s precision=%s heads=%s",
+            name, encoder.backend_name, encoder.precision, sorted(encoder.heads),
+        )
         return encoder
 
     # ------------------------------------------------------------------------------------------ identity
@@ -145,7 +148,10 @@ class Encoder:
         """Attach a head; refused if it was trained on other encoder weights or another width."""
         head.check_encoder(self.encoder_hash)
         if head.in_features != self.config.hidden_size:
-            raise ValueError(f"head {head.name!r} expects {head.in_features}-d embeddings, encoder gives {self.config.hidden_size}")
+            raise ValueError(
+                f"head {head.name!r} expects {head.in_features}-d embeddings, "
+                f"encoder gives {self.config.hidden_size}"
+            )
         self.heads[head.name] = head.eval()
 
     # ------------------------------------------------------------------------------------------ inference

@@ -140,7 +140,8 @@ def compute_error_map(
 def resample_to_source(error_map: np.ndarray | Tensor, geometry: SourceGeometry) -> np.ndarray:
     """Stretch a 224 x 224 map to the source's rows x columns (bilinear, per axis, no crop), float32."""
     m = torch.as_tensor(np.asarray(error_map, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(m, size=(geometry.rows, geometry.columns), mode="bilinear", align_corners=False)
+    size = (geometry.rows, geometry.columns)
+    out = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
     return out[0, 0].numpy()
 
 
@@ -156,7 +157,9 @@ class Region:
     centroid: np.ndarray  # (column, row) source pixels
 
 
-def highest_error_region(error_map: np.ndarray | Tensor, geometry: SourceGeometry, percentile: float = 98.0) -> Region | None:
+def highest_error_region(
+    error_map: np.ndarray | Tensor, geometry: SourceGeometry, percentile: float = 98.0
+) -> Region | None:
     """Top-percentile pixels, their largest connected component (by summed error), its convex outline.
 
     The convex hull of the component's pixel corners is the "simplified outline": few vertices, always a valid

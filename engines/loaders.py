@@ -423,7 +423,9 @@ def load(
         checkpoint.config.hidden_size,
         checkpoint.has_decoder,
     )
-    return Encoder.from_checkpoint(checkpoint, device=device, backend=backend, precision=precision, load_heads=load_heads)
+    return Encoder.from_checkpoint(
+        checkpoint, device=device, backend=backend, precision=precision, load_heads=load_heads
+    )
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -452,6 +454,7 @@ def save_hf_vitmae(model: MaskedAutoencoderViT, folder: str | Path) -> Path:
     if not model.has_decoder:
         config["architectures"] = ["ViTMAEModel"]
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    preprocessor = dict(IMAGENET_PREPROCESSOR, size={"height": model.config.image_size, "width": model.config.image_size})
+    side = model.config.image_size
+    preprocessor = dict(IMAGENET_PREPROCESSOR, size={"height": side, "width": side})
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     return folder

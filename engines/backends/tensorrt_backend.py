@@ -55,7 +55,9 @@ class BatchProfile:
     max_images: int = 16
     passes: int = 10
 
-    def shapes(self, graph: str, keep: int, tokens: int, dim: int, patches: int, image: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def shapes(
+        self, graph: str, keep: int, tokens: int, dim: int, patches: int, image: int
+    ) -> dict[str, tuple[tuple[int, ...], ...]]:
         """input name -> (min, opt, max) shapes for one graph."""
         imgs = (self.min_images, self.opt_images, self.max_images)
         rows = tuple(n * self.passes for n in imgs)
@@ -191,7 +193,9 @@ class EngineRunner:
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self.trt
-        mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32}
+        mapping = {
+            trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64, trt.int32: torch.int32
+        }
         return mapping[self.engine.get_tensor_dtype(name)]
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
@@ -218,7 +222,9 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, runners: dict[str, EngineRunner], precision: str, keys: dict[str, PlanKey], profile: BatchProfile) -> None:
+    def __init__(
+        self, runners: dict[str, EngineRunner], precision: str, keys: dict[str, PlanKey], profile: BatchProfile
+    ) -> None:
         self.runners = runners
         self.precision = precision
         self.device = "cuda"

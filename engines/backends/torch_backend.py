@@ -48,7 +48,8 @@ class TorchBackend:
         self.precision = precision
         self.dtype = DTYPES[precision]
         self.max_batch = max_batch  # rows per forward; bounds activation memory for big batches of passes
-        run_model = model if (precision == "fp32" and torch_device == next(model.parameters()).device) else copy.deepcopy(model)
+        shares_weights = precision == "fp32" and torch_device == next(model.parameters()).device
+        run_model = model if shares_weights else copy.deepcopy(model)
         self.model = run_model.to(device=torch_device, dtype=self.dtype).eval()
         if precision == "int8":
             self.model = quantize_linear_int8(self.model)

@@ -15,7 +15,7 @@ console = Console()
 
 
 def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
 
 
 @model_app.command("info")
@@ -133,4 +133,7 @@ def build_engine_command(
         )
         progress.update(task, description="plans ready")
     for graph, key in backend.keys.items():
-        console.print(f"{graph}: {key.file_name(graph)} ({key.gpu_name}, sm {key.compute_capability}, TensorRT {key.tensorrt_version})")
+        console.print(
+            f"{graph}: {key.file_name(graph)} "
+            f"({key.gpu_name}, sm {key.compute_capability}, TensorRT {key.tensorrt_version})"
+        )

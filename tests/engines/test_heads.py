@@ -24,7 +24,8 @@ def make_head(name, dim, labels, activation, encoder_hash, seed=0):
 
 def test_save_load_round_trip(tmp_path, tiny_model):
     encoder = Encoder(tiny_model, name="t")
-    head = make_head("kl_grade", tiny_model.config.hidden_size, [f"KL{i}" for i in range(5)], "softmax", encoder.encoder_hash)
+    labels = [f"KL{i}" for i in range(5)]
+    head = make_head("kl_grade", tiny_model.config.hidden_size, labels, "softmax", encoder.encoder_hash)
     weights, meta = save_head(head, tmp_path)
     assert weights.name == "kl_grade.safetensors" and meta.name == "kl_grade.json"
     data = json.loads(meta.read_text())

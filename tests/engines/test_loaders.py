@@ -116,7 +116,10 @@ def test_timm_avg_pool_model_is_refused(tmp_path, tiny_model):
         engines.load(tmp_path / "avg.pth")
 
 
-@pytest.mark.parametrize("problem_type,activation", [("multi_label_classification", "sigmoid"), ("single_label_classification", "softmax")])
+@pytest.mark.parametrize(
+    "problem_type,activation",
+    [("multi_label_classification", "sigmoid"), ("single_label_classification", "softmax")],
+)
 def test_hf_vit_classification_folder(tmp_path, tiny_config, images, problem_type, activation, randomize):
     from transformers import ViTConfig, ViTForImageClassification
 

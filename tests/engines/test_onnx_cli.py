@@ -18,7 +18,8 @@ runner = CliRunner()
 def test_model_info_reports_format_sizes_hash_and_heads(tmp_path, tiny_model):
     folder = save_hf_vitmae(tiny_model, tmp_path / "m")
     encoder_hash = Encoder(tiny_model, name="t").encoder_hash
-    save_head(LinearHead("fracture", tiny_model.config.hidden_size, ["fracture"], "sigmoid", encoder_hash), folder / "heads")
+    head = LinearHead("fracture", tiny_model.config.hidden_size, ["fracture"], "sigmoid", encoder_hash)
+    save_head(head, folder / "heads")
     result = runner.invoke(app, ["model", "info", str(folder), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
