@@ -273,7 +273,9 @@ class _Canvas:
 def _trabecular_texture(rng: np.random.Generator, shape: tuple[int, int], amplitude: float) -> np.ndarray:
     """Band-pass noise: a stand-in for the trabecular pattern (fine, moderately contrasted)."""
     white = rng.standard_normal(shape).astype(np.float32)
-    band = ndimage.gaussian_filter(white, 1.2) - ndimage.gaussian_filter(white, 3.0)
+    # Fine enough (about 1-2 px at 512) to average out mostly at 224 px: a coarse, contrasted texture is
+    # unpredictable for any MAE and would dominate its error map over real findings.
+    band = ndimage.gaussian_filter(white, 0.9) - ndimage.gaussian_filter(white, 2.0)
     band /= band.std() + 1e-6
     return np.clip(amplitude * band, -0.9, 0.9)
 
@@ -542,6 +544,10 @@ _SIZES: dict[str, tuple[int, int, float]] = {
 }
 
 
+# Smallest focal lesion radius per kind: about half a 16-px patch of the 224-px model input, in mm.
+_MIN_LESION_RADIUS_MM = {"hand": 6.0, "knee": 7.0, "long_bone": 11.0}
+
+
 def generate(
     kind: str = "knee",
     seed: int = 0,
@@ -549,7 +555,7 @@ def generate(
     findings: Iterable[str] = (),
     narrowing_grade: int = 0,
     lesion_radius_mm: float | None = None,
-    texture: float = 0.35,
+    texture: float = 0.15,
     laterality: str | None = None,
 ) -> Phantom:
     """Generate one phantom radiograph, deterministic for (kind, seed, findings, grade, radius, texture).
@@ -603,8 +609,11 @@ def generate(
         if site is None:
             continue
         bone, centre, bone_radius_px = site
-        # Lesions as wide as the bone or a little narrower: 1-3 cm, about one to two 16-px patches at 224 px.
-        radius_mm = lesion_radius_mm if lesion_radius_mm is not None else float(np.clip(bone_radius_px * mm * finding_rng.uniform(0.75, 1.05), 4.0, 16.0))
+        # About as wide as the bone (expansile up to 1.3x), and at least about one 16-px patch of the model's
+        # 224-px view: smaller lesions vanish inside a single masked patch (see docs/demo-model.md).
+        radius_mm = lesion_radius_mm if lesion_radius_mm is not None else float(
+            np.clip(bone_radius_px * mm * finding_rng.uniform(0.9, 1.3), _MIN_LESION_RADIUS_MM[kind], 20.0)
+        )
         radius_px = radius_mm / mm
         if name == "lytic":
             mask = _draw_lytic(canvas, bone, centre, radius_px, finding_rng)
@@ -688,9 +697,9 @@ def _draw_lytic(canvas: _Canvas, bone: Bone, centre: tuple[float, float], radius
     inside[win] = chord
     bone_outer = np.zeros_like(inside)
     bone_outer[bwin] = outer
-    depth = rng.uniform(0.7, 0.95)
+    depth = rng.uniform(0.85, 1.0)
     # Fraction of the bone's path that the lesion replaces (marrow-like), capped to the bone itself.
-    frac = depth * np.clip(1.6 * inside / np.maximum(bone_outer, 1e-3), 0.0, 1.0) * (bone_outer > 0)
+    frac = depth * np.clip(2.5 * inside / np.maximum(bone_outer, 1e-3), 0.0, 1.0) * (bone_outer > 0)
     canvas.cortex *= 1.0 - frac
     canvas.medulla *= 1.0 - frac
     rim_sphere = Ellipsoid(centre, radius * 1.12, radius * 1.12, radius * 1.12)
