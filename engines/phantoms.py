@@ -555,7 +555,7 @@ def generate(
     findings: Iterable[str] = (),
     narrowing_grade: int = 0,
     lesion_radius_mm: float | None = None,
-    texture: float = 0.15,
+    texture: float = 0.08,
     laterality: str | None = None,
 ) -> Phantom:
     """Generate one phantom radiograph, deterministic for (kind, seed, findings, grade, radius, texture).
