@@ -18,9 +18,9 @@ from storage.queue import ImageOutcome, JobQueue, OutboxEntry
 STUDY = "1.2.826.0.1.3680043.10.1.1"
 
 
-@pytest.fixture()
-def db(tmp_path: Path) -> Database:
-    url = f"sqlite:///{tmp_path}/q.db"
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    url = f"sqlite:///{tmp_path}/q.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     upgrade(url)
     database = Database(url)
     yield database
@@ -129,3 +129,41 @@ def test_a_worker_that_lost_its_lease_cannot_finish(db: Database) -> None:
     entry = OutboxEntry("1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "SR", "out/sr.dcm", "pacs")
     assert not queue.finish(job.id, "old", "done", [ImageOutcome(1, "analysed", score=0.1)], [entry])
     assert queue.finish(job.id, "new", "done", [ImageOutcome(1, "analysed", score=0.1)], [entry])
+
+
+def test_concurrent_workers_never_claim_the_same_job(db: Database) -> None:
+    import threading
+
+    index, queue = Index(db), JobQueue(db)
+    jobs = {make_study(db, index, queue, n, 0) for n in range(24)}
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def work(owner: str) -> None:
+        own = JobQueue(db)
+        while True:
+            got = own.claim(owner, lease_seconds=60, limit=2)
+            if not got:
+                return
+            with lock:
+                claimed.extend(job.id for job in got)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(claimed) == sorted(jobs)  # every job once, none twice
+
+
+def test_per_peer_settle_override() -> None:
+    from node.settings import parse_settings
+
+    settings = parse_settings({
+        "pipeline": {"settle_seconds": 10},
+        "peers": [{"name": "slow", "ae_title": "SLOWPACS", "host": "127.0.0.1", "settle_seconds": 60},
+                  {"name": "fast", "ae_title": "FAST", "host": "127.0.0.1"}],
+    })
+    assert settings.settle_seconds_for("SLOWPACS") == 60
+    assert settings.settle_seconds_for("FAST") == 10
+    assert settings.settle_seconds_for("UNKNOWN") == 10
