@@ -76,11 +76,11 @@ def render_overlay(
 
 def _append_colorbar(rgb: np.ndarray, low: float, high: float, label: str) -> np.ndarray:
     rows, columns, _ = rgb.shape
-    width = max(48, columns // 12)
+    width = max(80, columns // 10)  # room for labels such as "1.7e-05" in the default font
     panel = np.zeros((rows, width, 3), np.uint8)
     margin = max(8, rows // 20)
     bar_top, bar_bottom = margin, rows - margin
-    bar_left, bar_right = width // 8, width // 8 + max(8, width // 4)
+    bar_left, bar_right = 6, 6 + max(10, width // 6)
     ramp = np.linspace(1.0, 0.0, max(bar_bottom - bar_top, 1))
     panel[bar_top:bar_bottom, bar_left:bar_right] = (hot_colormap(ramp)[:, None, :] * 255).astype(np.uint8)
     image = Image.fromarray(panel)
