@@ -95,11 +95,10 @@ def test_heads_train_multiclass_with_class_names(phantom_dir, tiny_model_dir):
             "--labels", str(phantom_dir / "labels.csv"), "--name", "grade", "--column", "narrowing", "--test-fraction", "0.3",
         ],
     )
-    if result.exit_code == 0:
-        meta = json.loads((tiny_model_dir / "heads" / "grade.json").read_text())
-        assert meta["activation"] == "softmax" and meta["labels"][0] == "grade0"
-    else:  # a class with a single image cannot be split; the command must say so rather than crash
-        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tiny_model_dir / "heads" / "grade.json").read_text())
+    assert meta["activation"] == "softmax" and meta["labels"][0] == "grade0"
+    assert len(meta["labels"]) == 1 + max(int(r["narrowing"]) for r in csv.DictReader((phantom_dir / "labels.csv").open()))
 
 
 def test_infer_refuses_missing_file_and_bad_model(tmp_path, tiny_model_dir):
