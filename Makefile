@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	touch $@
 
+# timm is a test-only reference for checkpoint parity. It is installed without its dependencies because
+# its torchvision requirement would pull a CUDA torch; the parity test supplies a stand-in torchvision.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps "timm>=1.0,<2"
 	touch $@
 
 install: $(VENV)/.installed
