@@ -204,7 +204,7 @@ class JobQueue:
             study = session.get(Study, job.study_id)
             assert study is not None
             final_priority = priority if priority is not None else job.priority
-            # Results of an older revision already sent supersede nothing new; cancel what is still pending.
+            # Deliveries of an older job's results that have not gone out yet are cancelled: these replace them.
             session.execute(
                 update(OutboxItem)
                 .where(
