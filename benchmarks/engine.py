@@ -17,37 +17,15 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def build_pair(seed: int = 0):
-    """A ViT-L/16 MAE with random weights, as transformers' reference and as our Encoder (same tensors)."""
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    from engines.encoder import Encoder
-    from engines.loaders import LoadedCheckpoint, build_model, hf_filter_fn
-    from engines.vit_mae import MAEConfig, sincos_pos_embed_2d
-
-    config = MAEConfig()
-    with torch.device("meta"):
-        hf = ViTMAEForPreTraining(ViTMAEConfig(**config.to_hf_dict()))
-    hf = hf.to_empty(device="cpu").eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if param.dim() == 1 and "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.05 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-        hf.vit.embeddings.position_embeddings.copy_(sincos_pos_embed_2d(config.hidden_size, config.grid_size))
-        hf.decoder.decoder_pos_embed.copy_(sincos_pos_embed_2d(config.decoder_hidden_size, config.grid_size))
-    state = {k: v.clone() for k, v in hf_filter_fn(hf.state_dict()).items()}
-    from pathlib import Path
-
-    model = build_model(LoadedCheckpoint("hf-vitmae", config, state, True, Path("benchmark")))
-    return hf, Encoder(model, name="vit-l-random")
+from tests.engines.reference_models import random_vitl_pair  # noqa: E402
 
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 1, 3)
@@ -108,7 +86,7 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
           f"bf16 native: {cpu_supports_bf16()}")
     print(f"load average at start: {open('/proc/loadavg').read().split()[:3]}")
-    hf, fp32 = build_pair()
+    hf, fp32 = random_vitl_pair(name="vit-l-random")
     ours = {"fp32": fp32}
     for precision in args.precision:
         if precision != "fp32":

@@ -6,44 +6,18 @@ transformers model in memory (writing 1.3 GB per run would cost more than it pro
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from engines.encoder import Encoder
 from engines.errormap import noise_from_seed
-from engines.loaders import LoadedCheckpoint, build_model, check_shapes, hf_filter_fn
-from engines.vit_mae import MAEConfig
+from tests.engines.reference_models import random_vitl_pair
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def vitl_pair():
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    from engines.vit_mae import sincos_pos_embed_2d
-
-    config = MAEConfig()  # ViT-L/16, decoder 512 x 8, eps 1e-12: SKELEX's sizes
-    with torch.device("meta"):  # skip transformers' slow random init; we fill every tensor below
-        hf = ViTMAEForPreTraining(ViTMAEConfig(**config.to_hf_dict()))
-    hf = hf.to_empty(device="cpu").eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if param.dim() == 1 and "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.05 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-        hf.vit.embeddings.position_embeddings.copy_(sincos_pos_embed_2d(config.hidden_size, config.grid_size))
-        hf.decoder.decoder_pos_embed.copy_(sincos_pos_embed_2d(config.decoder_hidden_size, config.grid_size))
-    state = hf_filter_fn(hf.state_dict())
-    check_shapes(state, config, True, source="vit-l")  # type: ignore[arg-type]
-    checkpoint = LoadedCheckpoint("hf-vitmae", config, {k: v.clone() for k, v in state.items()}, True, Path("vit-l"))
-    del state
-    ours = build_model(checkpoint)
-    return hf, Encoder(ours.eval(), name="vit-l")
+    return random_vitl_pair(seed=0, name="vit-l")
 
 
 @pytest.fixture(scope="module")
