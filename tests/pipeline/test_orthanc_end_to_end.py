@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from storage.models import ImageResult, Instance, OutboxItem
+from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeConfig, NodeProcess, Peer, free_port
 from tests.helpers.orthanc import ORTHANC_AE, Orthanc
 
@@ -18,20 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "models" / "demo-mae"
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
-
-
-def tiny_model(directory: Path) -> Path:
-    """A small random MAE in the SKELEX folder format, used when the demo model is not built."""
-    import torch
-
-    from engines.loaders import save_hf_vitmae
-    from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
-
-    torch.manual_seed(0)
-    config = MAEConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                       decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                       decoder_intermediate_size=64)
-    return save_hf_vitmae(MaskedAutoencoderViT(config), directory)
 
 
 class PipelineConfig(NodeConfig):

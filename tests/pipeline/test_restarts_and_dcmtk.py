@@ -11,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeProcess, Peer, free_port, wait_for_port
 from tests.helpers.orthanc import ORTHANC_AE, Orthanc
 from tests.helpers.tools import require_tool
@@ -19,7 +20,6 @@ from tests.pipeline.test_orthanc_end_to_end import (
     PipelineConfig,
     phantom_study,
     results_at,
-    tiny_model,
     wait_for,
 )
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE
 
+from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeProcess, Peer
-from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, phantom_study, tiny_model, wait_for
+from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, phantom_study, wait_for
 
 pytestmark = [pytest.mark.slow]
 

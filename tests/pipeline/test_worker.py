@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import torch
 from sqlalchemy import select
 
 from node.settings import parse_settings
@@ -22,19 +21,14 @@ from storage.models import ImageResult, Job, OutboxItem, Study
 from storage.queue import JobQueue
 from storage.spool import Spool
 from storage.worklist import Worklist
+from tests.helpers.models import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
     import engines
-    from engines.loaders import save_hf_vitmae
-    from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
 
-    torch.manual_seed(0)
-    config = MAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                       decoder_intermediate_size=64)
-    folder = save_hf_vitmae(MaskedAutoencoderViT(config), tmp_path_factory.mktemp("model") / "tiny")
+    folder = tiny_model(tmp_path_factory.mktemp("model") / "tiny", width=32, layers=1)
     return engines.load(folder, backend="cpu")
 
 
