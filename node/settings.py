@@ -46,6 +46,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TlsSettings(_Section):
+    """[node.tls] / [sender.tls]: DICOM TLS (PS3.15 B.1, the BCP 195 profile) with PEM files."""
+
+    enabled: bool = False
+    certificate: Path | None = Field(None, description="PEM certificate presented to the other side")
+    private_key: Path | None = Field(None, description="PEM private key of that certificate (not world-readable)")
+    ca_certificates: Path | None = Field(None, description="PEM bundle used to verify the other side")
+    require_client_certificate: bool = Field(False, description="SCP only: mutual TLS")
+    verify_peer: bool = Field(True, description="SCU only: verify the destination's certificate against ca_certificates")
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TlsSettings":
+        if self.enabled:
+            missing = [name for name in ("certificate", "private_key") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"TLS is enabled but {', '.join(missing)} is not set")
+        return self
+
+
 class NodeSettings(_Section):
     """[node]: the DICOM listener (Storage and Verification SCP)."""
 
@@ -59,6 +78,7 @@ class NodeSettings(_Section):
     acse_timeout_seconds: float = Field(30.0, gt=0)
     dimse_timeout_seconds: float = Field(60.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _check_ae = field_validator("ae_title")(_validate_ae_title)
 
@@ -100,6 +120,7 @@ class PeerSettings(_Section):
     receives_results: bool = False
     settle_seconds: float | None = Field(None, ge=0, description="overrides pipeline.settle_seconds for this sender")
     priority: Priority = Field("routine", description="initial priority of studies this peer sends")
+    tls: bool = Field(False, description="results to this peer go over DICOM TLS ([sender.tls])")
 
     _check_ae = field_validator("ae_title")(_validate_ae_title)
     _addresses: frozenset[str] = PrivateAttr(default_factory=frozenset)
@@ -134,7 +155,7 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(60.0, gt=1)
     poll_seconds: float = Field(1.0, gt=0)
     workers: int = Field(1, ge=1, le=32)
-    roles: list[Literal["receiver", "scheduler", "worker", "sender"]] = Field(
+    roles: list[Literal["receiver", "scheduler", "worker", "sender", "web"]] = Field(
         default_factory=lambda: ["receiver", "scheduler", "worker", "sender"],
         description="the roles `msknode serve` runs on this machine",
     )
@@ -193,6 +214,7 @@ class SenderSettings(_Section):
     max_age_hours: float = Field(48.0, gt=0)
     timeout_seconds: float = Field(30.0, gt=0)
     max_concurrent_per_destination: int = Field(2, ge=1, le=16)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("backoff_seconds")
     @classmethod
@@ -207,6 +229,64 @@ class RetentionSettings(_Section):
 
     days: float = Field(7.0, gt=0)
     emergency_cleanup: bool = True
+
+
+class TriageRule(_Section):
+    """[[triage.rules]]: ``when`` is a small comparison expression over result values, never eval'd."""
+
+    name: str = Field(min_length=1, max_length=64)
+    when: str = Field(min_length=1, max_length=500)
+    priority: Priority
+
+
+class TriageSettings(_Section):
+    """[triage]: rules over the study's results, first match wins; no match gives ``default``."""
+
+    default: Priority = "routine"
+    rules: list[TriageRule] = Field(default_factory=list)
+
+
+class WebhookSettings(_Section):
+    """[[notifications.webhooks]]: a JSON POST per announced study."""
+
+    url: str = Field(pattern=r"^https?://")
+    secret_file: Path | None = Field(None, description="file holding the HMAC-SHA256 signing secret")
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class SmtpSettings(_Section):
+    """[notifications.smtp]: optional e-mail."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(25, ge=1, le=65535)
+    from_address: str = Field(min_length=3)
+    to: list[str] = Field(min_length=1)
+    starttls: bool = False
+    username: str | None = None
+    password_file: Path | None = None
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class NotificationSettings(_Section):
+    """[notifications]: announce studies at or above ``min_priority``."""
+
+    min_priority: Priority = "urgent"
+    include_phi: bool = Field(False, description="add patient name/ID to notifications (off: UIDs and accession only)")
+    dashboard_url: str = Field("http://127.0.0.1:8080", description="base of the link put in each notification")
+    backoff_seconds: list[float] = Field(default_factory=lambda: [10.0, 60.0, 300.0, 1800.0])
+    max_age_hours: float = Field(24.0, gt=0)
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    smtp: SmtpSettings | None = None
+
+
+class WebSettings(_Section):
+    """[web]: the dashboard, REST, /healthz and /metrics (the ``web`` role)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    secret_key_file: Path = Field(Path("var/web-secret"), description="created (mode 0600) if missing")
+    session_hours: float = Field(12.0, gt=0)
+    cookie_secure: bool = Field(False, description="set when served behind HTTPS")
 
 
 class LoggingSettings(_Section):
@@ -229,6 +309,9 @@ class Settings(_Section):
     sender: SenderSettings = Field(default_factory=SenderSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @model_validator(mode="after")
     def _unique_peers(self) -> "Settings":

@@ -43,6 +43,7 @@ class Study(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     queued_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # 0 routine, 1 high, 2 urgent
+    priority_reason: Mapped[str | None] = mapped_column(Text)  # the triage rule (or peer default) that set it
 
     series: Mapped[list["Series"]] = relationship(back_populates="study")
 
@@ -196,3 +197,88 @@ class RoleHeartbeat(Base):
 Index("ix_studies_last_received_at", Study.last_received_at)
 Index("ix_jobs_claim", Job.state, Job.priority, Job.created_at)
 Index("ix_outbox_claim", OutboxItem.state, OutboxItem.next_attempt_at)
+
+
+class Notification(Base):
+    """One announcement of a study to one channel (a webhook URL or SMTP), delivered by the sender role.
+
+    Written in the worker's result transaction, so a study is announced once per result revision even
+    when a process dies in between; ``payload`` is the exact body, PHI-free unless configured otherwise.
+    """
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(16))  # webhook, smtp
+    target: Mapped[str] = mapped_column(Text)  # URL, or comma-separated addresses
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    payload: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, sent, dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class PeerOverride(Base):
+    """Peers added, edited or removed from the CLI or the web: an overlay on the config file's ``[[peers]]``.
+
+    Kept in the database so every role on every machine sees the same peers without a restart; a row with
+    ``removed`` set hides a peer of the same name from the file.
+    """
+
+    __tablename__ = "peer_overrides"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    removed: Mapped[bool] = mapped_column(default=False)
+    settings: Mapped[dict | None] = mapped_column(JSON)  # a PeerSettings as JSON, None when removed
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class User(Base):
+    """A local dashboard user; ``password_hash`` is a salted scrypt hash, never the password."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))  # admin, viewer
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    """A dashboard login; the cookie holds a random token whose SHA-256 is ``token_hash``."""
+
+    __tablename__ = "web_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Counter(Base):
+    """Monotonic event counters for /metrics that survive retention (rows of instances are deleted).
+
+    Incremented in the same transaction as the event; ``labels`` is a canonical ``k=v,k=v`` string.
+    """
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labels: Mapped[str] = mapped_column(String(200), primary_key=True, default="")
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+Index("ix_notifications_claim", Notification.state, Notification.next_attempt_at)
