@@ -1,0 +1,98 @@
+"""Monotonic event counters for ``/metrics``, kept in the database because every role is its own process.
+
+Each role increments a row in the same transaction as the event it counts (an instance indexed, an
+association audited, a delivery recorded), so a counter never runs ahead of or behind what happened.
+The web role reads the table at scrape time. ``labels`` is stored as a canonical ``k=v,k=v`` string
+(keys sorted) so the same label set always hits the same row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from storage.db import Database
+from storage.models import Counter
+
+# Upper bounds (seconds) of the inference duration histogram; +Inf is implicit.
+INFERENCE_SECONDS_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def encode_labels(labels: Mapping[str, object] | None) -> str:
+    """``{"b": 1, "a": "x"}`` → ``"a=x,b=1"``; commas and equals signs in values are replaced."""
+    if not labels:
+        return ""
+    parts = []
+    for key in sorted(labels):
+        value = str(labels[key]).replace(",", "_").replace("=", "_")
+        parts.append(f"{key}={value}")
+    return ",".join(parts)[:200]
+
+
+def decode_labels(text: str) -> dict[str, str]:
+    if not text:
+        return {}
+    return dict(part.split("=", 1) for part in text.split(","))
+
+
+def increment(session: Session, name: str, labels: Mapping[str, object] | None = None, amount: float = 1) -> None:
+    """Add ``amount`` to a counter inside the caller's transaction (an upsert on SQLite and PostgreSQL)."""
+    values = {"name": name, "labels": encode_labels(labels), "value": float(amount)}
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement = postgresql_insert(Counter).values(**values)
+    elif dialect == "sqlite":
+        statement = sqlite_insert(Counter).values(**values)
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise NotImplementedError(f"counters need SQLite or PostgreSQL, not {dialect}")
+    statement = statement.on_conflict_do_update(
+        index_elements=[Counter.name, Counter.labels],
+        set_={"value": Counter.value + statement.excluded.value},
+    )
+    session.execute(statement)
+
+
+def observe(
+    session: Session,
+    name: str,
+    value: float,
+    buckets: Sequence[float] = INFERENCE_SECONDS_BUCKETS,
+    labels: Mapping[str, object] | None = None,
+) -> None:
+    """Record one observation of a histogram: ``<name>_bucket{le=…}`` (cumulative), ``_sum`` and ``_count``."""
+    base = dict(labels or {})
+    for bound in buckets:
+        if value <= bound:
+            increment(session, f"{name}_bucket", {**base, "le": _format_bound(bound)})
+    increment(session, f"{name}_bucket", {**base, "le": "+Inf"})
+    increment(session, f"{name}_sum", base, value)
+    increment(session, f"{name}_count", base)
+
+
+def _format_bound(bound: float) -> str:
+    return repr(float(bound))
+
+
+class Counters:
+    """Counters for callers that have no transaction of their own (the worker's inference timing)."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def increment(self, name: str, labels: Mapping[str, object] | None = None, amount: float = 1) -> None:
+        with self.db.session() as session:
+            increment(session, name, labels, amount)
+
+    def observe(self, name: str, value: float, buckets: Sequence[float] = INFERENCE_SECONDS_BUCKETS) -> None:
+        with self.db.session() as session:
+            observe(session, name, value, buckets)
+
+    def all(self) -> list[tuple[str, dict[str, str], float]]:
+        """Every counter as ``(name, labels, value)``."""
+        with self.db.session() as session:
+            rows: Iterable[Counter] = session.scalars(select(Counter).order_by(Counter.name, Counter.labels))
+            return [(row.name, decode_labels(row.labels), float(row.value)) for row in rows]
