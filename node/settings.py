@@ -238,6 +238,14 @@ class TriageRule(_Section):
     when: str = Field(min_length=1, max_length=500)
     priority: Priority
 
+    @field_validator("when")
+    @classmethod
+    def _safe_expression(cls, value: str) -> str:
+        from node.triage import check_expression  # late: node.triage builds on these settings
+
+        check_expression(value)
+        return value
+
 
 class TriageSettings(_Section):
     """[triage]: rules over the study's results, first match wins; no match gives ``default``."""

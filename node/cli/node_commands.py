@@ -55,11 +55,22 @@ def serve(
     run_serve(settings, role=role, config_path=config)
 
 
+def _check_triage_names(settings: Settings, source: str) -> None:
+    """Triage rules may only name study attributes and outputs of the configured model's heads."""
+    from node.triage import Triage, TriageError, head_labels_from_model
+
+    try:
+        Triage(settings.triage, head_labels_from_model(settings.engine.model))
+    except TriageError as exc:
+        raise ConfigError(source, exc.problems) from None
+
+
 @config_app.command("check")
 def config_check(path: Annotated[Path, typer.Argument(help="The TOML file to validate.")]) -> None:
     """Validate FILE: print every problem with its key path; exit non-zero if there is any."""
     try:
         settings = load_settings(path)
+        _check_triage_names(settings, str(path))
     except ConfigError as exc:
         err_console.print(f"{exc.source}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:
