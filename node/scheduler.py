@@ -13,6 +13,7 @@ import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from node.peers import PeerDirectory
 from node.settings import Settings, priority_rank
 from storage import completion
 from storage.db import Database
@@ -29,17 +30,24 @@ class Scheduler:
         self.database = database
         self.spool = spool
         self.queue = JobQueue(database)
+        self.peers = PeerDirectory(settings, database)  # file + database overlay, so CLI edits apply
 
     def _initial_priority(self, calling_ae_title: str | None) -> int:
-        peer = self.settings.peer_by_ae_title(calling_ae_title)
+        peer = self.peers.by_ae_title(calling_ae_title)
         return priority_rank(peer.priority) if peer else 0
+
+    def _settle_seconds_for(self, calling_ae_title: str | None) -> float:
+        peer = self.peers.by_ae_title(calling_ae_title)
+        if peer is not None and peer.settle_seconds is not None:
+            return peer.settle_seconds
+        return self.settings.pipeline.settle_seconds
 
     def completion_tick(self) -> None:
         try:
             decisions = completion.tick(
                 self.database,
                 self.queue,
-                self.settings.settle_seconds_for,
+                self._settle_seconds_for,
                 self.settings.pipeline.force_complete_seconds,
                 self._initial_priority,
             )

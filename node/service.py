@@ -11,9 +11,10 @@ import os
 import signal
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.peers import PeerDirectory
 from node.receiver import Receiver
 from node.settings import Settings
 from storage.db import Database
@@ -34,6 +35,8 @@ class Runtime:
     database: Database
     index: Index
     spool: Spool
+    peers: PeerDirectory  # the file's [[peers]] plus the database overlay (msknode peers ...)
+    detail: dict = field(default_factory=dict)  # reported in this role's heartbeat (msknode status)
 
 
 def open_runtime(settings: Settings) -> Runtime:
@@ -42,14 +45,14 @@ def open_runtime(settings: Settings) -> Runtime:
     log.info("database at revision %s", revision)
     database = Database(settings.storage.database_url)
     spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
-    return Runtime(settings, database, Index(database), spool)
+    return Runtime(settings, database, Index(database), spool, PeerDirectory(settings, database))
 
 
 def build_receiver(runtime: Runtime) -> Receiver:
     settings = runtime.settings
     return Receiver(
         node=settings.node,
-        peers=lambda: settings.peers,
+        peers=runtime.peers.effective_peers,
         index=runtime.index,
         spool=runtime.spool,
         min_free_disk_mb=settings.storage.min_free_disk_mb,
@@ -95,12 +98,16 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     from storage.queue import JobQueue
     from storage.worklist import Worklist
 
+    from storage.counters import Counters
+
     engine = runtime.settings.engine
     precision = None if engine.precision == "auto" else engine.precision
+    runtime.detail.update(engine_loaded=False, model=str(engine.model))
     encoder = engines.load(engine.model, backend=engine.backend, precision=precision)
     calibration = load_calibration(engine.model, encoder.encoder_hash) if Path(engine.model).is_dir() else None
+    runtime.detail.update(engine_loaded=True, engine={**encoder.describe(), "model": str(engine.model)})
     worker = Worker(runtime.settings, JobQueue(runtime.database), Worklist(runtime.database), runtime.spool,
-                    encoder, calibration)
+                    encoder, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database))
     worker.run(stop)
 
 
@@ -109,7 +116,7 @@ def run_sender(runtime: Runtime, stop: threading.Event) -> None:
     from storage.outbox import Outbox
 
     settings = runtime.settings
-    sender = Sender(settings.node.ae_title, lambda: settings.peers, Outbox(runtime.database), runtime.spool,
+    sender = Sender(settings.node.ae_title, runtime.peers.effective_peers, Outbox(runtime.database), runtime.spool,
                     settings.sender)
     sender.run(stop, settings.pipeline.poll_seconds)
 
@@ -136,8 +143,12 @@ def serve(settings: Settings, role: str = "all", stop_event: threading.Event | N
         return
     name = roles[0] if role == "all" else role
     runtime = open_runtime(settings)
+    from node.status import HeartbeatThread
+
+    heartbeat = HeartbeatThread(runtime.database, name, runtime.detail).start()
     try:
         RUNNERS[name](runtime, stop)
     finally:
+        heartbeat.stop()
         runtime.database.dispose()
         log.info("%s stopped", name)

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,7 +28,8 @@ from pydicom.dataset import Dataset
 
 from node.eligibility import ineligibility_reason
 from node.faults import fault_point
-from node.settings import PRIORITIES, Settings
+from node.settings import PRIORITIES, PeerSettings, Settings
+from storage.counters import Counters
 from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
 from storage.spool import Spool
 from storage.worklist import JobInput, Worklist
@@ -76,8 +78,12 @@ def _dataset_bytes(dataset: Dataset) -> bytes:
 
 class Worker:
     def __init__(self, settings: Settings, queue: JobQueue, worklist: Worklist, spool: Spool, encoder: Any,
-                 calibration: Any = None, owner: str | None = None) -> None:
+                 calibration: Any = None, owner: str | None = None,
+                 peers: Callable[[], Sequence[PeerSettings]] | None = None, counters: Counters | None = None) -> None:
         self.settings = settings
+        # The effective peers (file + database overlay, node/peers.py); the file's alone when not given.
+        self.peers = peers or (lambda: settings.peers)
+        self.counters = counters  # inference_seconds histogram for /metrics
         self.queue = queue
         self.worklist = worklist
         self.spool = spool
@@ -174,7 +180,7 @@ class Worker:
             except Exception as exc:
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", f"unreadable: {type(exc).__name__}"))
                 continue
-            peer = self.settings.peer_by_ae_title(item.calling_ae_title)
+            peer = next((p for p in self.peers() if p.ae_title == (item.calling_ae_title or '').strip()), None)
             reason = ineligibility_reason(dataset, peer.name if peer else None, self.settings.eligibility)
             if reason:
                 work.outcomes.append(ImageOutcome(item.instance_id, "ineligible", reason))
@@ -213,7 +219,9 @@ class Worker:
             embedding = self.encoder.embed(x)
             heads = self.encoder.predict(x, embedding=embedding)
             result = self.encoder.error_map_result(x, seed=engine.seed, passes=engine.passes)
-            log.info("inference: %d frame(s) in %.2f s", len(chunk), time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            log.info("inference: %d frame(s) in %.2f s", len(chunk), seconds)
+            self._record_inference_seconds(seconds)
             for row, frame in enumerate(chunk):
                 map224 = result.maps[row].numpy()
                 score = float(result.scores[row])
@@ -224,6 +232,15 @@ class Worker:
                     "region": None if region is None else region.polygon,
                     "heads": {name: probs[row].tolist() for name, probs in heads.items()},
                 }
+
+    def _record_inference_seconds(self, seconds: float) -> None:
+        """One engine pass (a batch) into the /metrics histogram; a database hiccup must not fail the batch."""
+        if self.counters is None:
+            return
+        try:
+            self.counters.observe("inference_seconds", seconds)
+        except Exception:
+            log.warning("cannot record inference time for /metrics")
 
     def _finish(self, work: JobWork) -> None:
         job = work.job
@@ -315,7 +332,7 @@ class Worker:
             if settings.results.report_not_analysed and work.not_analysed:
                 objects.append(("SR", build_not_analysed_sr(study, base, previous)))
 
-        destinations = [peer.name for peer in settings.peers if peer.receives_results]
+        destinations = [peer.name for peer in self.peers() if peer.receives_results]
         outbox: list[OutboxEntry] = []
         for kind, dataset in objects:
             dataset = getattr(dataset, "__wrapped__", dataset)

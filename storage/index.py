@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from storage.counters import increment
 from storage.db import Database, utcnow
 from storage.models import Association, ImageResult, Instance, InstanceReplacement, Job, OutboxItem, Series, Study
 
@@ -51,6 +52,12 @@ class IndexResult:
     previous_spool_path: str | None = None  # for REPLACED: the file the caller may now delete
 
 
+def _count_instance(session, record: InstanceRecord, outcome: IndexOutcome) -> None:  # type: ignore[no-untyped-def]
+    """/metrics counters, in the transaction that indexes the instance."""
+    increment(session, "instances_received", {"outcome": outcome.value})
+    increment(session, "received_bytes", None, record.size_bytes)
+
+
 class Index:
     """Intake's view of the database."""
 
@@ -85,6 +92,8 @@ class Index:
                     reject_reason=reject_reason,
                 )
             )
+            increment(session, "associations", {"outcome": "rejected" if reject_reason else "accepted",
+                                                "reason": reject_reason or ""})
         return association_id
 
     def association_ended(self, association_id: str, outcome: str, instance_count: int) -> None:
@@ -156,6 +165,7 @@ class Index:
                 select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
             )
             if existing is not None and existing.sha256 == record.sha256:
+                _count_instance(session, record, IndexOutcome.DUPLICATE)
                 return IndexResult(IndexOutcome.DUPLICATE)
 
             # New content for this study: a (re)processing is due once the study settles again.
@@ -181,6 +191,7 @@ class Index:
             )
             if existing is None:
                 session.add(Instance(sop_instance_uid=record.sop_instance_uid, replaced_count=0, **values))
+                _count_instance(session, record, IndexOutcome.NEW)
                 return IndexResult(IndexOutcome.NEW)
 
             old_series_uid = session.scalar(
@@ -201,6 +212,7 @@ class Index:
             for key, value in values.items():
                 setattr(existing, key, value)
             existing.replaced_count = (existing.replaced_count or 0) + 1
+            _count_instance(session, record, IndexOutcome.REPLACED)
             return IndexResult(IndexOutcome.REPLACED, previous_spool_path=previous_path)
 
     # -- queries -----------------------------------------------------------------------------

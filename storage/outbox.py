@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
 
+from storage.counters import increment
 from storage.db import Database, utcnow
 from storage.models import OutboxItem
 
@@ -27,6 +28,14 @@ class Delivery:
     kind: str
     attempts: int
     created_at: datetime
+
+
+def _count_delivery(session, item_id: int, outcome: str, rowcount: int) -> None:  # type: ignore[no-untyped-def]
+    """/metrics ``deliveries_total{outcome,destination}``, in the transaction that records the outcome."""
+    if rowcount != 1:
+        return  # the lease was lost: another sender records this row's outcome
+    destination = session.scalar(select(OutboxItem.destination).where(OutboxItem.id == item_id))
+    increment(session, "deliveries", {"outcome": outcome, "destination": destination or ""})
 
 
 class Outbox:
@@ -81,15 +90,16 @@ class Outbox:
 
     def delivered(self, item_id: int, owner: str, status: str) -> None:
         with self.db.session() as session:
-            session.execute(
+            result = session.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id == item_id, OutboxItem.lease_owner == owner)
                 .values(state="delivered", delivered_at=utcnow(), last_status=status, last_error=None, lease_owner=None)
             )
+            _count_delivery(session, item_id, "delivered", result.rowcount)
 
     def retry_later(self, item_id: int, owner: str, status: str, error: str, delay_seconds: float) -> None:
         with self.db.session() as session:
-            session.execute(
+            result = session.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id == item_id, OutboxItem.lease_owner == owner)
                 .values(
@@ -100,17 +110,19 @@ class Outbox:
                     lease_owner=None,
                 )
             )
+            _count_delivery(session, item_id, "retry", result.rowcount)
 
     def dead_letter(self, item_id: int, owner: str | None, status: str, error: str) -> None:
         with self.db.session() as session:
             conditions = [OutboxItem.id == item_id]
             if owner is not None:
                 conditions.append(OutboxItem.lease_owner == owner)
-            session.execute(
+            result = session.execute(
                 update(OutboxItem)
                 .where(*conditions)
                 .values(state="dead", last_status=status, last_error=error, lease_owner=None)
             )
+            _count_delivery(session, item_id, "dead", result.rowcount)
 
     # -- admin -------------------------------------------------------------------------------
     def retry(self, item_id: int) -> bool:
