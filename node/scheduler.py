@@ -14,7 +14,8 @@ import threading
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.peers import PeerDirectory
-from node.settings import Settings, priority_rank
+from node.settings import Settings
+from node.triage import Triage
 from storage import completion
 from storage.db import Database
 from storage.queue import JobQueue
@@ -30,11 +31,13 @@ class Scheduler:
         self.database = database
         self.spool = spool
         self.queue = JobQueue(database)
+        self.triage = Triage(settings.triage, None)  # queue-time rules name only calling_ae / peer
         self.peers = PeerDirectory(settings, database)  # file + database overlay, so CLI edits apply
 
     def _initial_priority(self, calling_ae_title: str | None) -> int:
         peer = self.peers.by_ae_title(calling_ae_title)
-        return priority_rank(peer.priority) if peer else 0
+        # The peer's priority, or a higher one from a triage rule that names only the sender (node/triage.py).
+        return self.triage.starting(calling_ae_title, peer.name if peer else None, peer.priority if peer else None).rank
 
     def _settle_seconds_for(self, calling_ae_title: str | None) -> float:
         peer = self.peers.by_ae_title(calling_ae_title)

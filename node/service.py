@@ -118,7 +118,16 @@ def run_sender(runtime: Runtime, stop: threading.Event) -> None:
     settings = runtime.settings
     sender = Sender(settings.node.ae_title, runtime.peers.effective_peers, Outbox(runtime.database), runtime.spool,
                     settings.sender)
+    # Notifications (webhooks, e-mail) ride along in the sender role: outbound delivery, no new process.
+    from node.notifier import Notifier
+    from storage.notifications import Notifications
+
+    notifier = Notifier(settings.notifications, Notifications(runtime.database))
+    announcing = threading.Thread(target=notifier.run, args=(stop, settings.pipeline.poll_seconds),
+                                  name="notifier", daemon=True)
+    announcing.start()
     sender.run(stop, settings.pipeline.poll_seconds)
+    announcing.join(timeout=30)
 
 
 RUNNERS = {"receiver": run_receiver, "scheduler": run_scheduler, "worker": run_worker, "sender": run_sender}

@@ -28,6 +28,9 @@ from pydicom.dataset import Dataset
 
 from node.eligibility import ineligibility_reason
 from node.faults import fault_point
+from node.notifier import build_payload, entries_for
+from node.triage import Decision, Triage, study_values, summarise
+from storage.notifications import NotificationEntry
 from node.settings import PRIORITIES, PeerSettings, Settings
 from storage.counters import Counters
 from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
@@ -64,6 +67,24 @@ def _priority_name(rank: int) -> str:
     return PRIORITIES[max(0, min(rank, len(PRIORITIES) - 1))].upper()
 
 
+def _text(header: Dataset | None, keyword: str) -> str | None:
+    """A header attribute as stripped text, None when absent or empty."""
+    value = header.get(keyword) if header is not None else None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _requested_priority(header: Dataset | None) -> str | None:
+    """Requested Procedure Priority (0040,1003), top level or in the Request Attributes Sequence."""
+    found = _text(header, "RequestedProcedurePriority")
+    if found is None and header is not None:
+        for item in header.get("RequestAttributesSequence") or []:
+            found = _text(item, "RequestedProcedurePriority")
+            if found:
+                break
+    return found.upper() if found else None
+
+
 def _resize(map224: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     tensor = torch.as_tensor(map224, dtype=torch.float32)[None, None]
     out = torch.nn.functional.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)
@@ -95,6 +116,7 @@ class Worker:
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
+        self.triage()  # rules naming an output this model lacks stop the worker at start, with the key path
         pipeline = self.settings.pipeline
         heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True)
         heartbeat.start()
@@ -247,19 +269,65 @@ class Worker:
         if work.error is not None:
             self.queue.release(job.id, self.owner, work.error)
             return
+        decision, notifications = Decision(job.priority, "peer default"), []
         try:
-            state, reason, outbox, outcomes = self._build_results(work)
+            state, reason, outbox, outcomes, (decision, notifications) = self._build_results(work)
         except Exception as exc:
             log.exception("job %d: building results failed", job.id)
             state, reason, outbox = "failed", f"building results failed: {type(exc).__name__}: {exc}", []
             outcomes = work.outcomes
         fault_point("worker.before_finish")
-        if not self.queue.finish(job.id, self.owner, state, outcomes, outbox, reason=reason):
+        if not self.queue.finish(job.id, self.owner, state, outcomes, outbox, reason=reason, priority=decision.rank,
+                                 priority_reason=decision.reason, notifications=notifications):
             log.warning("job %d finished after losing its lease; results dropped", job.id)
             return
         log.info("job %d (study %s): %s, %d object(s) queued", job.id, job.study_instance_uid, state, len(outbox))
 
-    def _build_results(self, work: JobWork) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome]]:
+    def triage(self) -> Triage:
+        """The compiled ``[triage]`` rules, checked against this model's head names (once per process)."""
+        compiled = getattr(self, "_compiled_triage", None)
+        if compiled is None:
+            labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
+            compiled = self._compiled_triage = Triage(self.settings.triage, labels)
+        return compiled
+
+    def _triage_study(self, work: JobWork, images: list[Any], state: str, created: datetime,
+                      model_name: str) -> tuple[Decision, list[NotificationEntry]]:
+        """Priority of the study (first matching rule, never below the peer's) and its notifications."""
+        job, settings = work.job, self.settings
+        header = work.frames[0].header if work.frames else (work.not_analysed[0][0] if work.not_analysed else None)
+        calling_ae = work.frames[0].input.calling_ae_title if work.frames else None
+        peer = next((p for p in self.peers() if calling_ae and p.ae_title == calling_ae.strip()), None)
+        triage = self.triage()
+        starting = triage.starting(calling_ae, peer.name if peer else None, peer.priority if peer else None)
+        if job.priority > starting.rank:
+            starting = Decision(job.priority, "peer default")
+        if state != "done":
+            return starting, []
+        attributes = {
+            "calling_ae": calling_ae,
+            "peer": peer.name if peer else None,
+            "modality": _text(header, "Modality"),
+            "body_part": _text(header, "BodyPartExamined"),
+            "requested_priority": _requested_priority(header),
+        }
+        labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
+        values = study_values(
+            ((image.score, image.percentile, {h.name: h.probabilities for h in image.heads}) for image in images),
+            labels, attributes,
+        )
+        decision = triage.decide(values, starting)
+        payload = build_payload(
+            settings.notifications, study_id=job.study_id, study_instance_uid=job.study_instance_uid,
+            accession_number=_text(header, "AccessionNumber"), priority=decision.priority,
+            findings=summarise(values, decision), created_at=created, model=model_name,
+            patient={"name": _text(header, "PatientName"), "id": _text(header, "PatientID")},
+        )
+        return decision, entries_for(settings.notifications, decision.rank, payload)
+
+    def _build_results(
+        self, work: JobWork
+    ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], tuple[Decision, list[NotificationEntry]]]:
         from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
         from node.results.sc import build_sc
         from node.results.sr import build_not_analysed_sr, build_sr
@@ -300,9 +368,11 @@ class Worker:
                 )
             )
         created = self.worklist.job_created_at(job.id) or datetime.now(timezone.utc)
+        triaged = self._triage_study(work, images, "done" if images else "not_analysed", created,
+                                     f"{model.name} {model.version}")
         study = StudyResult(
             study_instance_uid=job.study_instance_uid, images=images, not_analysed=work.not_analysed,
-            priority=_priority_name(job.priority), model=model, created_at=created, node_name=settings.node.ae_title,
+            priority=_priority_name(triaged[0].rank), model=model, created_at=created, node_name=settings.node.ae_title,
         )
         previous_path = self.worklist.previous_sr_path(job.study_instance_uid, job.id)
         previous = None
@@ -342,4 +412,4 @@ class Worker:
             )
             for destination in destinations:
                 outbox.append(OutboxEntry(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), kind, path, destination))
-        return state, reason, outbox, outcomes
+        return state, reason, outbox, outcomes, triaged

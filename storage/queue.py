@@ -9,6 +9,7 @@ way the UPDATE re-checks the claim predicate, so two claimants can never both wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import and_, or_, select, update
 
 from storage.db import Database, utcnow
 from storage.models import ImageResult, Job, OutboxItem, Study
+from storage.notifications import NotificationEntry, add_for_job
 
 JOB_ACTIVE_STATES = ("queued", "processing")
 
@@ -175,10 +177,15 @@ class JobQueue:
         outbox: list[OutboxEntry],
         reason: str | None = None,
         priority: int | None = None,
+        priority_reason: str | None = None,
+        notifications: Sequence[NotificationEntry] = (),
     ) -> bool:
-        """Record a job's outcome, its per-image results and its outbox rows in one transaction.
+        """Record a job's outcome, its per-image results, its outbox rows and its notifications in one transaction.
 
         Returns False (and records nothing) if the lease was lost meanwhile: another worker owns the job.
+        ``priority`` (the triage decision, with ``priority_reason``) is stored on the study and given to the
+        outbox rows; notifications are queued once per (job, channel, target), so a study is never announced
+        twice for one result revision.
         """
         now = utcnow()
         with self.db.session() as session:
@@ -236,6 +243,10 @@ class JobQueue:
                 study.status = state
                 study.status_reason = reason
             study.priority = final_priority
+            if priority_reason is not None:
+                study.priority_reason = priority_reason
+            if notifications:
+                add_for_job(session, job_id, study.id, study.study_instance_uid, final_priority, notifications, now)
             return True
 
     def release(self, job_id: int, owner: str, error: str) -> None:

@@ -1,0 +1,130 @@
+"""Notification rows: written with a job's results, claimed with a lease and delivered by the notifier.
+
+The same lease pattern as the outbox (storage/outbox.py): a claim sets ``lease_owner`` /
+``lease_expires_at``; a dead process's row is claimed again once the lease expired; failures reschedule the
+row with a delay, and a row too old is given up (``dead``) with the reason kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.db import Database, utcnow
+from storage.models import Notification
+
+
+@dataclass(frozen=True)
+class NotificationEntry:
+    """One announcement to queue: ``channel`` webhook or smtp, ``target`` the URL or the addresses."""
+
+    channel: str
+    target: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PendingNotification:
+    id: int
+    channel: str
+    target: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+def add_for_job(session: Session, job_id: int, study_id: int, study_instance_uid: str, priority: int,
+                entries: Sequence[NotificationEntry], now: datetime) -> int:
+    """Queue ``entries`` inside the caller's (the job's result) transaction; once per (job, channel, target)."""
+    existing = set(
+        session.execute(select(Notification.channel, Notification.target).where(Notification.job_id == job_id)).all()
+    )
+    added = 0
+    for entry in entries:
+        if (entry.channel, entry.target) in existing:
+            continue
+        session.add(
+            Notification(
+                study_id=study_id, study_instance_uid=study_instance_uid, job_id=job_id, channel=entry.channel,
+                target=entry.target, priority=priority, payload=entry.payload, state="pending", attempts=0,
+                next_attempt_at=now, created_at=now,
+            )
+        )
+        added += 1
+    return added
+
+
+class Notifications:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+        self._postgres = database.engine.dialect.name == "postgresql"
+
+    def _claimable(self, now: datetime):  # type: ignore[no-untyped-def]
+        return or_(
+            and_(Notification.state == "pending", Notification.next_attempt_at <= now),
+            and_(Notification.state == "sending", Notification.lease_expires_at < now),
+        )
+
+    def claim(self, owner: str, lease_seconds: float, limit: int = 16) -> list[PendingNotification]:
+        """Claim up to ``limit`` due rows, most urgent first, then oldest."""
+        now = utcnow()
+        claimed: list[PendingNotification] = []
+        with self.db.session() as session:
+            query = (
+                select(Notification.id)
+                .where(self._claimable(now))
+                .order_by(Notification.priority.desc(), Notification.created_at, Notification.id)
+                .limit(limit)
+            )
+            if self._postgres:
+                query = query.with_for_update(skip_locked=True)
+            for (row_id,) in session.execute(query).all():
+                result = session.execute(
+                    update(Notification)
+                    .where(Notification.id == row_id, self._claimable(now))
+                    .values(state="sending", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                            attempts=Notification.attempts + 1)
+                )
+                if result.rowcount != 1:
+                    continue
+                row = session.get(Notification, row_id)
+                assert row is not None
+                claimed.append(PendingNotification(row.id, row.channel, row.target, dict(row.payload), row.attempts,
+                                                   row.created_at))
+        return claimed
+
+    def sent(self, row_id: int, owner: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Notification)
+                .where(Notification.id == row_id, Notification.lease_owner == owner)
+                .values(state="sent", sent_at=utcnow(), last_error=None, lease_owner=None)
+            )
+
+    def retry_later(self, row_id: int, owner: str, error: str, delay_seconds: float) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Notification)
+                .where(Notification.id == row_id, Notification.lease_owner == owner)
+                .values(state="pending", next_attempt_at=utcnow() + timedelta(seconds=delay_seconds),
+                        last_error=error, lease_owner=None)
+            )
+
+    def dead(self, row_id: int, owner: str, error: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Notification)
+                .where(Notification.id == row_id, Notification.lease_owner == owner)
+                .values(state="dead", last_error=error, lease_owner=None)
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self.db.session() as session:
+            return {state: count for state, count in session.execute(
+                select(Notification.state, func.count()).group_by(Notification.state)
+            ).all()}
