@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.headers import HeaderError, read_header
 from node.policy import decide
 from node.settings import NodeSettings, PeerSettings
+from node.tls import server_context
 from storage.index import Index, IndexOutcome, InstanceRecord
 from storage.spool import Spool
 
@@ -105,6 +106,8 @@ class Receiver:
         self._reaper_stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self.ae = self._make_ae()
+        # Built here so a bad certificate or a readable key stops start-up with the key's name.
+        self._ssl_context = server_context(node.tls) if node.tls.enabled else None
 
     # -- set-up ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -140,13 +143,13 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         self._server = self.ae.start_server(
-            (self.node.host, self.node.port), block=False, evt_handlers=handlers
+            (self.node.host, self.node.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context
         )
         self._reaper_stop.clear()
         self._reaper = threading.Thread(target=self._reap_loop, name="msknode-reaper", daemon=True)
         self._reaper.start()
         host, port = self.address
-        log.info("listening as %s on %s:%s", self.node.ae_title, host, port)
+        log.info("listening as %s on %s:%s%s", self.node.ae_title, host, port, " (TLS)" if self._ssl_context else "")
 
     def _reap_loop(self) -> None:
         while not self._reaper_stop.wait(1.0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -39,8 +40,15 @@ def _connect_error(host: str, port: int, timeout: float) -> str | None:
         return exc.strerror or type(exc).__name__
 
 
-def echo(calling_ae_title: str, peer: PeerSettings, timeout: float = 10.0) -> EchoResult:
-    """Associate, C-ECHO and release; the round trip covers the whole exchange."""
+def echo(
+    calling_ae_title: str,
+    peer: PeerSettings,
+    timeout: float = 10.0,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+) -> EchoResult:
+    """Associate, C-ECHO and release; the round trip covers the whole exchange.
+
+    ``tls_args`` (from :func:`node.tls.client_tls_args`) makes it a DICOM TLS association."""
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = timeout
@@ -48,7 +56,7 @@ def echo(calling_ae_title: str, peer: PeerSettings, timeout: float = 10.0) -> Ec
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
     started = time.perf_counter()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         elapsed = (time.perf_counter() - started) * 1000
         if assoc.is_rejected:

@@ -27,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node.faults import fault_point
 from node.scu import set_tcp_nodelay
 from node.settings import PeerSettings, SenderSettings
+from node.tls import TlsConfigError, client_tls_args
 from storage.db import as_utc, utcnow
 from storage.outbox import Delivery, Outbox
 from storage.spool import Spool
@@ -131,7 +132,15 @@ class Sender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class in sorted({item.sop_class_uid for item in items}):
             ae.add_requested_context(sop_class, UNCOMPRESSED)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = None
+        if peer.tls:
+            try:
+                tls_args = client_tls_args(self.settings.tls, peer.host)
+            except TlsConfigError as exc:  # a local problem: keep the rows and retry once it is fixed
+                for item in items:
+                    self._give_up_or_retry(item, "tls-config", str(exc))
+                return
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             primitive = assoc.acceptor.primitive if assoc.is_rejected else None
             if primitive is not None and primitive.result == 0x01:

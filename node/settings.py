@@ -57,11 +57,11 @@ class TlsSettings(_Section):
     verify_peer: bool = Field(True, description="SCU only: verify the destination's certificate against ca_certificates")
 
     @model_validator(mode="after")
-    def _files_when_enabled(self) -> "TlsSettings":
-        if self.enabled:
-            missing = [name for name in ("certificate", "private_key") if getattr(self, name) is None]
-            if missing:
-                raise ValueError(f"TLS is enabled but {', '.join(missing)} is not set")
+    def _key_with_certificate(self) -> "TlsSettings":
+        # The SCP always needs both (checked in NodeSettings); an SCU may go without a client certificate.
+        if (self.certificate is None) != (self.private_key is None):
+            missing = "private_key" if self.private_key is None else "certificate"
+            raise ValueError(f"{missing}: certificate and private_key are given together")
         return self
 
 
@@ -81,6 +81,14 @@ class NodeSettings(_Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     _check_ae = field_validator("ae_title")(_validate_ae_title)
+
+    @model_validator(mode="after")
+    def _tls_needs_certificate(self) -> "NodeSettings":
+        if self.tls.enabled and self.tls.certificate is None:
+            raise ValueError("tls.certificate: the TLS listener needs a certificate and private_key")
+        if self.tls.require_client_certificate and self.tls.ca_certificates is None:
+            raise ValueError("tls.ca_certificates: needed to verify client certificates (require_client_certificate)")
+        return self
 
 
 class StorageSettings(_Section):
@@ -156,7 +164,7 @@ class PipelineSettings(_Section):
     poll_seconds: float = Field(1.0, gt=0)
     workers: int = Field(1, ge=1, le=32)
     roles: list[Literal["receiver", "scheduler", "worker", "sender", "web"]] = Field(
-        default_factory=lambda: ["receiver", "scheduler", "worker", "sender"],
+        default_factory=lambda: ["receiver", "scheduler", "worker", "sender", "web"],
         description="the roles `msknode serve` runs on this machine",
     )
 
@@ -328,6 +336,8 @@ class Settings(_Section):
             if peer.name in seen:
                 raise ValueError(f"peers[{index}].name: duplicate peer name {peer.name!r}")
             seen[peer.name] = index
+            if peer.tls and not self.sender.tls.enabled:
+                raise ValueError(f"peers[{index}].tls: needs [sender.tls] enabled (with ca_certificates)")
         return self
 
     def peer_by_ae_title(self, ae_title: str | None) -> PeerSettings | None:

@@ -106,7 +106,16 @@ def echo(
     except KeyError:
         err_console.print(f"no peer named {peer!r}; configured: {', '.join(p.name for p in settings.peers) or 'none'}")
         raise typer.Exit(code=2) from None
-    result = send_echo(settings.node.ae_title, target, timeout=timeout)
+    tls_args = None
+    if target.tls:  # the same TLS settings the sender uses for this peer
+        from node.tls import TlsConfigError, client_tls_args
+
+        try:
+            tls_args = client_tls_args(settings.sender.tls, target.host)
+        except TlsConfigError as exc:
+            err_console.print(f"configuration error: {exc}")
+            raise typer.Exit(code=2) from None
+    result = send_echo(settings.node.ae_title, target, timeout=timeout, tls_args=tls_args)
     where = f"{target.name} ({target.ae_title}@{target.host}:{target.port})"
     if result.ok:
         console.print(f"C-ECHO {where}: success in {result.round_trip_ms:.1f} ms")
