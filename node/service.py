@@ -24,7 +24,7 @@ from storage.spool import Spool
 
 log = logging.getLogger("msknode.serve")
 
-ROLES = ("all", "receiver", "scheduler", "worker", "sender")
+ROLES = ("all", "receiver", "scheduler", "worker", "sender", "web")
 
 
 @dataclass
@@ -130,7 +130,35 @@ def run_sender(runtime: Runtime, stop: threading.Event) -> None:
     announcing.join(timeout=30)
 
 
-RUNNERS = {"receiver": run_receiver, "scheduler": run_scheduler, "worker": run_worker, "sender": run_sender}
+def run_web(runtime: Runtime, stop: threading.Event) -> None:
+    """The dashboard, /healthz and /metrics on ``[web] host:port`` (uvicorn in a thread, until ``stop``)."""
+    import uvicorn
+
+    from node.web import create_app
+    from node.web.accounts import Accounts
+
+    settings = runtime.settings
+    app = create_app(settings, runtime.database, runtime.spool)
+    if Accounts(runtime.database).user_count() == 0:
+        log.warning("no dashboard user exists yet; create the first administrator with: "
+                    "msknode users add NAME --role admin  (add the same --config as for serve)")
+    config = uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_config=None,
+                            access_log=False, lifespan="off", server_header=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="msknode-web", daemon=True)
+    thread.start()
+    log.info("web dashboard on http://%s:%d", settings.web.host, settings.web.port)
+    try:
+        while not stop.wait(0.5):
+            if not thread.is_alive():
+                raise RuntimeError(f"the web server stopped (is {settings.web.host}:{settings.web.port} in use?)")
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+RUNNERS = {"receiver": run_receiver, "scheduler": run_scheduler, "worker": run_worker, "sender": run_sender,
+           "web": run_web}
 
 
 def serve(settings: Settings, role: str = "all", stop_event: threading.Event | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from node.cli import admin_commands, engine_commands, node_commands, training_commands
+from node.cli import admin_commands, engine_commands, node_commands, training_commands, user_commands
 
 app = typer.Typer(
     name="msknode",
@@ -17,6 +17,7 @@ node_commands.register(app)
 admin_commands.register(app)
 app.add_typer(engine_commands.model_app, name="model")
 app.add_typer(training_commands.heads_app, name="heads")
+app.add_typer(user_commands.users_app, name="users")
 training_commands.register(app, engine_commands.model_app)
 
 

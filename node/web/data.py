@@ -1,0 +1,228 @@
+"""The database reads behind the dashboard pages (studies, images, deliveries, associations, queues).
+
+Pages address studies by their database id only: no UID, accession or patient identifier ever goes into a
+URL, so none ends up in proxy logs or browser history.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from node.settings import PRIORITIES
+from storage.db import Database, as_utc
+from storage.models import Association, ImageResult, Instance, Job, OutboxItem, Series, Study
+from storage.status import attention_items, queue_depths
+
+
+def priority_name(value: int | None) -> str:
+    return PRIORITIES[max(0, min(value or 0, len(PRIORITIES) - 1))]
+
+
+def head_labels(model_dir: Path) -> dict[str, list[str]]:
+    """Label names of the model's heads (``heads/<name>.json``), to name the probabilities stored per image."""
+    labels: dict[str, list[str]] = {}
+    for path in sorted((Path(model_dir) / "heads").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            labels[str(data["name"])] = [str(label) for label in data["labels"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return labels
+
+
+def findings(heads: dict[str, list[float]] | None, labels: dict[str, list[str]]) -> list[tuple[str, str, float]]:
+    """(head, label, probability) per head: the most probable class, or the one sigmoid output."""
+    result = []
+    for name, probabilities in (heads or {}).items():
+        if not probabilities:
+            continue
+        names = labels.get(name) or [f"{name}[{i}]" for i in range(len(probabilities))]
+        best = max(range(len(probabilities)), key=lambda i: probabilities[i])
+        label = names[best] if best < len(names) else str(best)
+        result.append((name, label, float(probabilities[best])))
+    return result
+
+
+@dataclass
+class StudyRow:
+    id: int
+    study_instance_uid: str  # for the spool only; pages never put it in a URL
+    accession_number: str | None
+    study_date: str | None
+    status: str
+    status_reason: str | None
+    priority: str
+    priority_reason: str | None
+    last_received: str
+    instances: int
+    modalities: list[str]
+    body_parts: list[str]
+    max_score: float | None = None
+    max_percentile: float | None = None
+    findings: list[tuple[str, str, float]] = field(default_factory=list)
+    job_state: str | None = None
+
+
+@dataclass
+class ImageRow:
+    instance_id: int
+    instance_number: int | None
+    modality: str | None
+    body_part: str | None
+    sop_instance_uid: str
+    state: str | None
+    reason: str | None
+    score: float | None
+    percentile: float | None
+    findings: list[tuple[str, str, float]]
+    region: list | None
+
+
+@dataclass
+class DeliveryRow:
+    id: int
+    kind: str
+    destination: str
+    state: str
+    attempts: int
+    last_status: str | None
+    last_error: str | None
+    delivered_at: str | None
+
+
+def _latest_job(session, study_id: int) -> Job | None:  # type: ignore[no-untyped-def]
+    return session.scalar(
+        select(Job).where(Job.study_id == study_id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+    )
+
+
+def _merge_findings(rows: list[list[tuple[str, str, float]]]) -> list[tuple[str, str, float]]:
+    """A study's key findings: per head, the most confident non-"none" call over its images."""
+    best: dict[str, tuple[str, str, float]] = {}
+    for items in rows:
+        for head, label, probability in items:
+            if label.lower() in ("none", "normal", "0"):
+                continue
+            if head not in best or probability > best[head][2]:
+                best[head] = (head, label, probability)
+    return sorted(best.values(), key=lambda item: -item[2])
+
+
+class DashboardData:
+    """Read-only queries for the pages; one instance per app."""
+
+    def __init__(self, database: Database, model_dir: Path) -> None:
+        self.db = database
+        self.labels = head_labels(model_dir)
+
+    def studies(self, limit: int = 200) -> list[StudyRow]:
+        """Most urgent first, then the most recently received."""
+        with self.db.session() as session:
+            counts = (
+                select(Instance.study_instance_uid, func.count(Instance.id).label("instances"))
+                .group_by(Instance.study_instance_uid)
+                .subquery()
+            )
+            rows = session.execute(
+                select(Study, func.coalesce(counts.c.instances, 0))
+                .outerjoin(counts, counts.c.study_instance_uid == Study.study_instance_uid)
+                .order_by(Study.priority.desc(), Study.last_received_at.desc(), Study.id.desc())
+                .limit(limit)
+            ).all()
+            return [self._study_row(session, study, int(count)) for study, count in rows]
+
+    def _study_row(self, session, study: Study, instances: int) -> StudyRow:  # type: ignore[no-untyped-def]
+        series = session.execute(
+            select(Series.modality, Series.body_part_examined).where(Series.study_id == study.id)
+        ).all()
+        row = StudyRow(
+            id=study.id, study_instance_uid=study.study_instance_uid, accession_number=study.accession_number, study_date=study.study_date,
+            status=study.status, status_reason=study.status_reason, priority=priority_name(study.priority),
+            priority_reason=study.priority_reason, last_received=as_utc(study.last_received_at).strftime("%Y-%m-%d %H:%M:%S"),
+            instances=instances, modalities=sorted({m for m, _ in series if m}),
+            body_parts=sorted({b for _, b in series if b}),
+        )
+        job = _latest_job(session, study.id)
+        if job is not None:
+            row.job_state = job.state
+            results = session.scalars(
+                select(ImageResult).where(ImageResult.job_id == job.id, ImageResult.state == "analysed")
+            ).all()
+            scores = [r.score for r in results if r.score is not None]
+            percentiles = [(r.outputs or {}).get("percentile") for r in results]
+            percentiles = [p for p in percentiles if p is not None]
+            row.max_score = max(scores) if scores else None
+            row.max_percentile = max(percentiles) if percentiles else None
+            row.findings = _merge_findings([findings((r.outputs or {}).get("heads"), self.labels) for r in results])
+        return row
+
+    def study(self, study_id: int) -> tuple[StudyRow, str, list[ImageRow], list[DeliveryRow]] | None:
+        """One study: its summary, its UID (for the spool, never shown in a URL), images and deliveries."""
+        with self.db.session() as session:
+            study = session.get(Study, study_id)
+            if study is None:
+                return None
+            instances = session.scalars(
+                select(Instance).where(Instance.study_instance_uid == study.study_instance_uid)
+                .order_by(Instance.instance_number, Instance.id)
+            ).all()
+            row = self._study_row(session, study, len(instances))
+            job = _latest_job(session, study.id)
+            results: dict[int, ImageResult] = {}
+            if job is not None:
+                for result in session.scalars(select(ImageResult).where(ImageResult.job_id == job.id)):
+                    results.setdefault(result.instance_id, result)
+            images = []
+            for instance in instances:
+                result = results.get(instance.id)
+                outputs = (result.outputs or {}) if result is not None else {}
+                images.append(
+                    ImageRow(
+                        instance_id=instance.id, instance_number=instance.instance_number, modality=instance.modality,
+                        body_part=instance.body_part_examined, sop_instance_uid=instance.sop_instance_uid,
+                        state=result.state if result else None, reason=result.reason if result else None,
+                        score=result.score if result else None, percentile=outputs.get("percentile"),
+                        findings=findings(outputs.get("heads"), self.labels), region=outputs.get("region"),
+                    )
+                )
+            deliveries = [
+                DeliveryRow(
+                    item.id, item.kind, item.destination, item.state, item.attempts, item.last_status, item.last_error,
+                    as_utc(item.delivered_at).strftime("%Y-%m-%d %H:%M:%S") if item.delivered_at else None,
+                )
+                for item in session.scalars(
+                    select(OutboxItem).where(OutboxItem.study_instance_uid == study.study_instance_uid)
+                    .order_by(OutboxItem.id)
+                )
+            ]
+            return row, study.study_instance_uid, images, deliveries
+
+    def study_uid(self, study_id: int) -> str | None:
+        with self.db.session() as session:
+            return session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+
+    def associations(self, limit: int = 200) -> list[Association]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Association).order_by(Association.started_at.desc()).limit(limit)))
+
+    def queue(self) -> dict[str, Any]:
+        """Queue depths by state, and failed jobs and dead letters with the study they belong to."""
+        items = attention_items(self.db, limit=200)
+        uids = {item["study_instance_uid"] for item in items}
+        with self.db.session() as session:
+            studies = {
+                uid: (study_id, accession)
+                for uid, study_id, accession in session.execute(
+                    select(Study.study_instance_uid, Study.id, Study.accession_number)
+                    .where(Study.study_instance_uid.in_(uids))
+                ).all()
+            } if uids else {}
+        for item in items:
+            item["number"] = int(str(item["id"]).split(":", 1)[1])
+            item["study_id"], item["accession"] = studies.get(item["study_instance_uid"], (None, None))
+        return {"depths": queue_depths(self.db), "items": items}
