@@ -141,6 +141,7 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
         ]
         self._server = self.ae.start_server(
             (self.node.host, self.node.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context
@@ -252,6 +253,18 @@ class Receiver:
     def _on_aborted(self, event: evt.Event) -> None:
         self._discard_partial_transfer(event.assoc)
         self._finish(event.assoc, "aborted")
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        """Bound every read on the accepted socket by the network timeout.
+
+        pynetdicom's accepted sockets block without limit, so a peer that stops half-way through a PDU
+        (or a TLS handshake) would hold its thread and its association slot for ever; with a timeout the
+        read fails, pynetdicom treats it as a closed connection, and the usual abort clean-up runs.
+        """
+        try:
+            event.assoc.dul.socket.socket.settimeout(self.node.network_timeout_seconds)
+        except (AttributeError, OSError):
+            pass
 
     def _on_conn_close(self, event: evt.Event) -> None:
         # A TCP close without A-RELEASE or A-ABORT is an abort as far as completeness goes.
