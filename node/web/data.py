@@ -106,7 +106,7 @@ def _merge_findings(rows: list[list[tuple[str, str, float]]]) -> list[tuple[str,
     best: dict[str, tuple[str, str, float]] = {}
     for items in rows:
         for head, label, probability in items:
-            if label.lower() in ("none", "normal", "0"):
+            if label.lower() in ("none", "normal", "0", "grade0", "kl0"):
                 continue
             if head not in best or probability > best[head][2]:
                 best[head] = (head, label, probability)

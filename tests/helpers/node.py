@@ -56,6 +56,7 @@ class Peer:
     port: int = 104
     may_send: bool = True
     receives_results: bool = False
+    priority: str = "routine"
 
 
 DEFAULT_PEERS = (
@@ -82,6 +83,8 @@ class NodeConfig:
     extra_node: dict[str, Any] = field(default_factory=dict)
     # Intake tests run the receiver role alone (one process, no model loaded); pipeline tests add the rest.
     roles: Sequence[str] = ("receiver",)
+    # The web role's port (written as [web] only when set; the dashboard tests add "web" to the roles).
+    web_port: int | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -128,6 +131,14 @@ class NodeConfig:
             f'level = "{self.log_level}"',
             "",
         ]
+        if self.web_port is not None:
+            lines += [
+                "[web]",
+                'host = "127.0.0.1"',
+                f"port = {self.web_port}",
+                f"secret_key_file = {toml_value(self.directory / 'web-secret')}",
+                "",
+            ]
         for peer in self.peers:
             lines += [
                 "[[peers]]",
@@ -137,6 +148,7 @@ class NodeConfig:
                 f"port = {peer.port}",
                 f"may_send = {toml_value(peer.may_send)}",
                 f"receives_results = {toml_value(peer.receives_results)}",
+                f'priority = "{peer.priority}"',
                 "",
             ]
         self.directory.mkdir(parents=True, exist_ok=True)
