@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian tools the integration tests use, when root and missing:
-# dcmtk (peers), dicom3tools (dciodvfy), orthanc (the PACS), postgresql, openjph-tools (HTJ2K fixtures).
+# dcmtk (peers), dicom3tools (dciodvfy), orthanc (the PACS), postgresql, openjph-tools (HTJ2K fixtures),
+# chromium (+ chromium-driver, fonts) for the dashboard's browser tests.
 # Without root nothing is installed; the tests that need a tool skip with a reason.
 set -u
 need=()
@@ -9,6 +10,7 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)
+[ -x /usr/bin/chromium ] || need+=(chromium chromium-driver fonts-dejavu-core)
 if [ ${#need[@]} -eq 0 ]; then
   echo "debian tools: all present"
   exit 0
