@@ -135,13 +135,9 @@ def run_web(runtime: Runtime, stop: threading.Event) -> None:
     import uvicorn
 
     from node.web import create_app
-    from node.web.accounts import Accounts
 
     settings = runtime.settings
     app = create_app(settings, runtime.database, runtime.spool)
-    if Accounts(runtime.database).user_count() == 0:
-        log.warning("no dashboard user exists yet; create the first administrator with: "
-                    "msknode users add NAME --role admin  (add the same --config as for serve)")
     config = uvicorn.Config(app, host=settings.web.host, port=settings.web.port, log_config=None,
                             access_log=False, lifespan="off", server_header=False)
     server = uvicorn.Server(config)
@@ -182,6 +178,12 @@ def serve(settings: Settings, role: str = "all", stop_event: threading.Event | N
     runtime = open_runtime(settings)
     from node.status import HeartbeatThread
 
+    if name == "web":
+        from node.web.accounts import first_user_hint
+
+        hint = first_user_hint(runtime.database, config_path)
+        if hint:
+            log.warning("%s", hint)
     heartbeat = HeartbeatThread(runtime.database, name, runtime.detail).start()
     try:
         RUNNERS[name](runtime, stop)

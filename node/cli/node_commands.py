@@ -43,7 +43,7 @@ def load_or_exit(path: Path | None) -> Settings:
 def serve(
     config: ConfigOption = None,
     role: Annotated[
-        str, typer.Option(help="all (supervise [pipeline] roles), or one of receiver | scheduler | worker | sender.")
+        str, typer.Option(help="all (supervise [pipeline] roles), or one of receiver | scheduler | worker | sender | web.")
     ] = "all",
 ) -> None:
     """Run the node in the foreground until Ctrl-C / SIGTERM."""

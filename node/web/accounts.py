@@ -7,8 +7,10 @@ used to log in. Each session has its own CSRF token, checked on every POST.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
+import shlex
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -146,3 +148,11 @@ class Accounts:
         if token:
             with self.db.session() as session:
                 session.execute(delete(WebSession).where(WebSession.token_hash == token_hash(token)))
+
+
+def first_user_hint(database: Database, config_path: str | os.PathLike[str] | None) -> str | None:
+    """The log line that tells the admin how to create the first user (there is no default account)."""
+    if Accounts(database).user_count() > 0:
+        return None
+    config = f" --config {shlex.quote(str(config_path))}" if config_path else ""
+    return f"no dashboard user exists yet; create the first administrator with: msknode users add NAME --role admin{config}"

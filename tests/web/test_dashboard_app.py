@@ -334,3 +334,19 @@ def test_users_cli(tmp_path: Path) -> None:
         database.dispose()
     assert runner.invoke(cli, ["users", "remove", "root", "-c", str(config)]).exit_code == 0
     assert runner.invoke(cli, ["users", "remove", "root", "-c", str(config)]).exit_code == 1
+
+
+def test_first_start_tells_how_to_create_the_first_user(tmp_path: Path) -> None:
+    from node.web.accounts import first_user_hint
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    database = Database(url)
+    try:
+        hint = first_user_hint(database, tmp_path / "my node.toml")
+        assert hint is not None
+        assert f"msknode users add NAME --role admin --config '{tmp_path / 'my node.toml'}'" in hint
+        Accounts(database).add_user("first", PASSWORD, "admin")
+        assert first_user_hint(database, None) is None
+    finally:
+        database.dispose()
