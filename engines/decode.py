@@ -122,10 +122,22 @@ REQUIRED_ATTRIBUTES = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "B
 
 
 def require_attributes(ds: Dataset) -> None:
-    """Raise a clear error for a missing or empty Image Pixel attribute (instead of a decoder's KeyError)."""
+    """Raise a clear error for a missing, empty or malformed Image Pixel attribute.
+
+    pydicom converts element values lazily, so a corrupt length or VR surfaces on first access as one of
+    many exception types (BytesLengthException, ValueError, struct.error...); checked here, every later
+    ``int(ds.Rows)`` is safe and the worker sees one error type.
+    """
     for keyword in REQUIRED_ATTRIBUTES:
-        if ds.get(keyword) in (None, ""):
-            raise PreprocessError(f"missing {keyword}")
+        try:
+            value = ds.get(keyword)
+            if value in (None, ""):
+                raise PreprocessError(f"missing {keyword}")
+            int(value)
+        except PreprocessError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            raise PreprocessError(f"malformed {keyword} ({type(exc).__name__})") from None
 
 
 def number_of_frames(ds: Dataset) -> int:
