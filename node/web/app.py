@@ -195,12 +195,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(settings: Settings, database: Database, spool: Spool) -> Starlette:
+def create_app(settings: Settings, database: Database, spool: Spool) -> "SecurityHeaders":
     """The dashboard app; the caller owns ``database`` and ``spool``."""
     from node.web import views
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    templates.env.globals["priority_class"] = lambda p: f"priority-{p}"
     web = WebContext(settings, database, spool, Accounts(database), templates, load_secret(settings.web.secret_key_file),
                      DashboardData(database, settings.engine.model))
     routes = [
@@ -226,4 +225,37 @@ def create_app(settings: Settings, database: Database, spool: Spool) -> Starlett
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.web = web
-    return app
+    return SecurityHeaders(app)
+
+
+class SecurityHeaders:
+    """Headers on every response: no framing (clickjacking), no MIME sniffing, no referrer, and pages with
+    patient data never stored by the browser or a proxy cache."""
+
+    HEADERS = [
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy", b"default-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'self'"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in self.HEADERS if name not in names]
+                if b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

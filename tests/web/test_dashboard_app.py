@@ -107,6 +107,15 @@ def test_pages_need_a_login_and_a_wrong_password_gets_none(env) -> None:
     assert unknown.status_code == 401
 
 
+def test_pages_may_not_be_framed_or_cached(env) -> None:
+    _, _, _, app = env
+    for response in (client(app).get("/login"), login(app).get("/")):
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["referrer-policy"] == "no-referrer"
+
+
 def test_login_form_without_its_token_is_refused(env) -> None:
     _, _, _, app = env
     anonymous = client(app)
