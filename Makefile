@@ -14,6 +14,7 @@ help:
 	@echo "make test   - install with the test extra, Debian tools (as root), run the whole suite"
 	@echo "make demo   - the whole loop locally: throw-away PACS, node, phantom studies, results"
 	@echo "make bench  - run the benchmarks in benchmarks/"
+	@echo "make stress - long reliability runs: 50+ role kills (crash consistency), fuzzing; see docs/reliability.md"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,12 @@ demo: install
 
 bench: install-test debian-tools
 	$(PY) benchmarks/receive.py
+
+# Long reliability runs (minutes; figures in docs/reliability.md). Each command fails the target on a violation.
+STRESS_ARGS ?=
+stress: install-test debian-tools
+	nice -n 10 $(PY) benchmarks/stress.py $(STRESS_ARGS)
+# -- fuzzing (H5): the fuzz run's command goes on the next recipe line --
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
