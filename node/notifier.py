@@ -133,7 +133,7 @@ class Notifier:
             return
         delay = backoff_delay(self.settings.backoff_seconds, row.attempts)
         self.store.retry_later(row.id, self.owner, error, delay)
-        log.warning("notification %d (%s) failed (%s); retry in %.0f s", row.id, row.channel, error, delay)
+        log.warning("notification %d (%s) failed (%s); retry in %.1f s", row.id, row.channel, error, delay)
 
     def deliver(self, row: PendingNotification) -> None:
         if row.channel == "webhook":
