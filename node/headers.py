@@ -75,15 +75,34 @@ def _check_no_short_values(ds: pydicom.Dataset) -> None:
                 )
 
 
+def _check_ends_on_an_element(ds: pydicom.Dataset, offset: int) -> None:
+    """Refuse data that stops inside an element header.
+
+    pydicom silently ignores 1-7 trailing bytes that do not make a whole element header, so a transfer cut
+    just there (before the image attributes) would otherwise parse as a complete non-image instance.
+    ``offset`` is where pydicom stopped: the end of the data, or the start of Pixel Data.
+    """
+    raw_elements = [raw for raw in ds._dict.values() if isinstance(raw, RawDataElement)]
+    if not raw_elements:
+        return
+    last = max(raw_elements, key=lambda raw: raw.value_tell or 0)
+    if last.length == 0xFFFFFFFF or last.value_tell is None:
+        return  # an undefined-length sequence: its delimiters were checked by the parser
+    if last.value_tell + last.length < offset:
+        raise HeaderError(f"truncated dataset: data ends inside the element after {last.tag}")
+
+
 def read_header(path: Path) -> HeaderInfo:
     """Parse the header of a DICOM Part 10 file written by the receiver; raise :class:`HeaderError`."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as handle:
             ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            meta = ds.file_meta
             _check_no_short_values(ds)
             pixel_offset = handle.tell()
-            meta = ds.file_meta
+            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+                _check_ends_on_an_element(ds, pixel_offset)
             transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
             # Touch every element so deferred parse errors surface here, not later in a worker.
             for _ in ds.iterall():
