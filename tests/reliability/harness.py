@@ -513,3 +513,178 @@ class CrashRun:
         instances = self.orthanc.get(f"/studies/{study}/instances?expand")
         modality_of_series = {s["ID"]: s["MainDicomTags"].get("Modality", "") for s in self.orthanc.study_series(study)}
         return {i["MainDicomTags"]["SOPInstanceUID"]: modality_of_series.get(i["ParentSeries"], "") for i in instances}
+
+
+# -- load: many senders while the worker runs inference ---------------------------------------------
+def _send_load(port: int, sender: int, instances: int, per_study: int, size: int) -> tuple[list[float], list[str], int]:
+    """One sending process: ``instances`` C-STOREs in studies of ``per_study`` (one association per study).
+
+    Returns (response times in seconds of the acknowledged C-STOREs, their SOP Instance UIDs, failures).
+    Runs in its own process so that the senders' own GIL does not inflate the node's measured latency.
+    """
+    times: list[float] = []
+    acknowledged: list[str] = []
+    failures = 0
+    ae = AE(ae_title=SENDER_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    sent = 0
+    study = 0
+    while sent < instances:
+        count = min(per_study, instances - sent)
+        study_uid, series_uid = generate_uid(), generate_uid()
+        batch = [small_instance(study_uid=study_uid, series_uid=series_uid, rows=size, columns=size,
+                                seed=sender * 100_000 + sent + i, instance_number=i + 1) for i in range(count)]
+        for dataset in batch:
+            dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ae.requested_contexts = []
+        ae.add_requested_context(batch[0].SOPClassUID, ImplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MSKNODE")
+        if not assoc.is_established:
+            failures += count
+            sent += count
+            continue
+        from node.scu import set_tcp_nodelay
+
+        set_tcp_nodelay(assoc)
+        try:
+            for dataset in batch:
+                started = time.perf_counter()
+                status = assoc.send_c_store(dataset)
+                elapsed = time.perf_counter() - started
+                if status is not None and status.get("Status") == 0x0000:
+                    times.append(elapsed)
+                    acknowledged.append(dataset.SOPInstanceUID)
+                else:
+                    failures += 1
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        sent += count
+        study += 1
+    return times, acknowledged, failures
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (no interpolation: p99 of 1600 is the 1584th value)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), int(-(-fraction * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+@dataclass
+class LoadReport:
+    senders: int
+    per_sender: int
+    acknowledged: int
+    failures: int
+    indexed: int
+    spool_files: int
+    duplicate_sops: int
+    missing: int
+    jobs_done_during: int
+    worker_busy_fraction: float
+    times: list[float]
+    wall_seconds: float
+
+    def table(self) -> str:
+        ms = [t * 1000 for t in self.times]
+        rows = [
+            ("senders x instances", f"{self.senders} x {self.per_sender}"),
+            ("acknowledged / failed", f"{self.acknowledged} / {self.failures}"),
+            ("in the index / files in the spool", f"{self.indexed} / {self.spool_files}"),
+            ("acknowledged but missing / duplicated", f"{self.missing} / {self.duplicate_sops}"),
+            ("C-STORE response p50 / p95 / p99 / max (ms)",
+             f"{percentile(ms, .5):.1f} / {percentile(ms, .95):.1f} / {percentile(ms, .99):.1f} / {max(ms or [0]):.1f}"),
+            ("throughput (instances/s)", f"{self.acknowledged / self.wall_seconds:.0f}"),
+            ("jobs finished by the worker meanwhile", self.jobs_done_during),
+            ("samples with a job processing", f"{self.worker_busy_fraction:.0%}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per_study: int = 20, size: int = 256,
+             warm_studies: int = 4, log: Callable[[str], None] = lambda _m: None) -> LoadReport:
+    """A node (receiver, scheduler, worker under the supervisor) takes ``senders`` x ``per_sender`` C-STOREs
+    from concurrent sending processes while its worker analyses the studies already received."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tests.helpers.node import NodeProcess
+
+    config = CrashConfig(directory=directory / "node", roles=("receiver", "scheduler", "worker"),
+                         peers=(Peer("modality", SENDER_AE),), max_associations=senders + 4)
+    config.model = model
+    config.settle_seconds = 1.0
+    node = NodeProcess(config).start(timeout=180)
+    try:
+        # Work for the worker first: studies that are analysed while the load runs.
+        warm = plan_studies(warm_studies, 4, seed=99, size=size)
+        StudySender(config.port, warm).run()
+
+        def jobs(*states: str) -> int:
+            from storage.db import Database
+
+            database = Database(config.url)
+            try:
+                with database.session() as session:
+                    return int(session.scalar(select(func.count(Job.id)).where(Job.state.in_(states))) or 0)
+            finally:
+                database.dispose()
+
+        def processing() -> int:
+            return jobs("processing")
+
+        def done_jobs() -> int:
+            return jobs("done")
+
+        deadline = time.monotonic() + 120
+        while not jobs("processing", "done") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log("worker busy; starting the senders")
+
+        done_before = done_jobs()
+        busy_samples: list[bool] = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.5):
+                busy_samples.append(processing() > 0)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.monotonic()
+        with ProcessPoolExecutor(senders, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_send_load, config.port, i, per_sender, per_study, size) for i in range(senders)]
+            results = [future.result() for future in futures]
+        wall = time.monotonic() - started
+        sampling.set()
+        sampler.join()
+        jobs_during = done_jobs() - done_before
+
+        times = [t for result in results for t in result[0]]
+        acknowledged = [sop for result in results for sop in result[1]]
+        failures = sum(result[2] for result in results)
+        warm_sops = {i.SOPInstanceUID for plan in warm for i in plan.instances}
+        rows = [row for row in node.instances() if row.sop_instance_uid not in warm_sops]
+        indexed = collections.Counter(row.sop_instance_uid for row in rows)
+        load_paths = {row.spool_path for row in rows}
+        files = [p for p in node.spool_files() if str(p.relative_to(node.spool)) in load_paths]
+        missing = [sop for sop in acknowledged if sop not in indexed]
+        missing += [row.sop_instance_uid for row in rows
+                    if not (node.spool / row.spool_path).exists()
+                    or (node.spool / row.spool_path).stat().st_size != row.size_bytes]
+        every_file = [p for p in node.spool_files() if str(p.relative_to(node.spool)) not in
+                      {r.spool_path for r in node.instances()}]
+        duplicates = sum(count - 1 for count in indexed.values()) + len(every_file) + (
+            len(acknowledged) - len(set(acknowledged)))
+        return LoadReport(
+            senders=senders, per_sender=per_sender, acknowledged=len(acknowledged), failures=failures,
+            indexed=len(indexed), spool_files=len(files), duplicate_sops=duplicates, missing=len(missing),
+            jobs_done_during=jobs_during,
+            worker_busy_fraction=sum(busy_samples) / max(1, len(busy_samples)), times=times, wall_seconds=wall,
+        )
+    finally:
+        node.stop(timeout=60)

@@ -18,9 +18,10 @@ pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 def test_one_kill_of_each_role_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
     run = CrashRun(tmp_path, tiny_model(tmp_path / "tiny-model"), seed=4, studies=10, images=3, kills=5,
-                   senders=2, sender_kills=1, study_gap_seconds=2.0,
-                   # a killed sender's rows wait out their lease (about a minute): start that clock first
-                   first_kills=("sender",))
+                   senders=2, sender_kills=1, study_gap_seconds=3.0,
+                   # Each role once, the receiver while studies still flow, then the sender, whose killed
+                   # deliveries wait out their lease (about a minute) while the rest of the run goes on.
+                   first_kills=("receiver", "sender", "worker", "scheduler"))
     report = run.run(timeout=240, quiesce_timeout=150)
     print(report.table())
     assert report.violations == [], report.table()
