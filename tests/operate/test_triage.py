@@ -256,3 +256,17 @@ def _has_priority_item(sr: pydicom.Dataset) -> bool:
         return False
 
     return walk(sr.get("ContentSequence", []))
+
+
+def test_worker_refuses_rules_naming_an_output_its_model_lacks(tmp_path: Path, model_with_heads) -> None:
+    from node.worker import Worker
+
+    settings = parse_settings({"triage": {"rules": [
+        {"name": "fracture", "when": "fracture >= 0.85", "priority": "urgent"},
+        {"name": "tumour", "when": "tumour_class == 'malignant'", "priority": "urgent"},
+    ]}})
+    worker = Worker(settings, None, None, None, model_with_heads, owner="w")  # type: ignore[arg-type]
+    with pytest.raises(TriageError) as caught:
+        worker.triage()
+    assert caught.value.problems == [caught.value.problems[0]]
+    assert caught.value.problems[0].startswith("triage.rules[1].when: unknown name(s) tumour_class")
