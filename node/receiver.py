@@ -177,11 +177,15 @@ class Receiver:
         server = self._server
         server.shutdown()  # no new associations
         deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and server.active_associations:
+        # Only accepted associations get the grace period: a bare TCP connection that never sent an
+        # A-ASSOCIATE-RQ (a /healthz probe, a load balancer's check) would otherwise hold the stop until
+        # its ACSE timeout.
+        while time.monotonic() < deadline and self._accepted_open(server):
             time.sleep(0.1)
         remaining = server.active_associations
         for assoc in remaining:
-            log.warning("aborting association %s at shutdown", self._ids.get(id(assoc), "?"))
+            if id(assoc) in self._ids:
+                log.warning("aborting association %s at shutdown", self._ids[id(assoc)])
             assoc.abort()
         server.server_close()
         self._server = None
@@ -189,6 +193,10 @@ class Receiver:
         if self._reaper is not None:
             self._reaper.join(5)
         self._reap()
+
+    def _accepted_open(self, server: ThreadedAssociationServer) -> bool:
+        with self._lock:
+            return any(id(assoc) in self._ids for assoc in server.active_associations)
 
     # -- association events ------------------------------------------------------------------
     def _on_requested(self, event: evt.Event) -> None:
