@@ -279,8 +279,9 @@ def _implicit_elements(data: bytes) -> list[Element]:
     return elements
 
 
-def cases(seed: int, count: int) -> Iterator[Case]:
-    for index in range(count):
+def cases(seed: int, count: int, start: int = 0) -> Iterator[Case]:
+    """Cases ``start`` .. ``start + count - 1`` of the run seeded ``seed``."""
+    for index in range(start, start + count):
         yield make_case(seed, index)
 
 
