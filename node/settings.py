@@ -282,6 +282,13 @@ class SmtpSettings(_Section):
     password_file: Path | None = None
     timeout_seconds: float = Field(10.0, gt=0)
 
+    @model_validator(mode="after")
+    def _login_complete(self) -> "SmtpSettings":
+        if (self.username is None) != (self.password_file is None):
+            missing = "password_file" if self.password_file is None else "username"
+            raise ValueError(f"{missing}: username and password_file are given together (or neither)")
+        return self
+
 
 class NotificationSettings(_Section):
     """[notifications]: announce studies at or above ``min_priority``."""

@@ -181,3 +181,14 @@ def test_email_goes_through_a_local_smtp_server(store) -> None:
     text = message.get_payload(decode=True).decode()
     assert "1.2.3.4" in text and "fracture: 0.93" in text and "/studies/42" in text
     assert "Doe" not in text and "PID-4711" not in text
+
+
+def test_smtp_login_needs_both_username_and_password_file() -> None:
+    from node.settings import ConfigError, parse_settings
+
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"notifications": {"smtp": {"host": "smtp.example.org", "from_address": "n@example.org",
+                                                   "to": ["r@example.org"], "username": "msknode"}}})
+    assert caught.value.problems == [
+        "notifications.smtp: password_file: username and password_file are given together (or neither)"
+    ]
