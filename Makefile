@@ -56,6 +56,7 @@ STRESS_ARGS ?=
 stress: install-test debian-tools
 	nice -n 10 $(PY) benchmarks/stress.py $(STRESS_ARGS)
 # -- fuzzing (H5): the fuzz run's command goes on the next recipe line --
+	nice -n 10 $(PY) benchmarks/fuzz.py --cases 10000
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
