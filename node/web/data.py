@@ -134,31 +134,46 @@ class DashboardData:
                 .order_by(Study.priority.desc(), Study.last_received_at.desc(), Study.id.desc())
                 .limit(limit)
             ).all()
-            return [self._study_row(session, study, int(count)) for study, count in rows]
+            ids = [study.id for study, _ in rows]
+            series: dict[int, list[tuple[str | None, str | None]]] = {}
+            for study_id, modality, body_part in session.execute(
+                select(Series.study_id, Series.modality, Series.body_part_examined).where(Series.study_id.in_(ids))
+            ).all():
+                series.setdefault(study_id, []).append((modality, body_part))
+            latest = (
+                select(func.max(Job.id).label("job_id")).where(Job.study_id.in_(ids)).group_by(Job.study_id).subquery()
+            )
+            jobs = {job.study_id: job for job in session.scalars(select(Job).where(Job.id.in_(select(latest.c.job_id))))}
+            results: dict[int, list[ImageResult]] = {}
+            for result in session.scalars(
+                select(ImageResult).where(ImageResult.job_id.in_([job.id for job in jobs.values()]),
+                                          ImageResult.state == "analysed")
+            ):
+                results.setdefault(result.job_id, []).append(result)
+            return [
+                self._study_row(study, int(count), series.get(study.id, []), jobs.get(study.id),
+                                results.get(jobs[study.id].id, []) if study.id in jobs else [])
+                for study, count in rows
+            ]
 
-    def _study_row(self, session, study: Study, instances: int) -> StudyRow:  # type: ignore[no-untyped-def]
-        series = session.execute(
-            select(Series.modality, Series.body_part_examined).where(Series.study_id == study.id)
-        ).all()
+    def _study_row(self, study: Study, instances: int, series: list[tuple[str | None, str | None]],
+                   job: Job | None, analysed: list[ImageResult]) -> StudyRow:
+        """A study's summary from its series, its latest job and that job's analysed images."""
         row = StudyRow(
-            id=study.id, study_instance_uid=study.study_instance_uid, accession_number=study.accession_number, study_date=study.study_date,
-            status=study.status, status_reason=study.status_reason, priority=priority_name(study.priority),
-            priority_reason=study.priority_reason, last_received=as_utc(study.last_received_at).strftime("%Y-%m-%d %H:%M:%S"),
+            id=study.id, study_instance_uid=study.study_instance_uid, accession_number=study.accession_number,
+            study_date=study.study_date, status=study.status, status_reason=study.status_reason,
+            priority=priority_name(study.priority), priority_reason=study.priority_reason,
+            last_received=as_utc(study.last_received_at).strftime("%Y-%m-%d %H:%M:%S"),
             instances=instances, modalities=sorted({m for m, _ in series if m}),
             body_parts=sorted({b for _, b in series if b}),
         )
-        job = _latest_job(session, study.id)
         if job is not None:
             row.job_state = job.state
-            results = session.scalars(
-                select(ImageResult).where(ImageResult.job_id == job.id, ImageResult.state == "analysed")
-            ).all()
-            scores = [r.score for r in results if r.score is not None]
-            percentiles = [(r.outputs or {}).get("percentile") for r in results]
-            percentiles = [p for p in percentiles if p is not None]
+            scores = [r.score for r in analysed if r.score is not None]
+            percentiles = [p for p in ((r.outputs or {}).get("percentile") for r in analysed) if p is not None]
             row.max_score = max(scores) if scores else None
             row.max_percentile = max(percentiles) if percentiles else None
-            row.findings = _merge_findings([findings((r.outputs or {}).get("heads"), self.labels) for r in results])
+            row.findings = _merge_findings([findings((r.outputs or {}).get("heads"), self.labels) for r in analysed])
         return row
 
     def study(self, study_id: int) -> tuple[StudyRow, str, list[ImageRow], list[DeliveryRow]] | None:
@@ -171,12 +186,16 @@ class DashboardData:
                 select(Instance).where(Instance.study_instance_uid == study.study_instance_uid)
                 .order_by(Instance.instance_number, Instance.id)
             ).all()
-            row = self._study_row(session, study, len(instances))
             job = _latest_job(session, study.id)
             results: dict[int, ImageResult] = {}
             if job is not None:
                 for result in session.scalars(select(ImageResult).where(ImageResult.job_id == job.id)):
                     results.setdefault(result.instance_id, result)
+            series = session.execute(
+                select(Series.modality, Series.body_part_examined).where(Series.study_id == study.id)
+            ).all()
+            row = self._study_row(study, len(instances), [tuple(item) for item in series], job,
+                                  [r for r in results.values() if r.state == "analysed"])
             images = []
             for instance in instances:
                 result = results.get(instance.id)
