@@ -1,9 +1,13 @@
-"""Priority orders the work: jobs, outbox rows and notifications are claimed most urgent first, then oldest."""
+"""Priority orders the work: jobs, outbox rows and notifications are claimed most urgent first, then oldest;
+concurrent notifiers never claim one notification twice (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from pathlib import Path
+
+import pytest
 
 from storage.db import Database, utcnow
 from storage.migrate import upgrade
@@ -13,8 +17,12 @@ from storage.outbox import Outbox
 from storage.queue import JobQueue
 
 
-def open_database(tmp_path: Path) -> Database:
-    url = f"sqlite:///{tmp_path}/q.db"
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/q.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def open_database(url: str) -> Database:
     upgrade(url)
     return Database(url)
 
@@ -29,8 +37,8 @@ def add_studies(database: Database, count: int) -> list[int]:
         return [study.id for study in studies]
 
 
-def test_jobs_are_claimed_by_priority_then_age(tmp_path: Path) -> None:
-    database = open_database(tmp_path)
+def test_jobs_are_claimed_by_priority_then_age(database_url: str) -> None:
+    database = open_database(database_url)
     queue = JobQueue(database)
     ids = add_studies(database, 4)
     routine_old = queue.enqueue(ids[0], 1, 0)
@@ -42,8 +50,8 @@ def test_jobs_are_claimed_by_priority_then_age(tmp_path: Path) -> None:
     database.dispose()
 
 
-def test_outbox_rows_and_notifications_are_claimed_by_priority_then_age(tmp_path: Path) -> None:
-    database = open_database(tmp_path)
+def test_outbox_rows_and_notifications_are_claimed_by_priority_then_age(database_url: str) -> None:
+    database = open_database(database_url)
     ids = add_studies(database, 1)
     queue = JobQueue(database)
     job = queue.enqueue(ids[0], 1, 0)
@@ -62,4 +70,29 @@ def test_outbox_rows_and_notifications_are_claimed_by_priority_then_age(tmp_path
     assert claimed == ["9.2", "9.3", "9.0", "9.1"]
     notes = [row.payload["n"] for row in Notifications(database).claim("n", 30, limit=10)]
     assert notes == [1, 2, 0]
+    database.dispose()
+
+
+def test_concurrent_notifiers_never_claim_one_notification_twice(database_url: str) -> None:
+    database = open_database(database_url)
+    ids = add_studies(database, 1)
+    with database.session() as session:
+        for job in range(24):
+            add_for_job(session, job, ids[0], "1.2.3.0", 2, [NotificationEntry("smtp", "a@example.org", {"n": job})],
+                        utcnow())
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def drain(owner: str) -> None:
+        store = Notifications(database)
+        while rows := store.claim(owner, 30, limit=3):
+            with lock:
+                claimed.extend(row.id for row in rows)
+
+    threads = [threading.Thread(target=drain, args=(f"n{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 24
     database.dispose()
