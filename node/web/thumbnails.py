@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,25 @@ def _to_rgb(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
 
 
-def thumbnail_png(image: ResultImage, cache_dir: Path) -> bytes:
-    """The cached PNG, rendering (and atomically caching) it first if needed."""
+def prune_cache(cache_dir: Path, max_age_seconds: float) -> int:
+    """Delete cached thumbnails not rendered for ``max_age_seconds`` (their studies are gone by retention)."""
+    removed = 0
+    cutoff = time.time() - max_age_seconds
+    for path in Path(cache_dir).glob("*.png"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def thumbnail_png(image: ResultImage, cache_dir: Path, max_age_seconds: float | None = None) -> bytes:
+    """The cached PNG, rendering (and atomically caching) it first if needed.
+
+    Each new render also prunes thumbnails older than ``max_age_seconds`` (retention's age), so the cache
+    never outgrows the studies it belongs to."""
     cached = Path(cache_dir) / f"{image.sop_instance_uid}.png"
     if cached.exists():
         return cached.read_bytes()
@@ -80,4 +98,6 @@ def thumbnail_png(image: ResultImage, cache_dir: Path) -> bytes:
     staged = cached.with_suffix(f".{os.getpid()}.part")
     staged.write_bytes(data)
     os.replace(staged, cached)
+    if max_age_seconds is not None:
+        prune_cache(cache_dir, max_age_seconds)
     return data

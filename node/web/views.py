@@ -54,7 +54,7 @@ def thumbnail(pr: PageRequest) -> Response:
     index = int(params["index"])
     if not 0 <= index < len(captures):
         raise HTTPException(404, "no such image")
-    data = thumbnail_png(captures[index], pr.web.thumbnail_cache)
+    data = thumbnail_png(captures[index], pr.web.thumbnail_cache, pr.web.settings.retention.days * 86400)
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 

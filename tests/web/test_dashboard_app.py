@@ -23,6 +23,7 @@ from storage.db import Database
 from storage.migrate import upgrade
 from storage.models import Job, OutboxItem, Series, Study
 from storage.spool import Spool
+from tests.helpers.node import free_port
 
 PASSWORD = "correct horse battery"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1111111111111"
@@ -305,6 +306,40 @@ def test_thumbnail_of_the_error_map_is_rendered_cached_and_needs_a_login(env) ->
     assert max(image.size) == 384 and image.getpixel((100, 100))[0] > 200  # the red block survives
     assert (spool.root / ".cache" / "thumbnails" / f"{sop}.png").exists()
     assert viewer.get(f"/studies/{study_id}/images/1.png").status_code == 404
+
+
+def test_thumbnail_cache_forgets_old_renders(tmp_path: Path) -> None:
+    import os
+
+    from node.web.thumbnails import prune_cache
+
+    old, fresh = tmp_path / "old.png", tmp_path / "fresh.png"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(old, (1_000_000, 1_000_000))
+    assert prune_cache(tmp_path, 86400) == 1
+    assert not old.exists() and fresh.exists()
+
+
+def test_edit_remove_and_echo_a_peer(env) -> None:
+    _, _, _, app = env
+    browser = login(app)
+    page = browser.get("/peers/pacs/edit").text
+    assert 'value="PACS"' in page and "checked" in page  # receives_results
+    token = csrf_of(browser, "/peers")
+    saved = browser.post("/peers/pacs", data={"ae_title": "PACS2", "host": "127.0.0.1", "port": "11112",
+                                              "priority": "high", "receives_results": "on", "csrf_token": token})
+    assert saved.status_code == 303
+    row = re.search(r'<tr data-peer="pacs">(.*?)</tr>', browser.get("/peers").text, re.S).group(1)
+    assert "PACS2" in row and "high" in row and "database" in row
+    refused_port = free_port()
+    browser.post("/peers", data={"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": str(refused_port),
+                                 "csrf_token": token})
+    echoed = browser.post("/peers/down/echo", data={"csrf_token": token}, follow_redirects=True)
+    assert "C-ECHO down" in echoed.text and "FAILED" in echoed.text and "Connection refused" in echoed.text
+    assert browser.post("/peers/pacs/remove", data={"csrf_token": token}).status_code == 303
+    assert 'data-peer="pacs"' not in browser.get("/peers").text
+    assert browser.get("/peers/pacs/edit").status_code == 404
 
 
 def test_healthz_and_metrics_need_no_login(env) -> None:
