@@ -394,3 +394,44 @@ def test_first_start_tells_how_to_create_the_first_user(tmp_path: Path) -> None:
         assert first_user_hint(database, None) is None
     finally:
         database.dispose()
+
+
+def _accounts_behave(database: Database) -> None:
+    from sqlalchemy import update
+
+    from storage.models import WebSession
+
+    accounts = Accounts(database)
+    user = accounts.add_user("carol", PASSWORD, "viewer")
+    with pytest.raises(ValueError, match="username"):
+        accounts.add_user("carol", PASSWORD, "viewer")
+    with pytest.raises(ValueError, match="username"):
+        accounts.add_user("bad name/", PASSWORD, "viewer")
+    assert accounts.authenticate("carol", "wrong password") is None
+    assert accounts.authenticate("carol", PASSWORD) == user
+    token, csrf = accounts.start_session(user, hours=1)
+    assert accounts.session_for(token).csrf_token == csrf
+    assert accounts.session_for(token + "x") is None
+    with database.session() as session:
+        session.execute(update(WebSession).values(expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+    assert accounts.session_for(token) is None  # expired
+    accounts.end_session(token)
+
+
+def test_accounts_and_session_expiry_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    database = Database(url)
+    try:
+        _accounts_behave(database)
+    finally:
+        database.dispose()
+
+
+def test_accounts_and_session_expiry_on_postgresql(postgres_url: str) -> None:
+    upgrade(postgres_url)
+    database = Database(postgres_url)
+    try:
+        _accounts_behave(database)
+    finally:
+        database.dispose()
