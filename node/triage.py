@@ -314,10 +314,9 @@ def _keep_max(values: dict[str, Any], name: str, value: float | None) -> None:
     values[name] = float(value) if current is None else max(current, float(value))
 
 
-def summarise(values: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
-    """The findings part of a notification: the rule, the values it named, and the headline results."""
-    shown = set(SCORE_NAMES) | {name for name, value in values.items() if name not in STRING_ATTRIBUTES
-                                and "_" not in name and value is not None}
+def summarise(values: Mapping[str, Any], decision: Decision, heads: Iterable[str] = ()) -> dict[str, Any]:
+    """The findings part of a notification: the rule, the values it named, the scores and each head's value."""
+    shown = set(SCORE_NAMES) | set(heads)
     if decision.rule is not None:
         shown |= set(decision.rule.names)
     shown -= {"calling_ae", "peer"}  # the sender's identity is no finding

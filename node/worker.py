@@ -320,7 +320,7 @@ class Worker:
         payload = build_payload(
             settings.notifications, study_id=job.study_id, study_instance_uid=job.study_instance_uid,
             accession_number=_text(header, "AccessionNumber"), priority=decision.priority,
-            findings=summarise(values, decision), created_at=created, model=model_name,
+            findings=summarise(values, decision, labels), created_at=created, model=model_name,
             patient={"name": _text(header, "PatientName"), "id": _text(header, "PatientID")},
         )
         return decision, entries_for(settings.notifications, decision.rank, payload)
