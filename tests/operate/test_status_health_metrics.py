@@ -249,19 +249,23 @@ def test_health_of_a_node_with_a_real_worker(tmp_path: Path) -> None:
     assert not healthy and not checks["scp"]["ok"] and not checks["engine"]["ok"]
 
 
+@pytest.fixture(scope="module")
+def listening_node(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One real receiver whose port the health cases probe (each case has its own database and spool)."""
+    node = NodeProcess(NodeConfig(directory=tmp_path_factory.mktemp("listening"))).start()
+    yield node
+    node.stop()
+
+
 @pytest.mark.parametrize("case", ["healthy", "engine-not-loaded", "worker-silent", "no-worker", "scp-down",
                                   "below-watermark", "spool-unwritable", "database-down"])
-def test_health_checks(tmp_path: Path, case: str) -> None:
-    require_tool("echoscu")
+def test_health_checks(tmp_path: Path, case: str, listening_node: NodeProcess) -> None:
     storage: dict[str, object] = {}
     if case == "below-watermark":
         storage["min_free_disk_mb"] = 10**9
-    node = None
     settings = offline_settings(tmp_path, **storage)
     if case != "scp-down":
-        # A real receiver on the configured port.
-        node = NodeProcess(NodeConfig(directory=tmp_path / "node")).start()
-        settings.node.port = node.port
+        settings.node.port = listening_node.port
     if case == "spool-unwritable":
         # Root may write anywhere chmod allows, so use a directory nobody can create files in.
         settings.storage.spool_dir = Path("/proc/self")
@@ -277,8 +281,6 @@ def test_health_checks(tmp_path: Path, case: str) -> None:
     finally:
         database.dispose()
         writer.dispose()
-        if node is not None:
-            node.stop()
 
     failing = {name for name, check in checks.items() if not check["ok"]}
     expected = {
