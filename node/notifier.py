@@ -66,7 +66,9 @@ def build_payload(
     return payload
 
 
-def entries_for(settings: NotificationSettings, priority_rank_value: int, payload: dict[str, Any]) -> list[NotificationEntry]:
+def entries_for(
+    settings: NotificationSettings, priority_rank_value: int, payload: dict[str, Any]
+) -> list[NotificationEntry]:
     """One entry per configured channel when the priority reaches ``min_priority``; none otherwise."""
     if priority_rank_value < priority_rank(settings.min_priority):
         return []
@@ -128,7 +130,8 @@ class Notifier:
     def _retry_or_give_up(self, row: PendingNotification, error: str) -> None:
         age_hours = (utcnow() - as_utc(row.created_at)).total_seconds() / 3600
         if age_hours >= self.settings.max_age_hours:
-            self.store.dead(row.id, self.owner, f"gave up after {row.attempts} attempt(s) over {age_hours:.1f} h: {error}")
+            reason = f"gave up after {row.attempts} attempt(s) over {age_hours:.1f} h: {error}"
+            self.store.dead(row.id, self.owner, reason)
             log.error("notification %d (%s): gave up (%s)", row.id, row.channel, error)
             return
         delay = backoff_delay(self.settings.backoff_seconds, row.attempts)

@@ -95,7 +95,8 @@ def head_labels_from_model(model: Path) -> dict[str, list[str]] | None:
 # --- parsing ---------------------------------------------------------------------------------------------------
 def _constant(node: ast.AST) -> Any:
     """A number or string literal (``-1`` included), else raise ``ValueError``."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) and not isinstance(node.value, bool):
+    if (isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str))
+            and not isinstance(node.value, bool)):
         return node.value
     if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
             and isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float)):

@@ -131,8 +131,10 @@ def test_include_phi_adds_the_patient_and_below_min_priority_nothing_is_queued(s
 
 def test_unreachable_webhook_is_given_up_after_max_age_with_the_reason(store) -> None:
     database, notifications = store
-    settings = NotificationSettings.model_validate({"max_age_hours": 1, "backoff_seconds": [0.1],
-                                                    "webhooks": [{"url": "http://127.0.0.1:9/nobody", "timeout_seconds": 2}]})
+    settings = NotificationSettings.model_validate({
+        "max_age_hours": 1, "backoff_seconds": [0.1],
+        "webhooks": [{"url": "http://127.0.0.1:9/nobody", "timeout_seconds": 2}],
+    })
     queue_announcement(database, settings)
     notifier = Notifier(settings, notifications, owner="test")
     notifier.run_once()
