@@ -670,19 +670,21 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
         warm_sops = {i.SOPInstanceUID for plan in warm for i in plan.instances}
         rows = [row for row in node.instances() if row.sop_instance_uid not in warm_sops]
         indexed = collections.Counter(row.sop_instance_uid for row in rows)
-        load_paths = {row.spool_path for row in rows}
-        files = [p for p in node.spool_files() if str(p.relative_to(node.spool)) in load_paths]
+        # Spool files are named <SOP Instance UID>.<sha256 prefix>.dcm: count the load's files per SOP.
+        files_per_sop = collections.Counter(
+            path.name.split(".dcm")[0].rsplit(".", 1)[0] for path in node.spool_files())
+        sent = set(acknowledged)
+        files = sum(count for sop, count in files_per_sop.items() if sop in sent)
         missing = [sop for sop in acknowledged if sop not in indexed]
         missing += [row.sop_instance_uid for row in rows
                     if not (node.spool / row.spool_path).exists()
                     or (node.spool / row.spool_path).stat().st_size != row.size_bytes]
-        every_file = [p for p in node.spool_files() if str(p.relative_to(node.spool)) not in
-                      {r.spool_path for r in node.instances()}]
-        duplicates = sum(count - 1 for count in indexed.values()) + len(every_file) + (
-            len(acknowledged) - len(set(acknowledged)))
+        duplicates = (sum(count - 1 for count in indexed.values())
+                      + sum(count - 1 for sop, count in files_per_sop.items() if sop in sent)
+                      + len(acknowledged) - len(sent))
         return LoadReport(
             senders=senders, per_sender=per_sender, acknowledged=len(acknowledged), failures=failures,
-            indexed=len(indexed), spool_files=len(files), duplicate_sops=duplicates, missing=len(missing),
+            indexed=len(indexed), spool_files=files, duplicate_sops=duplicates, missing=len(missing),
             jobs_done_during=jobs_during,
             worker_busy_fraction=sum(busy_samples) / max(1, len(busy_samples)), times=times, wall_seconds=wall,
         )
