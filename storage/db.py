@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -33,12 +34,25 @@ def _configure_sqlite(dbapi_connection, _record) -> None:  # type: ignore[no-unt
     cursor.close()
 
 
+def _create_private(path: Path) -> None:
+    """Create an absent SQLite file as 0600 before SQLite opens it.
+
+    SQLite creates a new database with the umask's mode (usually 0644) and gives its -wal and -shm files the
+    database file's mode, so creating it 0600 first keeps the index (accession numbers, UIDs) private.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def make_engine(database_url: str) -> Engine:
     """Create an engine; a SQLite file's directory is created (0700) if missing."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _create_private(Path(url.database))
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _configure_sqlite)
         return engine

@@ -69,6 +69,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_private_dirs(directory: Path) -> None:
+    """``mkdir -p`` with every created level 0700 (``Path.mkdir(parents=True)`` leaves parents at the umask).
+
+    Spooled instances carry patient data: no directory of the spool may be listable by other local users.
+    """
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # another receiver thread made it first
+            continue
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; 0700 must hold regardless
+
+
 @dataclass(frozen=True)
 class StoredFile:
     relative_path: str
@@ -84,7 +101,7 @@ class Spool:
         self.root = Path(root).resolve()
         self.fsync = fsync
         self.incoming = self.root / INCOMING_DIR
-        self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(self.incoming)
         os.chmod(self.root, 0o700)
 
     # -- space -------------------------------------------------------------------------------
@@ -120,7 +137,7 @@ class Spool:
             return StoredFile(relative, sha256, size, already_present=True)
         directory = destination.parent
         created_directories = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(directory)
         if temp_path.parent != self.incoming:
             staged = self.incoming / f"{sop_uid}.{os.getpid()}.{time.monotonic_ns()}.part"
             shutil.copyfile(temp_path, staged)
@@ -153,7 +170,7 @@ class Spool:
         relative = f"results/{study_uid}/{series_uid}/{sop_uid}.dcm"
         destination = self.root / relative
         directory = destination.parent
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(directory)
         staged = self.incoming / f"out-{sop_uid}.{os.getpid()}.{time.monotonic_ns()}.part"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
