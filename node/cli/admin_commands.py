@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from node.cli.node_commands import ConfigOption, console, err_console, load_or_exit
 from node.settings import Settings
-from storage.db import Database
+
+if TYPE_CHECKING:
+    from storage.db import Database
 
 peers_app = typer.Typer(help="DICOM peers: the config file's [[peers]] plus changes made here or on the web.",
                         no_args_is_help=True)
@@ -32,11 +34,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 @dataclass
 class _Context:
     settings: Settings
-    database: Database
+    database: "Database"
 
 
 @contextmanager
 def _open(config: Path | None) -> Iterator[_Context]:
+    from storage.db import Database
     from storage.migrate import upgrade
 
     settings = load_or_exit(config)

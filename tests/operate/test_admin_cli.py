@@ -41,8 +41,26 @@ class JsonLogConfig(NodeConfig):
 
 
 def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """``msknode ARGS -c CONFIG`` as its own process, as an admin runs it next to the node."""
     return subprocess.run([*MSKNODE, *args, "-c", str(config)], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(*args: str, config: Path) -> Result:
+    """The same commands through Typer's runner, for the cases that need no running node (faster)."""
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    result = CliRunner().invoke(app, [*args, "-c", str(config)], env={"COLUMNS": "200"})
+    return Result(result.exit_code, result.stdout, result.stderr)
 
 
 def wait_until(predicate, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
@@ -118,24 +136,24 @@ def test_peers_change_live_without_touching_open_associations(tmp_path: Path) ->
 
 def test_peer_commands_refuse_bad_input_naming_the_field(tmp_path: Path) -> None:
     config = NodeConfig(directory=tmp_path).write()
-    bad_port = cli("peers", "add", "x", "--ae-title", "X", "--host", "127.0.0.1", "--port", "0", config=config)
+    bad_port = cli_in_process("peers", "add", "x", "--ae-title", "X", "--host", "127.0.0.1", "--port", "0", config=config)
     assert bad_port.returncode == 2 and "port:" in bad_port.stderr
-    taken = cli("peers", "add", "x", "--ae-title", "STORESCU", "--host", "127.0.0.1", config=config)
+    taken = cli_in_process("peers", "add", "x", "--ae-title", "STORESCU", "--host", "127.0.0.1", config=config)
     assert taken.returncode == 2 and "ae_title:" in taken.stderr and "dcmtk-storescu" in taken.stderr
-    unresolvable = cli("peers", "add", "x", "--ae-title", "X", "--host", "no-such-host.invalid", config=config)
+    unresolvable = cli_in_process("peers", "add", "x", "--ae-title", "X", "--host", "no-such-host.invalid", config=config)
     assert unresolvable.returncode == 2 and "host:" in unresolvable.stderr
-    missing = cli("peers", "remove", "nobody", config=config)
+    missing = cli_in_process("peers", "remove", "nobody", config=config)
     assert missing.returncode == 2 and "no peer named 'nobody'" in missing.stderr
 
-    edited = cli("peers", "edit", "dcmtk-storescu", "--priority", "urgent", "--receives-results", config=config)
+    edited = cli_in_process("peers", "edit", "dcmtk-storescu", "--priority", "urgent", "--receives-results", config=config)
     assert edited.returncode == 0, edited.stderr
-    peers = {p["name"]: p for p in json.loads(cli("peers", "list", "--json", config=config).stdout)}
+    peers = {p["name"]: p for p in json.loads(cli_in_process("peers", "list", "--json", config=config).stdout)}
     changed = peers["dcmtk-storescu"]
     assert (changed["priority"], changed["receives_results"], changed["ae_title"], changed["source"]) == (
         "urgent", True, "STORESCU", "database")
 
     # Nothing listens on the peer's port: the echo fails with the reason and exit code 1.
-    echo = cli("peers", "echo", "dcmtk-storescu", "--timeout", "2", config=config)
+    echo = cli_in_process("peers", "echo", "dcmtk-storescu", "--timeout", "2", config=config)
     assert echo.returncode == 1 and "FAILED" in echo.stderr
 
 
@@ -170,20 +188,20 @@ def test_queue_list_retry_and_discard(tmp_path: Path) -> None:
     config = node_config.write()
     job_id, item_id = _seed_problems(node_config.url)
 
-    listed = json.loads(cli("queue", "list", "--json", config=config).stdout)
+    listed = json.loads(cli_in_process("queue", "list", "--json", config=config).stdout)
     assert {(item["id"], item["state"]) for item in listed} == {(f"job:{job_id}", "failed"), (f"out:{item_id}", "dead")}
-    dead_only = json.loads(cli("queue", "list", "--json", "--state", "dead", config=config).stdout)
+    dead_only = json.loads(cli_in_process("queue", "list", "--json", "--state", "dead", config=config).stdout)
     assert [item["id"] for item in dead_only] == [f"out:{item_id}"]
     assert "0xC000" in dead_only[0]["reason"]
 
-    assert cli("queue", "retry", f"job:{job_id}", config=config).returncode == 0
-    assert cli("queue", "retry", f"out:{item_id}", config=config).returncode == 0
-    again = cli("queue", "retry", f"out:{item_id}", config=config)  # no longer dead
+    assert cli_in_process("queue", "retry", f"job:{job_id}", config=config).returncode == 0
+    assert cli_in_process("queue", "retry", f"out:{item_id}", config=config).returncode == 0
+    again = cli_in_process("queue", "retry", f"out:{item_id}", config=config)  # no longer dead
     assert again.returncode == 1 and "no dead letter" in again.stderr
-    job_discard = cli("queue", "discard", f"job:{job_id}", config=config)
+    job_discard = cli_in_process("queue", "discard", f"job:{job_id}", config=config)
     assert job_discard.returncode == 2 and "out:N" in job_discard.stderr
-    assert cli("queue", "discard", f"out:{item_id}", config=config).returncode == 0
-    garbled = cli("queue", "retry", "12", config=config)
+    assert cli_in_process("queue", "discard", f"out:{item_id}", config=config).returncode == 0
+    garbled = cli_in_process("queue", "retry", "12", config=config)
     assert garbled.returncode == 2 and "job:N" in garbled.stderr
 
     database = Database(node_config.url)
@@ -195,4 +213,4 @@ def test_queue_list_retry_and_discard(tmp_path: Path) -> None:
             assert item.state == "discarded"  # type: ignore[union-attr]
     finally:
         database.dispose()
-    assert json.loads(cli("queue", "list", "--json", config=config).stdout) == []
+    assert json.loads(cli_in_process("queue", "list", "--json", config=config).stdout) == []
