@@ -31,6 +31,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn output goes through the same (JSON) handler
     # pynetdicom's INFO/DEBUG output can include dataset dumps; keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # APScheduler logs every interval run at INFO; the scheduler role logs what matters itself.
