@@ -170,3 +170,155 @@ def test_huge_declared_pdu_length_then_close(node: NodeProcess, baseline: int) -
     assert wait_until(lambda: [r.outcome for r in node.associations()][-1] == "aborted")
     assert ds.SOPInstanceUID not in {row.sop_instance_uid for row in node.instances()}
     store_ok(node, seed=8)
+
+
+# -- destinations that misbehave: slow or silent, several at once ---------------------------------------------
+class CountingListener:
+    """A destination that accepts TCP connections and never answers (a hung PACS), counting connections.
+
+    ``peak`` is the most connections open at once: the sender's bound on associations per destination.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.total = 0
+        self.open = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        self.server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                continue
+            with self._lock:
+                self.total += 1
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+            threading.Thread(target=self._drain, args=(connection,), daemon=True).start()
+
+    def _drain(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(30)
+            try:
+                while connection.recv(65536):
+                    pass  # read the request, answer nothing
+            except OSError:
+                pass
+        with self._lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.server.close()
+
+
+def test_silent_destinations_get_one_association_each_and_back_off(tmp_path: Path) -> None:
+    """3 hung destinations x 12 results: one association per destination per round (never one per item),
+    every item back to pending with its attempt counted, and an immediate second round opens nothing."""
+    from datetime import datetime, timezone
+
+    from node.sender import Sender
+    from node.settings import PeerSettings, SenderSettings
+    from storage.db import Database
+    from storage.migrate import upgrade
+    from storage.models import Job, OutboxItem, Study
+    from storage.outbox import Outbox
+    from storage.spool import Spool
+
+    url = f"sqlite:///{tmp_path / 'sender.db'}"
+    upgrade(url)
+    database = Database(url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    listeners = [CountingListener() for _ in range(3)]
+    try:
+        peers = [PeerSettings(name=f"pacs{i}", ae_title=f"PACS{i}", host="127.0.0.1", port=listener.port,
+                              receives_results=True) for i, listener in enumerate(listeners)]
+        now = datetime.now(timezone.utc)
+        with database.session() as session:
+            study = Study(study_instance_uid="1.2.3", first_received_at=now, last_received_at=now, status="done")
+            session.add(study)
+            session.flush()
+            job = Job(study_id=study.id, study_revision=1, state="done", priority=0, attempts=1, created_at=now)
+            session.add(job)
+            session.flush()
+            for n in range(12):
+                ds = small_instance(study_uid="1.2.3", seed=n)
+                path = spool.write_result("1.2.3", ds.SeriesInstanceUID, ds.SOPInstanceUID, b"not sent")
+                for peer in peers:
+                    session.add(OutboxItem(job_id=job.id, study_instance_uid="1.2.3", sop_instance_uid=ds.SOPInstanceUID,
+                                           sop_class_uid=ds.SOPClassUID, kind="SC", path=path, destination=peer.name,
+                                           state="pending", priority=0, attempts=0, next_attempt_at=now, created_at=now))
+        settings = SenderSettings(backoff_seconds=[600.0], timeout_seconds=1)
+        sender = Sender("MSKNODE", lambda: peers, Outbox(database), spool, settings, batch_size=50)
+
+        assert sender.run_once() == 36
+        assert [listener.total for listener in listeners] == [1, 1, 1]
+        assert [listener.peak for listener in listeners] == [1, 1, 1]
+        with database.session() as session:
+            rows = list(session.query(OutboxItem))
+        assert {(row.state, row.attempts, row.last_status) for row in rows} == {("pending", 1, "no-association")}
+        assert sender.run_once() == 0, "items were retried before their backoff delay"
+        assert [listener.total for listener in listeners] == [1, 1, 1]
+    finally:
+        for listener in listeners:
+            listener.close()
+        database.dispose()
+
+
+def test_destination_slower_than_the_timeout_is_retried_later(tmp_path: Path) -> None:
+    """A PACS that takes longer than ``sender.timeout_seconds`` to answer a C-STORE: the item goes back to
+    pending (transient, no response) instead of hanging the sender, and is delivered once the PACS is fast."""
+    import threading
+
+    from pynetdicom import evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from storage.db import Database
+    from storage.migrate import upgrade
+    from storage.spool import Spool
+    from tests.helpers.node import free_port
+    from node.settings import SenderSettings
+    from tests.pipeline.test_sender import make_sender, queue_item, row
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    upgrade(url)
+    database = Database(url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    slow = threading.Event()
+    slow.set()
+
+    def on_store(event: evt.Event) -> int:
+        if slow.is_set():
+            time.sleep(3)
+        return 0x0000
+
+    ae = AE(ae_title="STORESCP")
+    ae.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        item_id = queue_item(database, spool)
+        sender = make_sender(database, spool, port)
+        sender.settings = SenderSettings(backoff_seconds=[0.3], timeout_seconds=1)
+        sender.run_once()
+        first = row(database, item_id)
+        assert (first.state, first.last_status) == ("pending", "no-response")
+        slow.clear()
+        time.sleep(0.7)  # the backoff in make_sender is 0.3 s
+        sender.run_once()
+        assert row(database, item_id).state == "delivered"
+    finally:
+        server.shutdown()
+        database.dispose()
