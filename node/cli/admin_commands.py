@@ -180,21 +180,10 @@ def peers_echo(
     config: ConfigOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
 ) -> None:
-    """C-ECHO a peer (as the node's AE title) and print the round trip."""
-    from node.peers import PeerDirectory
-    from node.scu import echo
+    """C-ECHO a peer (as the node's AE title, over TLS if the peer uses it) and print the round trip."""
+    from node.cli.node_commands import echo
 
-    with _open(config) as ctx:
-        directory = PeerDirectory(ctx.settings, ctx.database)
-        peer = directory.get(name)
-        if peer is None:
-            known = ", ".join(p.name for p in directory.list()) or "none"
-            raise _fail(f"no peer named {name!r}; known: {known}")
-    result = echo(ctx.settings.node.ae_title, peer, timeout=timeout)
-    where = f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port})"
-    if not result.ok:
-        raise _fail(f"C-ECHO {where}: FAILED — {result.error}", code=1)
-    console.print(f"C-ECHO {where}: success in {result.round_trip_ms:.1f} ms")
+    echo(name, config, timeout)
 
 
 # -- queue ---------------------------------------------------------------------------------------

@@ -93,19 +93,29 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 
 def echo(
-    peer: Annotated[str, typer.Argument(help="Name of a configured peer.")],
+    peer: Annotated[str, typer.Argument(help="Name of a peer (msknode peers list).")],
     config: ConfigOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
 ) -> None:
     """Send a C-ECHO to a configured peer and print the round trip."""
     from node.scu import echo as send_echo
 
+    from node.peers import PeerDirectory
+    from storage.db import Database
+    from storage.migrate import upgrade
+
     settings = load_or_exit(config)
-    try:
-        target = settings.peer(peer)
-    except KeyError:
-        err_console.print(f"no peer named {peer!r}; configured: {', '.join(p.name for p in settings.peers) or 'none'}")
-        raise typer.Exit(code=2) from None
+    upgrade(settings.storage.database_url)
+    database = Database(settings.storage.database_url)
+    try:  # the file's peers plus those added with `msknode peers add` or on the web
+        directory = PeerDirectory(settings, database)
+        target = directory.get(peer)
+        known = [p.name for p in directory.list()] if target is None else []
+    finally:
+        database.dispose()
+    if target is None:
+        err_console.print(f"no peer named {peer!r}; known: {', '.join(known) or 'none'}")
+        raise typer.Exit(code=2)
     tls_args = None
     if target.tls:  # the same TLS settings the sender uses for this peer
         from node.tls import TlsConfigError, client_tls_args
