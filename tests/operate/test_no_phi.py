@@ -19,7 +19,7 @@ from tests.helpers.tools import require_tool, storescu
 from tests.operate.test_notifications import WebhookReceiver
 from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, wait_for
 
-pytestmark = [pytest.mark.dcmtk]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 FAMILY, GIVEN, PATIENT_ID = "Quixotez", "Dulcinella", "PHI-ID-90210"
 

@@ -25,7 +25,7 @@ from tests.helpers.node import MSKNODE, REPO_ROOT, NodeProcess, Peer, free_port
 from tests.helpers.tools import require_tool, storescu
 from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, wait_for
 
-pytestmark = [pytest.mark.dcmtk]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
 ROUTINE_STUDIES = 50
 
