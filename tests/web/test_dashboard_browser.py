@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from node.web.accounts import Accounts
+from storage.db import Database
 from storage.models import OutboxItem, Study
 from tests.helpers.models import tiny_model
 from tests.helpers.node import MSKNODE, REPO_ROOT, NodeProcess, Peer, free_port, wait_for_port
@@ -71,7 +73,11 @@ def node(tmp_path: Path):
         config.model = tiny_model(tmp_path / "tiny-model")
     config.write()
     add_user(config.path, "admin", "admin", ADMIN_PASSWORD)
-    add_user(config.path, "reader", "viewer", VIEWER_PASSWORD)
+    database = Database(config.url)
+    try:  # the CLI itself is covered by test_dashboard_app.py; one subprocess less here
+        Accounts(database).add_user("reader", VIEWER_PASSWORD, "viewer")
+    finally:
+        database.dispose()
     process = NodeProcess(config).start(timeout=120)
     wait_for_port("127.0.0.1", config.web_port, 60, process.process)
     state = {"refusing_pacs": refusing_pacs, "archive": archive, "pacs_port": pacs_port,
@@ -106,6 +112,8 @@ def test_dashboard_in_a_browser(node, chromium, screenshot_dir: Path, tmp_path: 
     context = chromium.new_context(viewport={"width": 1280, "height": 860})
     context.set_default_timeout(15000)
     page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.goto(f"{base}/")
     assert page.url.endswith("/login")
     page.fill("input[name=username]", "admin")
@@ -190,3 +198,10 @@ def test_dashboard_in_a_browser(node, chromium, screenshot_dir: Path, tmp_path: 
     assert page.goto(f"{base}/peers").status == 403
     assert page.goto(f"{base}/queue").status == 403
     context.close()
+
+    # Nothing identifying ever travelled in a URL: no study UID, no accession number.
+    with process.database() as db, db.session() as session:
+        identifiers = [value for row in session.execute(select(Study.study_instance_uid, Study.accession_number))
+                       for value in row if value]
+    assert len(requested) > 20 and identifiers
+    assert not [url for url in requested if any(value in url for value in identifiers)]
