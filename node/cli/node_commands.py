@@ -51,6 +51,13 @@ def serve(
     from node.service import serve as run_serve
 
     settings = load_or_exit(config)
+    try:
+        _check_tls_files(settings, str(config or "<defaults>"))
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error[/] in {exc.source}:")
+        for problem in exc.problems:
+            err_console.print(f"  - {problem}")
+        raise typer.Exit(code=2) from None
     configure_logging(settings.logging.level, settings.logging.format)
     run_serve(settings, role=role, config_path=config)
 
@@ -65,12 +72,31 @@ def _check_triage_names(settings: Settings, source: str) -> None:
         raise ConfigError(source, exc.problems) from None
 
 
+def _check_tls_files(settings: Settings, source: str) -> None:
+    """TLS files must exist, load, and keep their private keys private (checked before any role starts)."""
+    from node.tls import TlsConfigError, client_context, server_context
+
+    problems = []
+    checks = [(settings.node.tls, server_context, "node.tls")]
+    if any(peer.tls for peer in settings.peers):
+        checks.append((settings.sender.tls, client_context, "sender.tls"))
+    for tls, build, section in checks:
+        if tls.enabled:
+            try:
+                build(tls, section)
+            except TlsConfigError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ConfigError(source, problems)
+
+
 @config_app.command("check")
 def config_check(path: Annotated[Path, typer.Argument(help="The TOML file to validate.")]) -> None:
     """Validate FILE: print every problem with its key path; exit non-zero if there is any."""
     try:
         settings = load_settings(path)
         _check_triage_names(settings, str(path))
+        _check_tls_files(settings, str(path))
     except ConfigError as exc:
         err_console.print(f"{exc.source}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:

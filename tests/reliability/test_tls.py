@@ -239,3 +239,22 @@ def storescp_output(process: subprocess.Popen[bytes]) -> str:
         process.terminate()
     out, _ = process.communicate(timeout=10)
     return out.decode(errors="replace")
+
+
+def test_serve_refuses_to_start_with_a_readable_key(pki: Pki, tmp_path: Path) -> None:
+    """The key check runs before any role starts: `msknode serve` exits 2 naming the key, nothing listens."""
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(pki.server_key.read_bytes())
+    os.chmod(loose, 0o640)
+    config = tmp_path / "msknode.toml"
+    config.write_text(
+        f'[node]\nport = {free_port()}\nhost = "127.0.0.1"\n[node.tls]\nenabled = true\n'
+        f'certificate = "{pki.server_cert}"\nprivate_key = "{loose}"\n'
+        f'[storage]\ndatabase_url = "sqlite:///{tmp_path / "db.sqlite"}"\nspool_dir = "{tmp_path / "spool"}"\n'
+    )
+    from tests.helpers.node import MSKNODE, REPO_ROOT
+
+    for command in (["serve", "-c", str(config)], ["config", "check", str(config)]):
+        result = subprocess.run([*MSKNODE, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0
+        assert "node.tls.private_key" in result.stdout + result.stderr and "0640" in result.stdout + result.stderr
