@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ class DemoStudy:
     files: list[Path]
 
 
-def _write_config(path: Path, node_port: int, pacs_ae: str, pacs_port: int, model: Path) -> None:
+def _write_config(path: Path, node_port: int, web_port: int, pacs_ae: str, pacs_port: int, model: Path) -> None:
     work = path.parent
     path.write_text(
         f"""[node]
@@ -58,6 +59,11 @@ poll_seconds = 0.5
 
 [engine]
 model = "{model}"
+
+[web]
+host = "127.0.0.1"
+port = {web_port}
+secret_key_file = "{work / 'web-secret'}"
 
 [logging]
 level = "INFO"
@@ -127,6 +133,15 @@ def _sr_lines(report: pydicom.Dataset) -> list[str]:
     return lines
 
 
+def _create_demo_user(config: Path) -> str:
+    """An admin account for the demo's dashboard, with a random password printed at the end."""
+    password = secrets.token_urlsafe(9)
+    subprocess.run([sys.executable, "-m", "node", "users", "add", "demo", "--role", "admin", "--password-stdin",
+                    "--config", str(config)], cwd=REPO, input=password + "\n", text=True, check=True,
+                   capture_output=True)
+    return password
+
+
 def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = False) -> int:
     console = Console()
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="msknode-demo-"))
@@ -146,14 +161,16 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
         pacs_ae, pacs_port = pacs.ae_title, pacs.port
         console.print(f"PACS: Orthanc not installed; a pynetdicom Storage SCP on 127.0.0.1:{pacs_port} -> {work / 'pacs'}")
     config = work / "msknode.toml"
-    _write_config(config, node_port, pacs_ae, pacs_port, model)
+    web_port = free_port()
+    _write_config(config, node_port, web_port, pacs_ae, pacs_port, model)
+    password = _create_demo_user(config)
     log_path = work / "node.log"
     with open(log_path, "wb") as log:
         node = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(config)], cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     started = time.monotonic()
     try:
-        with console.status("starting the node (receiver, scheduler, worker, sender)..."):
+        with console.status("starting the node (receiver, scheduler, worker, sender, web)..."):
             while "listening as" not in log_path.read_text(errors="replace"):
                 if node.poll() is not None or time.monotonic() - started > 120:
                     console.print(f"[red]the node did not start[/]; see {log_path}")
@@ -184,6 +201,7 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
                     console.print(f"SC '{ds.SeriesDescription}': {png}")
         elapsed = time.monotonic() - started
         console.print(f"\ndone in {elapsed:.0f} s. Work folder: {work}  (node log: {log_path})")
+        console.print(f"Dashboard: http://127.0.0.1:{web_port}/  (user [bold]demo[/], password [bold]{password}[/])")
         if keep:
             console.print("--keep: the node and the PACS keep running; Ctrl-C to stop them.")
             node.wait()
