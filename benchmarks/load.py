@@ -14,7 +14,6 @@ Target: p99 < 200 ms (inference never runs in the receiver's process).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import run_load  # noqa: E402
+from tests.reliability.harness import machine_description, run_load  # noqa: E402
 
 
 def main() -> int:
@@ -34,13 +33,26 @@ def main() -> int:
     parser.add_argument("--per-study", type=int, default=20, help="instances per study (one association each)")
     parser.add_argument("--size", type=int, default=256, help="rows = columns of each 16-bit CR instance")
     parser.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "demo-mae")
+    parser.add_argument("--postgres", action="store_true",
+                        help="index in a throw-away PostgreSQL cluster (Debian postgresql) instead of SQLite")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), Python "
-          f"{platform.python_version()}")
-    with tempfile.TemporaryDirectory(prefix="msknode-load-") as directory:
-        report = run_load(Path(directory), args.model, senders=args.senders, per_sender=args.instances,
-                          per_study=args.per_study, size=args.size,
-                          log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
+    print(f"machine: {machine_description()}; Python {platform.python_version()}")
+    cluster = None
+    database_url = None
+    if args.postgres:
+        from tests.helpers.postgres import PostgresCluster
+
+        cluster = PostgresCluster.start()
+        database_url = cluster.create_database()
+    print(f"index: {'PostgreSQL' if cluster else 'SQLite (WAL, synchronous=FULL)'}; spool fsync on")
+    try:
+        with tempfile.TemporaryDirectory(prefix="msknode-load-") as directory:
+            report = run_load(Path(directory), args.model, senders=args.senders, per_sender=args.instances,
+                              per_study=args.per_study, size=args.size, database_url=database_url,
+                              log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
+    finally:
+        if cluster is not None:
+            cluster.stop()
     print(report.table())
     ok = (report.failures == 0 and report.missing == 0 and report.duplicate_sops == 0
           and report.acknowledged == report.indexed == report.spool_files == args.senders * args.instances)

@@ -9,8 +9,6 @@ Exit status 0 only when there are no violations.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import CrashRun  # noqa: E402
+from tests.reliability.harness import CrashRun, machine_description  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +30,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "demo-mae")
     parser.add_argument("--keep", type=Path, help="run in this directory and keep it (logs, database, spool)")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); seed {args.seed}")
+    print(f"machine: {machine_description()}; seed {args.seed}")
 
     def log(message: str) -> None:
         print(time.strftime("%H:%M:%S"), message, flush=True)

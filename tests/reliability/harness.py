@@ -40,6 +40,18 @@ ROLES = ("receiver", "scheduler", "worker", "sender")
 SENDER_AE = "PYSCU"
 
 
+def machine_description() -> str:
+    """CPU model, CPU count and load average: the figures of a shared VM mean little without them."""
+    model = "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return f"{model}, {os.cpu_count()} CPU(s), load average {load}"
+
+
 # -- the node, one process per role ---------------------------------------------------------------
 class CrashConfig(NodeConfig):
     """Every role, short leases and timeouts so that a killed role's work comes back within seconds."""
@@ -606,7 +618,8 @@ class LoadReport:
 
 
 def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per_study: int = 20, size: int = 256,
-             warm_studies: int = 4, log: Callable[[str], None] = lambda _m: None) -> LoadReport:
+             warm_studies: int = 4, database_url: str | None = None,
+             log: Callable[[str], None] = lambda _m: None) -> LoadReport:
     """A node (receiver, scheduler, worker under the supervisor) takes ``senders`` x ``per_sender`` C-STOREs
     from concurrent sending processes while its worker analyses the studies already received."""
     import multiprocessing
@@ -615,7 +628,8 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
     from tests.helpers.node import NodeProcess
 
     config = CrashConfig(directory=directory / "node", roles=("receiver", "scheduler", "worker"),
-                         peers=(Peer("modality", SENDER_AE),), max_associations=senders + 4)
+                         peers=(Peer("modality", SENDER_AE),), max_associations=senders + 4,
+                         database_url=database_url)
     config.model = model
     config.settle_seconds = 1.0
     node = NodeProcess(config).start(timeout=180)
