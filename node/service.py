@@ -78,6 +78,8 @@ def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
         log.info("removed %d unacknowledged partial file(s) from the spool", swept)
     receiver = build_receiver(runtime)
     receiver.start()
+    host, port = receiver.address
+    runtime.detail.update(listening=f"{host}:{port}", ae_title=runtime.settings.node.ae_title)
     try:
         while not stop.wait(1.0):
             pass

@@ -122,6 +122,7 @@ def test_peers_change_live_without_touching_open_associations(tmp_path: Path) ->
     report = json.loads(status.stdout)
     assert report["roles_alive"] == {"receiver": 1}
     assert report["processes"][0]["alive"] is True
+    assert report["processes"][0]["detail"]["listening"] == f"127.0.0.1:{node.port}"
     assert "receiver" in table.stdout and "queues" in table.stdout
 
     # JSON logs: every line is one JSON object, and no patient name or ID anywhere.
