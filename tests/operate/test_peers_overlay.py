@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from node.peers import PeerDirectory, PeerError, peer_from_fields
 from node.policy import decide
@@ -133,3 +133,49 @@ def test_the_association_policy_follows_the_overlay(settings: Settings, database
     assert request() == "calling-ae-may-not-send"
     directory.remove("mri", "t")
     assert request() == "calling-ae-not-recognised"
+
+
+def test_worker_sends_results_to_the_effective_peers_and_times_inference(tmp_path: Path) -> None:
+    """Destinations come from file + overlay at the time of the job; each engine pass lands in the histogram."""
+    import engines
+    from node.worker import Worker
+    from storage.counters import Counters
+    from storage.index import Index
+    from storage.models import OutboxItem
+    from storage.queue import JobQueue
+    from storage.spool import Spool
+    from storage.worklist import Worklist
+    from tests.helpers.models import tiny_model
+    from tests.pipeline.test_worker import complete_all, phantom_datasets, receive
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    database = Database(url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    settings = Settings(
+        peers=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True},
+               {"name": "archive", "ae_title": "ARCH", "host": "127.0.0.1", "receives_results": True}],
+        engine={"batch_size": 4, "passes": 2},
+    )
+    settings.resolve_peer_hosts()
+    directory = PeerDirectory(settings, database, cache_seconds=0)
+    directory.remove("archive", actor="t")
+    directory.add(PeerSettings(name="viewer", ae_title="VIEWER", host="127.0.0.1", receives_results=True), "t")
+    encoder = engines.load(tiny_model(tmp_path / "model", width=32, layers=1), backend="cpu")
+    worker = Worker(settings, JobQueue(database), Worklist(database), spool, encoder, owner="test-worker",
+                    peers=directory.effective_peers, counters=Counters(database))
+    try:
+        association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+        for dataset in phantom_datasets("overlay", 2):
+            receive(database, spool, dataset, tmp_path, association)
+        complete_all(database)
+        assert worker.run_once() == 1
+        with database.session() as session:
+            destinations = {item.destination for item in session.scalars(select(OutboxItem))}
+        counters = {(name, labels.get("le")): value for name, labels, value in Counters(database).all()}
+    finally:
+        database.dispose()
+    assert destinations == {"pacs", "viewer"}
+    assert counters[("inference_seconds_count", None)] == 1  # 2 frames, batch_size 4: one engine pass
+    assert counters[("inference_seconds_bucket", "+Inf")] == 1
+    assert counters[("inference_seconds_sum", None)] > 0
