@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from storage.db import Database
@@ -39,21 +37,17 @@ def decode_labels(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split(","))
 
 
+# The same upsert statement is valid on SQLite (3.24+) and PostgreSQL (9.5+). Plain SQL on purpose: building
+# the SQLAlchemy insert().on_conflict_do_update() construct per call cost more than running it.
+_UPSERT = text(
+    "INSERT INTO counters (name, labels, value) VALUES (:name, :labels, :amount) "
+    "ON CONFLICT (name, labels) DO UPDATE SET value = counters.value + excluded.value"
+)
+
+
 def increment(session: Session, name: str, labels: Mapping[str, object] | None = None, amount: float = 1) -> None:
     """Add ``amount`` to a counter inside the caller's transaction (an upsert on SQLite and PostgreSQL)."""
-    values = {"name": name, "labels": encode_labels(labels), "value": float(amount)}
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        statement = postgresql_insert(Counter).values(**values)
-    elif dialect == "sqlite":
-        statement = sqlite_insert(Counter).values(**values)
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise NotImplementedError(f"counters need SQLite or PostgreSQL, not {dialect}")
-    statement = statement.on_conflict_do_update(
-        index_elements=[Counter.name, Counter.labels],
-        set_={"value": Counter.value + statement.excluded.value},
-    )
-    session.execute(statement)
+    session.execute(_UPSERT, {"name": name, "labels": encode_labels(labels), "amount": float(amount)})
 
 
 def observe(

@@ -42,8 +42,14 @@ def _open(config: Path | None) -> Iterator[_Context]:
     from storage.db import Database
     from storage.migrate import upgrade
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     settings = load_or_exit(config)
-    upgrade(settings.storage.database_url)
+    try:
+        upgrade(settings.storage.database_url)
+    except SQLAlchemyError as exc:
+        raise _fail(f"database unavailable ({settings.storage.database_url.split(':', 1)[0]}): "
+                    f"{type(exc.orig or exc).__name__}", code=1) from None
     database = Database(settings.storage.database_url)
     try:
         yield _Context(settings, database)

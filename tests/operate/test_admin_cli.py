@@ -215,3 +215,11 @@ def test_queue_list_retry_and_discard(tmp_path: Path) -> None:
     finally:
         database.dispose()
     assert json.loads(cli_in_process("queue", "list", "--json", config=config).stdout) == []
+
+
+def test_commands_say_when_the_database_is_down(tmp_path: Path) -> None:
+    config = tmp_path / "down.toml"
+    config.write_text('[storage]\ndatabase_url = "postgresql://msknode@127.0.0.1:1/none"\n')
+    for args in (("status",), ("queue", "list"), ("peers", "list")):
+        result = cli_in_process(*args, config=config)
+        assert result.returncode == 1 and "database unavailable (postgresql)" in result.stderr
