@@ -17,11 +17,10 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
-from sqlalchemy import select
 
 from storage.db import Database, utcnow
 from storage.migrate import upgrade
-from storage.models import Association, Instance, Job, OutboxItem, Study
+from storage.models import Job, OutboxItem, Study
 from tests.helpers.dicomdata import make_instances
 from tests.helpers.node import MSKNODE, NODE_AE, REPO_ROOT, NodeConfig, NodeProcess
 from tests.helpers.tools import echoscu, require_tool, storescu
@@ -72,6 +71,7 @@ def wait_until(predicate, what: str, timeout: float = 15.0):  # type: ignore[no-
     raise AssertionError(f"timed out waiting until {what}")
 
 
+@pytest.mark.dcmtk
 def test_peers_change_live_without_touching_open_associations(tmp_path: Path) -> None:
     require_tool("echoscu")
     node = NodeProcess(JsonLogConfig(directory=tmp_path / "node")).start()

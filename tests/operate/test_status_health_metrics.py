@@ -21,7 +21,7 @@ from node.status import collect_status
 from storage.counters import Counters, increment
 from storage.db import Database, utcnow
 from storage.migrate import upgrade
-from storage.models import Association, Counter, Instance, Job, OutboxItem, Study
+from storage.models import Counter, Instance, Job, OutboxItem, Study
 from storage.outbox import Outbox
 from storage.status import Heartbeats
 from tests.helpers.dicomdata import make_instances
@@ -84,6 +84,7 @@ def offline_settings(tmp_path: Path, **storage: object) -> Settings:
 
 
 # -- metrics and status of a running node ---------------------------------------------------------------
+@pytest.mark.dcmtk
 def test_metrics_count_real_stores_and_rejections(tmp_path: Path) -> None:
     require_tool("storescu")
     node = NodeProcess(NodeConfig(directory=tmp_path / "node")).start()
@@ -184,6 +185,7 @@ def test_inference_histogram_is_cumulative(tmp_path: Path, database: Database) -
     assert metrics[("msknode_inference_seconds_sum", ())] == pytest.approx(507.64)
 
 
+@pytest.mark.postgres
 def test_counter_upsert_on_postgresql(postgres_url: str) -> None:
     upgrade(postgres_url)
     database = Database(postgres_url)
@@ -221,6 +223,7 @@ def _worker_heartbeat(database: Database, loaded: bool, seconds_ago: float = 0) 
             session.get(RoleHeartbeat, "worker@test:1").seen_at = utcnow() - timedelta(seconds=seconds_ago)
 
 
+@pytest.mark.slow
 def test_health_of_a_node_with_a_real_worker(tmp_path: Path) -> None:
     """Unhealthy until the worker process reports its engine loaded; then 200 with the engine's detail."""
     model = tiny_model(tmp_path / "model", width=32, layers=1)
