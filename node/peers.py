@@ -64,6 +64,7 @@ class PeerDirectory:
         self._lock = threading.Lock()
         self._cached: list[PeerView] | None = None
         self._cached_at = 0.0
+        self._unresolved: set[tuple[str, str]] = set()
 
     # -- reading -----------------------------------------------------------------------------
     def list(self) -> list[PeerView]:
@@ -154,8 +155,7 @@ class PeerDirectory:
             self._cached = None
 
     # -- helpers -----------------------------------------------------------------------------
-    @staticmethod
-    def _view(peer: PeerSettings, source: PeerSource) -> PeerView:
+    def _view(self, peer: PeerSettings, source: PeerSource) -> PeerView:
         view = PeerView(**peer.model_dump(exclude={"source"}), source=source)
         if peer.addresses:
             view._addresses = peer.addresses
@@ -163,7 +163,10 @@ class PeerDirectory:
             try:
                 view.resolve()
             except ValueError:
-                log.warning("peer %s: host %s does not resolve; its associations will be rejected", peer.name, peer.host)
+                if (peer.name, peer.host) not in self._unresolved:  # once, not at every refresh
+                    self._unresolved.add((peer.name, peer.host))
+                    log.warning("peer %s: host %s does not resolve; its associations will be rejected",
+                                peer.name, peer.host)
         return view
 
     def _from_row(self, row: dict[str, object]) -> PeerView | None:
