@@ -20,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 PIXEL_DATA_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_IMAGE_PIXEL_KEYWORDS = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated")
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
@@ -125,7 +126,10 @@ def read_header(path: Path) -> HeaderInfo:
         raise HeaderError("no transfer syntax in file meta")
 
     has_pixel_data = pixel_offset < size
-    if "Rows" in ds and "Columns" in ds and not has_pixel_data and transfer_syntax != DeflatedExplicitVRLittleEndian:
+    # Any Image Pixel attribute means pixel data must follow: a transfer cut on an element boundary inside
+    # that module (found by the fuzzer: after SamplesPerPixel) otherwise parses as a complete dataset.
+    has_image_attributes = any(keyword in ds for keyword in _IMAGE_PIXEL_KEYWORDS)
+    if has_image_attributes and not has_pixel_data and transfer_syntax != DeflatedExplicitVRLittleEndian:
         raise HeaderError("truncated dataset: image attributes present but no pixel data")
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         _check_pixel_data_complete(path, pixel_offset, size, transfer_syntax)

@@ -322,6 +322,15 @@ class Receiver:
             log.warning("refused instance on association %s: %s", association_id, exc.reason)
             return _failure(STATUS_CANNOT_UNDERSTAND, exc.reason)
 
+        requested_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
+        if requested_uid != header.sop_instance_uid:
+            # The peer would record Success for a UID the node never stored (found by the fuzzer: a damaged
+            # but still valid SOP Instance UID in the dataset).
+            temp_path.unlink(missing_ok=True)
+            log.warning("refused instance on association %s: dataset SOP Instance UID differs from the request",
+                        association_id)
+            return _failure(STATUS_CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request")
+
         try:
             stored = self.spool.commit_file(
                 temp_path, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid

@@ -77,3 +77,39 @@ def test_regression_transfer_cut_inside_an_element_header_is_refused(node: NodeP
     whole = Case(1, "control", syntax, str(ds.SOPClassUID), str(ds.SOPInstanceUID), data)
     assert run_over_network("127.0.0.1", node.port, [cut, whole]) == {0: 0xC000, 1: 0x0000}
     assert node.incoming_files() == []
+
+
+def _cut_before(tag: tuple[int, int], seed: int) -> tuple[Case, Case]:
+    """(the base instance cut exactly at the element boundary before ``tag``, the whole instance)."""
+    import random
+
+    syntax = "1.2.840.10008.1.2.1"
+    ds = base_dataset(random.Random(seed), syntax)
+    data = _encode_dataset(ds, syntax)
+    (element,) = [e for e in walk_explicit(data) if e.tag == tag and e.depth == 0]
+    cut = Case(0, "regression", syntax, str(ds.SOPClassUID), str(ds.SOPInstanceUID), data[: element.start])
+    return cut, Case(1, "control", syntax, str(ds.SOPClassUID), str(ds.SOPInstanceUID), data)
+
+
+def test_regression_transfer_cut_on_an_element_boundary_before_rows_is_refused(node: NodeProcess) -> None:
+    """Found by the 10,000-case run (seed 1, case 7348): cut after SamplesPerPixel, exactly between two
+    elements, the dataset parsed as complete (no Rows/Columns, so the old pixel-data check did not apply)."""
+    cut, whole = _cut_before((0x0028, 0x0010), seed=4)
+    assert run_over_network("127.0.0.1", node.port, [cut, whole]) == {0: 0xC000, 1: 0x0000}
+    assert node.incoming_files() == []
+
+
+def test_regression_dataset_uid_differing_from_the_request_is_refused(node: NodeProcess) -> None:
+    """Found by the 10,000-case run (seed 1, case 7892): byte noise turned the dataset's SOP Instance UID into
+    another valid UID; the node stored it under that UID while the peer was told its own UID succeeded."""
+    import random
+
+    syntax = "1.2.840.10008.1.2.1"
+    ds = base_dataset(random.Random(5), syntax)
+    requested = str(ds.SOPInstanceUID)
+    ds.SOPInstanceUID = requested[:-1] + ("1" if requested[-1] != "1" else "2")
+    data = _encode_dataset(ds, syntax)
+    mismatched = Case(0, "regression", syntax, str(ds.SOPClassUID), requested, data)
+    assert run_over_network("127.0.0.1", node.port, [mismatched]) == {0: 0xC000}
+    assert str(ds.SOPInstanceUID) not in {row.sop_instance_uid for row in node.instances()}
+    assert node.incoming_files() == []
