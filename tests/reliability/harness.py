@@ -60,13 +60,14 @@ class CrashConfig(NodeConfig):
     lease_seconds: float = 6.0
     settle_seconds: float = 2.0
     force_complete_seconds: float = 20.0
+    poll_seconds: float = 0.3
 
     def write(self) -> Path:
         path = super().write()
         text = path.read_text().replace(
             "[pipeline]\n",
             f"[pipeline]\nsettle_seconds = {self.settle_seconds}\n"
-            f"force_complete_seconds = {self.force_complete_seconds}\npoll_seconds = 0.3\n"
+            f"force_complete_seconds = {self.force_complete_seconds}\npoll_seconds = {self.poll_seconds}\n"
             f"lease_seconds = {self.lease_seconds}\nmax_attempts = 20\n",
         )
         text += (
@@ -243,10 +244,14 @@ class RunReport:
     violations: list[str]
     seconds: float
 
+    def _aimed(self, role: str) -> int:
+        return sum(1 for moment in self.kill_moments if moment.startswith(role) and "(idle)" not in moment)
+
     def table(self) -> str:
         rows = [
             ("seed", self.seed),
-            *((f"kills: {role}", count) for role, count in sorted(self.kills.items())),
+            *((f"kills: {role}", f"{count} ({self._aimed(role)} at the aimed moment)")
+              for role, count in sorted(self.kills.items())),
             ("kills: total", sum(self.kills.values())),
             ("studies", self.studies),
             ("instances sent / acknowledged / stored", f"{self.instances_sent} / {self.acknowledged} / {self.stored}"),
@@ -332,11 +337,14 @@ class CrashRun:
         """Whether ``role`` is at its interesting moment: a job processing, a delivery being sent."""
         if role == "receiver":
             return any(sender.in_study.is_set() for sender in self.senders)
-        if role == "worker":
-            return bool(self._query(lambda s: s.scalar(select(func.count(Job.id)).where(Job.state == "processing"))))
+        process = self.roles[role].process
+        owner = f"%:{process.pid}" if process is not None else ""  # leases are "role@host:pid"
+        if role == "worker":  # a job claimed by this worker process, not one a killed worker left behind
+            return bool(self._query(lambda s: s.scalar(select(func.count(Job.id)).where(
+                Job.state == "processing", Job.lease_owner.like(owner)))))
         if role == "sender":
-            return bool(self._query(
-                lambda s: s.scalar(select(func.count(OutboxItem.id)).where(OutboxItem.state == "sending"))))
+            return bool(self._query(lambda s: s.scalar(select(func.count(OutboxItem.id)).where(
+                OutboxItem.state == "sending", OutboxItem.lease_owner.like(owner)))))
         return True
 
     def _kill(self, role: str) -> None:
@@ -618,7 +626,7 @@ class LoadReport:
 
 
 def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per_study: int = 20, size: int = 256,
-             warm_studies: int = 4, database_url: str | None = None,
+             warm_studies: int = 4, database_url: str | None = None, worker: bool = True,
              log: Callable[[str], None] = lambda _m: None) -> LoadReport:
     """A node (receiver, scheduler, worker under the supervisor) takes ``senders`` x ``per_sender`` C-STOREs
     from concurrent sending processes while its worker analyses the studies already received."""
@@ -627,11 +635,13 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
 
     from tests.helpers.node import NodeProcess
 
-    config = CrashConfig(directory=directory / "node", roles=("receiver", "scheduler", "worker"),
+    roles = ("receiver", "scheduler", "worker") if worker else ("receiver", "scheduler")
+    config = CrashConfig(directory=directory / "node", roles=roles,
                          peers=(Peer("modality", SENDER_AE),), max_associations=senders + 4,
                          database_url=database_url)
     config.model = model
     config.settle_seconds = 1.0
+    config.poll_seconds = 1.0  # the default: the load run measures the node as deployed
     node = NodeProcess(config).start(timeout=180)
     try:
         # Work for the worker first: studies that are analysed while the load runs.
@@ -655,9 +665,9 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
             return jobs("done")
 
         deadline = time.monotonic() + 120
-        while not jobs("processing", "done") and time.monotonic() < deadline:
+        while worker and not jobs("processing", "done") and time.monotonic() < deadline:
             time.sleep(0.1)
-        log("worker busy; starting the senders")
+        log("worker busy; starting the senders" if worker else "no worker (baseline); starting the senders")
 
         done_before = done_jobs()
         busy_samples: list[bool] = []
