@@ -191,13 +191,14 @@ def _grey_frame(decoded: DecodedFrame, ds: Dataset, index: int, voi: VOIPolicy) 
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """The spacing if it is usable; a malformed element (bad VR or length, found by fuzzing) counts as absent."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        if value is not None and len(value) == 2:
-            try:
+        try:
+            value = ds.get(keyword)
+            if value is not None and len(value) == 2:
                 return float(value[0]), float(value[1])
-            except (TypeError, ValueError):
-                continue
+        except Exception:  # noqa: BLE001 - pydicom's lazy conversion raises many types on damaged elements
+            continue
     return None
 
 

@@ -83,3 +83,11 @@ def test_regression_rows_read_as_text_in_jpeg2000_is_a_preprocess_error() -> Non
     then raised ValueError from ``int(ds.Rows)``."""
     case = _damaged((0x0028, 0x0010), vr=b"SH", syntax=str(JPEG2000Lossless))
     assert preprocess_outcome(case) == "PreprocessError"
+
+
+def test_regression_imager_pixel_spacing_with_an_unknown_vr_is_ignored() -> None:
+    """Found by the 10,000-case run (seed 1, cases 5579 and 5912): byte noise in the VR of Imager Pixel
+    Spacing made pydicom raise NotImplementedError (unknown VR) when preprocessing read the spacing. The
+    spacing is optional, so the image is preprocessed without it."""
+    case = _damaged((0x0018, 0x1164), vr=b"D\x0e")
+    assert preprocess_outcome(case) == "ok"
