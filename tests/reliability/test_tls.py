@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification
 from node.scu import echo
 from node.settings import PeerSettings, TlsSettings, parse_settings
 from node.tls import TlsConfigError, client_tls_args, server_context
-from tests.helpers.dicomdata import make_instances, small_instance
+from tests.helpers.dicomdata import make_instances
 from tests.helpers.node import NODE_AE, NodeConfig, NodeProcess, free_port
 from tests.helpers.tools import require_tool
 
