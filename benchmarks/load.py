@@ -35,6 +35,10 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "demo-mae")
     parser.add_argument("--postgres", action="store_true",
                         help="index in a throw-away PostgreSQL cluster (Debian postgresql) instead of SQLite")
+    parser.add_argument("--without-worker", action="store_true",
+                        help="baseline: receiver and scheduler only, nothing analysed during the load")
+    parser.add_argument("--worker-nice", type=int, default=0,
+                        help="experiment: renice the worker process (e.g. 10) so the receiver preempts inference")
     args = parser.parse_args()
     print(f"machine: {machine_description()}; Python {platform.python_version()}")
     cluster = None
@@ -49,6 +53,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="msknode-load-") as directory:
             report = run_load(Path(directory), args.model, senders=args.senders, per_sender=args.instances,
                               per_study=args.per_study, size=args.size, database_url=database_url,
+                              worker=not args.without_worker, worker_nice=args.worker_nice,
                               log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
     finally:
         if cluster is not None:

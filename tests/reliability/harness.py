@@ -584,6 +584,22 @@ def _send_load(port: int, sender: int, instances: int, per_study: int, size: int
     return times, acknowledged, failures
 
 
+def role_pids(supervisor_pid: int, role: str) -> list[int]:
+    """The pids of a supervisor's children running ``role`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent == supervisor_pid and b"--role" in command and command[command.index(b"--role") + 1] == role.encode():
+            found.append(int(entry.name))
+    return found
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile (no interpolation: p99 of 1600 is the 1584th value)."""
     ordered = sorted(values)
@@ -627,7 +643,7 @@ class LoadReport:
 
 def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per_study: int = 20, size: int = 256,
              warm_studies: int = 4, database_url: str | None = None, worker: bool = True,
-             log: Callable[[str], None] = lambda _m: None) -> LoadReport:
+             worker_nice: int = 0, log: Callable[[str], None] = lambda _m: None) -> LoadReport:
     """A node (receiver, scheduler, worker under the supervisor) takes ``senders`` x ``per_sender`` C-STOREs
     from concurrent sending processes while its worker analyses the studies already received."""
     import multiprocessing
@@ -664,6 +680,10 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
         def done_jobs() -> int:
             return jobs("done")
 
+        if worker_nice:  # experiment: inference at a lower CPU priority than the receiver
+            for pid in role_pids(node.pid, "worker"):
+                os.setpriority(os.PRIO_PROCESS, pid, worker_nice)
+                log(f"worker pid {pid} reniced to {worker_nice}")
         deadline = time.monotonic() + 120
         while worker and not jobs("processing", "done") and time.monotonic() < deadline:
             time.sleep(0.1)
