@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from storage.db import Database, as_utc, utcnow
 from storage.models import Association, Instance, Job, Study
@@ -108,15 +108,18 @@ def tick(
     for decision in decisions:
         if decision.complete:
             queue.enqueue(decision.study_id, decision.revision, initial_priority(decision.calling_ae_title))
-        else:
-            with database.session() as session:
+    waiting = [decision for decision in decisions if not decision.complete]
+    if waiting:
+        # One transaction for all, and only rows whose status changes: on SQLite every write commit is an
+        # fsync under the database's single write lock, which the receiver needs for every C-STORE.
+        with database.session() as session:
+            for decision in waiting:
+                status = "received" if decision.waiting_reason == "association still open" else "waiting"
                 session.execute(
                     update(Study)
                     .where(Study.id == decision.study_id, Study.revision == decision.revision)
-                    .values(
-                        status="received" if decision.waiting_reason == "association still open" else "waiting",
-                        status_reason=decision.waiting_reason,
-                    )
+                    .where(or_(Study.status != status, Study.status_reason.is_distinct_from(decision.waiting_reason)))
+                    .values(status=status, status_reason=decision.waiting_reason)
                 )
     return decisions
 
