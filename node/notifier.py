@@ -27,8 +27,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from node.sender import backoff_delay
-from node.settings import NotificationSettings, priority_rank
+from node.settings import NotificationSettings, backoff_delay, priority_rank
 from storage.db import as_utc, utcnow
 from storage.notifications import NotificationEntry, Notifications, PendingNotification
 

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.faults import fault_point
 from node.scu import set_tcp_nodelay
-from node.settings import PeerSettings, SenderSettings
+from node.settings import PeerSettings, SenderSettings, backoff_delay
 from node.tls import TlsConfigError, client_tls_args
 from storage.db import as_utc, utcnow
 from storage.outbox import Delivery, Outbox
@@ -53,11 +53,6 @@ def classify_status(status: int) -> Outcome:
     if 0xA700 <= status <= 0xA7FF:
         return Outcome("transient", f"0x{status:04X}", "destination out of resources")
     return Outcome("permanent", f"0x{status:04X}", "destination refused the instance")
-
-
-def backoff_delay(schedule: Sequence[float], attempts: int) -> float:
-    """attempts >= 1: the delay before the next attempt (the last value repeats)."""
-    return float(schedule[min(max(attempts, 1), len(schedule)) - 1])
 
 
 class Sender:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -110,6 +111,11 @@ class StorageSettings(_Section):
 
 PRIORITIES = ("routine", "high", "urgent")
 Priority = Literal["routine", "high", "urgent"]
+
+
+def backoff_delay(schedule: Sequence[float], attempts: int) -> float:
+    """The delay before the next attempt of a ``backoff_seconds`` schedule (attempts >= 1; the last value repeats)."""
+    return float(schedule[min(max(attempts, 1), len(schedule)) - 1])
 
 
 def priority_rank(priority: str) -> int:
