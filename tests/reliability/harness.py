@@ -10,6 +10,9 @@ answered Success. Results go to Orthanc, the PACS. At the end the run waits for 
 - every study has exactly one current SR and one SC per analysed image at Orthanc, and nothing at Orthanc
   the node did not record in its outbox (a retry that built new UIDs would show up here as a duplicate);
 - no job and no outbox row is left claimed, queued or pending; no job failed.
+
+Also here, for the same reason (one place for node-under-test code): :func:`run_load`, concurrent sending
+processes while the worker runs inference, used by tests/reliability/test_load.py and benchmarks/load.py.
 """
 
 from __future__ import annotations
@@ -166,15 +169,13 @@ class StudySender(threading.Thread):
     """
 
     def __init__(self, port: int, studies: Sequence[StudyPlan], give_up_seconds: float = 180.0,
-                 on_response: Callable[[float], None] | None = None, study_gap_seconds: float = 0.0,
-                 instance_gap_seconds: float = 0.0) -> None:
+                 study_gap_seconds: float = 0.0, instance_gap_seconds: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.studies = studies
         self.study_gap_seconds = study_gap_seconds
         self.instance_gap_seconds = instance_gap_seconds
         self.give_up_seconds = give_up_seconds
-        self.on_response = on_response
         self.in_study = threading.Event()
         self.errors: list[str] = []
 
@@ -195,12 +196,9 @@ class StudySender(threading.Thread):
                 if index:
                     self.in_study.set()
                     time.sleep(self.instance_gap_seconds)
-                started = time.perf_counter()
                 status = assoc.send_c_store(dataset)
                 if status is not None and status.get("Status") == 0x0000:
                     plan.acknowledged.add(dataset.SOPInstanceUID)
-                    if self.on_response is not None:
-                        self.on_response(time.perf_counter() - started)
                 if not assoc.is_established:
                     return
         finally:
@@ -319,14 +317,11 @@ class CrashRun:
         self.orthanc.stop()
 
     # -- the database, as an admin would look at it ------------------------------------------------
-    def _session(self):  # type: ignore[no-untyped-def]
+    def _query(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(session)`` on a fresh connection (the harness holds none between looks)."""
         from storage.db import Database
 
         database = Database(self.config.url)
-        return database
-
-    def _query(self, fn: Callable[[Any], Any]) -> Any:
-        database = self._session()
         try:
             with database.session() as session:
                 return fn(session)
@@ -450,7 +445,8 @@ class CrashRun:
             stored += 1
 
         def pipeline_rows(session: Any) -> tuple[list[Any], list[Any], dict[int, int]]:
-            jobs = session.execute(select(Job.id, Job.state, Job.study_revision, Job.last_error, Study.study_instance_uid)
+            jobs = session.execute(select(Job.id, Job.state, Job.study_revision, Job.last_error,
+                                          Study.study_instance_uid)
                                    .join(Study, Study.id == Job.study_id)).all()
             outbox = session.execute(select(OutboxItem.job_id, OutboxItem.study_instance_uid,
                                             OutboxItem.sop_instance_uid, OutboxItem.kind, OutboxItem.state)).all()
@@ -632,7 +628,8 @@ class LoadReport:
             ("in the index / files in the spool", f"{self.indexed} / {self.spool_files}"),
             ("acknowledged but missing / duplicated", f"{self.missing} / {self.duplicate_sops}"),
             ("C-STORE response p50 / p95 / p99 / max (ms)",
-             f"{percentile(ms, .5):.1f} / {percentile(ms, .95):.1f} / {percentile(ms, .99):.1f} / {max(ms or [0]):.1f}"),
+             " / ".join(f"{value:.1f}" for value in (percentile(ms, .5), percentile(ms, .95), percentile(ms, .99),
+                                                      max(ms or [0])))),
             ("throughput (instances/s)", f"{self.acknowledged / self.wall_seconds:.0f}"),
             ("jobs finished by the worker meanwhile", self.jobs_done_during),
             ("samples with a job processing", f"{self.worker_busy_fraction:.0%}"),
