@@ -8,7 +8,7 @@ Phases (each prints what it measured; everything lands in ``<out>/training_repor
 
 1. a pool of normal phantoms (hand, knee, long bone; joint-space grades 0-4 allowed, no focal findings),
    converted exactly as ``engines.preprocess`` converts a DICOM of them (min-max to uint8, bilinear 224 px);
-2. MAE pre-training of the demo config (192 wide, 6 layers, 3 heads; decoder 128 x 2) for a fixed step count;
+2. MAE pre-training of the demo config (128 wide, 6 layers, 4 heads; decoder 96 x 2) for a fixed step count;
 3. linear-probe heads (``fracture``, ``lesion``, ``narrowing``) on frozen CLS embeddings of labelled phantoms,
    with a held-out split, saved in format 3e under ``<out>/heads``;
 4. evaluation on held-out seeds: pointing game / pixel AUROC / score AUROC for lytic, sclerotic and fracture
@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-images", type=int, default=900)
     parser.add_argument("--eval-seeds", type=int, default=30, help="held-out seeds per kind and finding")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=2,
+        help="torch threads; on a CPU shared with other work 1 is faster (2 threads spin-wait on each other)",
+    )
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print the tables of an existing report and stop")
     parser.add_argument("--pool-cache", type=Path, default=None, help="reuse / store the pre-training pool (.npz)")

@@ -445,7 +445,10 @@ def _long_bone(rng: np.random.Generator, rows: int, columns: int, mm: float) -> 
     variant = rng.choice(["FEMUR", "LEG", "FOREARM"])
     cx = columns * rng.uniform(0.42, 0.58)
     tilt = rng.uniform(-0.07, 0.07)
-    top, bottom = rows * rng.uniform(0.04, 0.12), rows * rng.uniform(0.88, 0.96)
+    # Shaft view: both bone ends lie outside the field, cut the same way in every image. Ends at random
+    # heights inside the field were the brightest structure and unpredictable for the MAE (its error peaked
+    # there rather than on lesions); a clipped shaft continues predictably to the border.
+    top, bottom = -rows * rng.uniform(0.12, 0.16), rows * rng.uniform(1.12, 1.16)
     centre = (cx, rows / 2)
 
     def r(p: tuple[float, float]) -> tuple[float, float]:
@@ -491,14 +494,27 @@ def _sphere_chord(canvas: _Canvas, centre: tuple[float, float], radius: float) -
     return chord * canvas.mm, win
 
 
-def _pick_site(rng: np.random.Generator, bones: list[Bone], canvas: _Canvas) -> tuple[Bone, tuple[float, float], float] | None:
-    """A point inside a bone's shaft (and well inside the image): (bone, (x, y), local bone radius in px)."""
+def _pick_site(
+    rng: np.random.Generator, bones: list[Bone], canvas: _Canvas, metaphyseal: bool = True
+) -> tuple[Bone, tuple[float, float], float] | None:
+    """A point inside a bone's shaft (and well inside the image): (bone, (x, y), local bone radius in px).
+
+    Bones are drawn in proportion to their shaft's cross-section (radius squared), so lesions favour the
+    large bones where they are common and visible (distal radius, femur, tibia) over the fibula or a
+    phalanx. With ``metaphyseal`` the site lies in the outer 8-28 % of the shaft (the trabecular
+    metaphysis, where giant-cell tumours, metastases and enchondromas sit); otherwise anywhere in 12-88 %.
+    """
     candidates = [b for b in bones if b.shaft is not None]
+    weights = np.array([_shaft(b).radius(0.5) ** 2 for b in candidates])
+    weights /= weights.sum()
     for _ in range(100):
-        bone = candidates[int(rng.integers(len(candidates)))]
-        shaft = bone.shapes[bone.shaft]
-        assert isinstance(shaft, Capsule)
-        t = rng.uniform(0.12, 0.88)
+        bone = candidates[int(rng.choice(len(candidates), p=weights))]
+        shaft = _shaft(bone)
+        if metaphyseal:
+            t = rng.uniform(0.08, 0.28)
+            t = t if rng.random() < 0.5 else 1.0 - t
+        else:
+            t = rng.uniform(0.12, 0.88)
         x, y = shaft.point(t)
         rad = shaft.radius(t)
         ux, uy = shaft.direction
@@ -508,6 +524,12 @@ def _pick_site(rng: np.random.Generator, bones: list[Bone], canvas: _Canvas) -> 
         if margin <= x < canvas.columns - margin and margin <= y < canvas.rows - margin:
             return bone, (x, y), rad
     return None
+
+
+def _shaft(bone: Bone) -> Capsule:
+    shaft = bone.shapes[bone.shaft or 0]
+    assert isinstance(shaft, Capsule)
+    return shaft
 
 
 def _fracture(rng: np.random.Generator, bones: list[Bone], canvas: _Canvas) -> tuple[Bone, Capsule, tuple[float, float], tuple[float, float], float, tuple[float, float]] | None:
@@ -605,7 +627,7 @@ def generate(
     for name in ("lytic", "sclerotic"):
         if name not in wanted:
             continue
-        site = _pick_site(finding_rng, anatomy.bones, canvas)
+        site = _pick_site(finding_rng, anatomy.bones, canvas, metaphyseal=kind != "long_bone")
         if site is None:
             continue
         bone, centre, bone_radius_px = site
@@ -697,7 +719,7 @@ def _draw_lytic(canvas: _Canvas, bone: Bone, centre: tuple[float, float], radius
     inside[win] = chord
     bone_outer = np.zeros_like(inside)
     bone_outer[bwin] = outer
-    depth = rng.uniform(0.85, 1.0)
+    depth = rng.uniform(0.95, 1.0)  # full thickness: the lesion's core is soft-tissue dense
     # Fraction of the bone's path that the lesion replaces (marrow-like), capped to the bone itself.
     frac = depth * np.clip(2.5 * inside / np.maximum(bone_outer, 1e-3), 0.0, 1.0) * (bone_outer > 0)
     canvas.cortex *= 1.0 - frac

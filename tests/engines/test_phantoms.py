@@ -54,6 +54,19 @@ def test_lesion_lies_in_bone_and_in_the_image():
         assert normal.pixels[phantom.lesion_mask].mean() > np.median(normal.pixels)
 
 
+def test_long_bone_view_cuts_the_shaft_at_both_borders():
+    """No bone end inside the long-bone field: the first and last rows cross the shaft like the middle does."""
+    for seed in range(4):
+        row_max = generate("long_bone", seed).pixels.astype(np.float64).max(axis=1)
+        assert min(row_max[0], row_max[-1]) > 0.9 * np.median(row_max), seed
+
+
+def test_lesions_favour_large_bones():
+    """Lesion sites follow the bones' cross-section: the femur and tibia far more often than the thin fibula."""
+    bones = [generate("knee", seed, findings=["lytic"]).findings[0].bone for seed in range(12)]
+    assert sum(b in ("femur", "tibia") for b in bones) >= 9, bones
+
+
 def test_narrowing_grade_narrows_the_knee_joint():
     """The medial joint space shrinks with the grade: less dark gap inside the joint window."""
     gaps = []
