@@ -66,13 +66,14 @@ def test_heads_match_the_encoder_and_give_probabilities(encoder):
 def test_error_map_lights_up_planted_lytic_lesions(encoder):
     """Relaxed localisation on a handful of unseen phantoms: the lesion's error stands out of the image.
 
-    The benchmark's pointing game (argmax inside the lesion) is NOT met by this model (see models/README.md):
-    joint lines and bright epiphyses often hold the single highest pixel. What holds, and is tested here, is
-    that the lesion's pixels rank high in the map and raise the image score over the normal twin.
+    The issue's pointing-game target (argmax inside the lesion in >= 70 % of cases) is NOT met by this model
+    (see models/README.md: about half of knees and long bones, few hands). What holds, and is tested here, is
+    that the lesion's pixels rank high in the map, raise the image score over the normal twin, and hold the
+    map's maximum in a fair share of knee and long-bone cases (an untrained model almost never does).
     """
-    from engines.evaluation import pixel_auroc
+    from engines.evaluation import pixel_auroc, pointing_hit
 
-    aurocs, ratios, higher = [], [], []
+    aurocs, ratios, higher, hits = [], [], [], []
     for seed in TEST_SEEDS:
         for kind in ("knee", "long_bone"):
             lesion = generate(kind, seed, findings=["lytic"])
@@ -82,6 +83,8 @@ def test_error_map_lights_up_planted_lytic_lesions(encoder):
             aurocs.append(pixel_auroc(error, mask))
             ratios.append(error[mask].mean() / error.mean())
             higher.append(bool(scores[0] > scores[1]))
+            hits.append(pointing_hit(error, mask, dilation=8))
     assert np.mean(aurocs) >= 0.75, aurocs  # an untrained model gives about 0.5
     assert np.mean(np.array(ratios) >= 2.0) >= 0.5, ratios
     assert np.mean(higher) >= 0.6, higher
+    assert np.mean(hits) >= 0.25, hits
