@@ -36,8 +36,9 @@ def main() -> int:
         print(time.strftime("%H:%M:%S"), message, flush=True)
 
     def run(directory: Path) -> int:
-        # Keep studies flowing for as long as the kills take (about 4 s a kill).
-        gap = max(0.5, args.kills * 4.0 * args.senders / max(1, args.studies))
+        # Keep studies flowing for as long as the kills take (about 6 s a kill on the 2-vCPU VM): once the
+        # senders are done, kills find idle roles.
+        gap = max(0.5, args.kills * 6.0 * args.senders / max(1, args.studies))
         crash = CrashRun(directory, args.model, seed=args.seed, studies=args.studies, images=args.images,
                          kills=args.kills, senders=args.senders, log=log, study_gap_seconds=gap)
         report = crash.run(timeout=max(600.0, args.kills * 15.0), quiesce_timeout=300)
