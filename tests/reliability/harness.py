@@ -273,7 +273,7 @@ class CrashRun:
     def __init__(self, directory: Path, model: Path, *, seed: int, studies: int, images: int, kills: int,
                  senders: int = 2, roles: Sequence[str] = ROLES, log: Callable[[str], None] = lambda _m: None,
                  sender_kills: int | None = None, study_gap_seconds: float = 1.0,
-                 first_kills: Sequence[str] = ()) -> None:
+                 first_kills: Sequence[str] = (), faults: str = "") -> None:
         self.directory = directory
         self.seed = seed
         self.random = random.Random(seed)
@@ -291,6 +291,8 @@ class CrashRun:
         )
         self.config.model = model
         self.roles: dict[str, RoleProcess] = {}
+        # node/faults.py pauses (e.g. "worker.before_finish=sleep:1") widen a role's busy moment for the killer
+        self.role_env = {"MSKNODE_FAULTS": faults} if faults else {}
         # Studies keep flowing while the killer works (a gap between studies, a short one between instances),
         # so that a receiver kill lands in the middle of an association.
         self.senders = [StudySender(node_port, self.plans[i::senders], study_gap_seconds=study_gap_seconds,
@@ -307,7 +309,7 @@ class CrashRun:
         subprocess.run([*MSKNODE, "db", "upgrade", "-c", str(self.config.path)], cwd=REPO_ROOT, check=True,
                        capture_output=True)
         for role in ROLES:
-            self.roles[role] = RoleProcess(role, self.config)
+            self.roles[role] = RoleProcess(role, self.config, self.role_env)
             self.roles[role].start()
         self.roles["receiver"].wait_listening()
 

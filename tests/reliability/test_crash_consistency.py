@@ -21,7 +21,10 @@ def test_one_kill_of_each_role_loses_nothing_and_duplicates_nothing(tmp_path: Pa
                    senders=2, sender_kills=1, study_gap_seconds=3.0,
                    # Each role once, the receiver while studies still flow, then the sender, whose killed
                    # deliveries wait out their lease (about a minute) while the rest of the run goes on.
-                   first_kills=("receiver", "sender", "worker", "scheduler"))
+                   first_kills=("receiver", "sender", "worker", "scheduler"),
+                   # The tiny model finishes a batch in a blink: hold each batch and each send a moment so the
+                   # killer reliably finds the worker mid-batch and the sender mid-send.
+                   faults="worker.before_finish=sleep:1,sender.before_send=sleep:0.3")
     report = run.run(timeout=240, quiesce_timeout=150)
     print(report.table())
     assert report.violations == [], report.table()
