@@ -23,7 +23,31 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import machine_description, run_load  # noqa: E402
+from tests.reliability.harness import _send_load, machine_description, percentile, run_load  # noqa: E402
+
+
+def run_storescp_peer(directory: Path, senders: int, per_sender: int, per_study: int, size: int) -> list[float]:
+    """The same senders against DCMTK ``storescp`` (no fsync, no index, no worker) on this machine: what the
+    machine itself gives for this load, so the node's figure can be read as a ratio."""
+    import multiprocessing
+    import subprocess
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tests.helpers.node import free_port, wait_for_port
+
+    port = free_port()
+    out = directory / "storescp"
+    out.mkdir()
+    scp = subprocess.Popen(["storescp", "--output-directory", str(out), "--aetitle", "MSKNODE", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 30, scp)
+        with ProcessPoolExecutor(senders, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_send_load, port, i, per_sender, per_study, size) for i in range(senders)]
+            return [t for future in futures for t in future.result()[0]]
+    finally:
+        scp.terminate()
+        scp.wait(30)
 
 
 def main() -> int:
@@ -39,6 +63,8 @@ def main() -> int:
                         help="baseline: receiver and scheduler only, nothing analysed during the load")
     parser.add_argument("--worker-nice", type=int, default=0,
                         help="experiment: renice the worker process (e.g. 10) so the receiver preempts inference")
+    parser.add_argument("--peer", action="store_true",
+                        help="also run the same senders against DCMTK storescp, side by side, and print the ratio")
     args = parser.parse_args()
     print(f"machine: {machine_description()}; Python {platform.python_version()}")
     cluster = None
@@ -59,6 +85,15 @@ def main() -> int:
         if cluster is not None:
             cluster.stop()
     print(report.table())
+    if args.peer:
+        with tempfile.TemporaryDirectory(prefix="msknode-load-peer-") as directory:
+            peer = [t * 1000 for t in run_storescp_peer(Path(directory), args.senders, args.instances,
+                                                        args.per_study, args.size)]
+        ours = [t * 1000 for t in report.times]
+        for name, fraction in (("p50", .5), ("p99", .99)):
+            mine, theirs = percentile(ours, fraction), percentile(peer, fraction)
+            print(f"{name}: msknode {mine:.1f} ms, storescp {theirs:.1f} ms (same senders, same machine): "
+                  f"{mine / theirs:.2f}x")
     ok = (report.failures == 0 and report.missing == 0 and report.duplicate_sops == 0
           and report.acknowledged == report.indexed == report.spool_files == args.senders * args.instances)
     print("exactly once: " + ("yes" if ok else "NO"))

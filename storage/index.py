@@ -6,7 +6,9 @@ Called by the receiver (which speaks DIMSE) so that the receiver itself never to
 from __future__ import annotations
 
 import enum
+import threading
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -63,6 +65,11 @@ class Index:
 
     def __init__(self, database: Database) -> None:
         self.db = database
+        # The receiver's association threads write through one Index. SQLite has one writer at a time and its
+        # busy handler makes a waiting connection sleep in steps of up to 100 ms: with eight concurrent
+        # senders that gave C-STORE responses a multi-second tail (benchmarks/load.py). The threads queue on
+        # this lock instead, so only other processes' writes meet the busy handler. PostgreSQL locks rows.
+        self._sqlite_writer: AbstractContextManager[object] = threading.Lock() if database.engine.dialect.name == "sqlite" else nullcontext()
 
     # -- associations ------------------------------------------------------------------------
     def association_requested(
@@ -77,7 +84,7 @@ class Index:
         """Record an association request; rejected ones are closed immediately."""
         association_id = str(uuid.uuid4())
         now = utcnow()
-        with self.db.session() as session:
+        with self._sqlite_writer, self.db.session() as session:
             session.add(
                 Association(
                     id=association_id,
@@ -97,7 +104,7 @@ class Index:
         return association_id
 
     def association_ended(self, association_id: str, outcome: str, instance_count: int) -> None:
-        with self.db.session() as session:
+        with self._sqlite_writer, self.db.session() as session:
             session.execute(
                 update(Association)
                 .where(Association.id == association_id, Association.outcome == "open")
@@ -129,7 +136,7 @@ class Index:
 
     def _index_instance_once(self, record: InstanceRecord) -> IndexResult:
         now = utcnow()
-        with self.db.session() as session:
+        with self._sqlite_writer, self.db.session() as session:
             study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
             if study is None:
                 study = Study(
