@@ -123,6 +123,27 @@ class Notifications:
                 .values(state="dead", last_error=error, lease_owner=None)
             )
 
+    def retry(self, row_id: int) -> bool:
+        """Announce a dead notification again (admin action): attempts and its age start from zero."""
+        now = utcnow()
+        with self.db.session() as session:
+            result = session.execute(
+                update(Notification)
+                .where(Notification.id == row_id, Notification.state == "dead")
+                .values(state="pending", attempts=0, next_attempt_at=now, created_at=now, lease_owner=None)
+            )
+            return result.rowcount == 1
+
+    def discard(self, row_id: int) -> bool:
+        """Give up on a dead or pending notification for good (kept, marked discarded)."""
+        with self.db.session() as session:
+            result = session.execute(
+                update(Notification)
+                .where(Notification.id == row_id, Notification.state.in_(("dead", "pending")))
+                .values(state="discarded", lease_owner=None)
+            )
+            return result.rowcount == 1
+
     def counts(self) -> dict[str, int]:
         with self.db.session() as session:
             return {state: count for state, count in session.execute(

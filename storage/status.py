@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, func, select, text
 
@@ -92,7 +93,7 @@ def oldest_pending_seconds(database: Database) -> dict[str, float]:
 
 
 def attention_items(database: Database, limit: int = 500) -> list[dict[str, Any]]:
-    """Failed jobs and dead outbox letters, newest first; ``id`` is ``job:N`` or ``out:N``."""
+    """Failed jobs, dead outbox letters and dead notifications; ``id`` is ``job:N``, ``out:N`` or ``note:N``."""
     items: list[dict[str, Any]] = []
     with database.session() as session:
         for job, study_uid in session.execute(
@@ -124,5 +125,19 @@ def attention_items(database: Database, limit: int = 500) -> list[dict[str, Any]
                 "attempts": item.attempts,
                 "when": as_utc(item.created_at).isoformat(),
                 "reason": f"{item.last_status or ''} {item.last_error or ''}".strip(),
+            })
+        for note in session.scalars(
+            select(Notification).where(Notification.state == "dead").order_by(Notification.id.desc()).limit(limit)
+        ):
+            items.append({
+                "id": f"note:{note.id}",
+                "kind": f"notification {note.channel}",
+                "state": note.state,
+                "study_instance_uid": note.study_instance_uid,
+                # the host only: a webhook URL's path or query may carry a token
+                "destination": urlsplit(note.target).netloc if note.channel == "webhook" else "smtp",
+                "attempts": note.attempts,
+                "when": as_utc(note.created_at).isoformat(),
+                "reason": note.last_error,
             })
     return items

@@ -195,9 +195,9 @@ def peers_echo(
 # -- queue ---------------------------------------------------------------------------------------
 def _parse_item_id(item_id: str) -> tuple[str, int]:
     kind, _, number = item_id.partition(":")
-    if kind not in ("job", "out") or not number.isdigit():
-        raise _fail(f"item id {item_id!r}: expected job:N (a failed job) or out:N (a dead letter); "
-                    "see `msknode queue list`")
+    if kind not in ("job", "out", "note") or not number.isdigit():
+        raise _fail(f"item id {item_id!r}: expected job:N (a failed job), out:N (a dead letter) or note:N "
+                    "(a notification given up); see `msknode queue list`")
     return kind, int(number)
 
 
@@ -207,7 +207,7 @@ def queue_list(
     as_json: JsonOption = False,
     state: Annotated[Optional[str], typer.Option(help="Only this state: failed (jobs) or dead (deliveries).")] = None,
 ) -> None:
-    """Failed jobs (job:N) and dead letters (out:N), newest first."""
+    """Failed jobs (job:N), dead letters (out:N) and notifications given up (note:N), newest first."""
     from storage.status import attention_items
 
     if state not in (None, "failed", "dead"):
@@ -228,37 +228,42 @@ def queue_list(
 
 @queue_app.command("retry")
 def queue_retry(
-    item_id: Annotated[str, typer.Argument(metavar="ID", help="job:N or out:N from `msknode queue list`.")],
+    item_id: Annotated[str, typer.Argument(metavar="ID", help="job:N, out:N or note:N from `msknode queue list`.")],
     config: ConfigOption = None,
 ) -> None:
-    """Queue a failed job again, or send a dead letter again (attempts start from zero)."""
+    """Queue a failed job again, or send a dead letter or notification again (attempts start from zero)."""
+    from storage.notifications import Notifications
     from storage.outbox import Outbox
     from storage.queue import JobQueue
 
     kind, number = _parse_item_id(item_id)
     with _open(config) as ctx:
-        done = JobQueue(ctx.database).retry(number) if kind == "job" else Outbox(ctx.database).retry(number)
+        queue = {"job": JobQueue, "out": Outbox, "note": Notifications}[kind](ctx.database)
+        done = queue.retry(number)
     if not done:
-        raise _fail(f"{item_id}: no {'failed job' if kind == 'job' else 'dead letter'} with that id", code=1)
+        what = {"job": "failed job", "out": "dead letter", "note": "dead notification"}[kind]
+        raise _fail(f"{item_id}: no {what} with that id", code=1)
     console.print(f"{item_id} queued again")
 
 
 @queue_app.command("discard")
 def queue_discard(
-    item_id: Annotated[str, typer.Argument(metavar="ID", help="out:N from `msknode queue list`.")],
+    item_id: Annotated[str, typer.Argument(metavar="ID", help="out:N or note:N from `msknode queue list`.")],
     config: ConfigOption = None,
 ) -> None:
-    """Give up on a dead (or pending) delivery for good; it is kept, marked discarded."""
+    """Give up on a dead (or pending) delivery or notification for good; it is kept, marked discarded."""
+    from storage.notifications import Notifications
     from storage.outbox import Outbox
 
     kind, number = _parse_item_id(item_id)
     if kind == "job":
         raise _fail(f"{item_id}: a failed job is already final (nothing is sent for it); "
-                    "only deliveries (out:N) can be discarded")
+                    "only deliveries (out:N) and notifications (note:N) can be discarded")
     with _open(config) as ctx:
-        done = Outbox(ctx.database).discard(number)
+        done = (Outbox if kind == "out" else Notifications)(ctx.database).discard(number)
     if not done:
-        raise _fail(f"{item_id}: no dead or pending delivery with that id", code=1)
+        raise _fail(f"{item_id}: no dead or pending {'delivery' if kind == 'out' else 'notification'} "
+                    "with that id", code=1)
     console.print(f"{item_id} discarded")
 
 

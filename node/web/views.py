@@ -156,6 +156,7 @@ def queue(pr: PageRequest) -> Response:
 
 @page("admin")
 def queue_action(pr: PageRequest) -> Response:
+    from storage.notifications import Notifications
     from storage.outbox import Outbox
     from storage.queue import JobQueue
 
@@ -164,13 +165,12 @@ def queue_action(pr: PageRequest) -> Response:
     database = pr.web.database
     if kind == "job" and action == "retry":
         done = JobQueue(database).retry(number)
-    elif kind == "out" and action == "retry":
-        done = Outbox(database).retry(number)
-    elif kind == "out" and action == "discard":
-        done = Outbox(database).discard(number)
+    elif kind in ("out", "note") and action in ("retry", "discard"):
+        queue = Outbox(database) if kind == "out" else Notifications(database)
+        done = queue.retry(number) if action == "retry" else queue.discard(number)
     else:
         raise HTTPException(404, "unknown queue action")
-    what = "job" if kind == "job" else "delivery"
+    what = {"job": "job", "out": "delivery", "note": "notification"}[kind]
     log.info("%s %s %d by %s: %s", action, what, number, pr.user.username, "done" if done else "not applicable")
     if not done:
         return redirect("/queue", f"{what.capitalize()} {number} is no longer in a state that allows {action}.")

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from storage.db import Database, utcnow
 from storage.migrate import upgrade
-from storage.models import Job, OutboxItem, Study
+from storage.models import Job, Notification, OutboxItem, Study
 from tests.helpers.dicomdata import make_instances
 from tests.helpers.node import MSKNODE, NODE_AE, REPO_ROOT, NodeConfig, NodeProcess
 from tests.helpers.tools import echoscu, require_tool, storescu
@@ -158,7 +158,7 @@ def test_peer_commands_refuse_bad_input_naming_the_field(tmp_path: Path) -> None
     assert echo.returncode == 1 and "FAILED" in echo.stderr
 
 
-def _seed_problems(url: str) -> tuple[int, int]:
+def _seed_problems(url: str) -> tuple[int, int, int]:
     upgrade(url)
     database = Database(url)
     now = utcnow()
@@ -178,8 +178,13 @@ def _seed_problems(url: str) -> tuple[int, int]:
                               last_error="destination refused the instance",
                               next_attempt_at=now, created_at=now - timedelta(hours=1))
             session.add(item)
+            note = Notification(study_id=study.id, study_instance_uid=study.study_instance_uid, job_id=job.id,
+                                channel="webhook", target="https://hooks.example.org/T0KEN-in-path", priority=2,
+                                payload={}, state="dead", attempts=7, next_attempt_at=now,
+                                created_at=now - timedelta(hours=30), last_error="HTTP 500")
+            session.add(note)
             session.flush()
-            return job.id, item.id
+            return job.id, item.id, note.id
     finally:
         database.dispose()
 
@@ -187,13 +192,21 @@ def _seed_problems(url: str) -> tuple[int, int]:
 def test_queue_list_retry_and_discard(tmp_path: Path) -> None:
     node_config = NodeConfig(directory=tmp_path)
     config = node_config.write()
-    job_id, item_id = _seed_problems(node_config.url)
+    job_id, item_id, note_id = _seed_problems(node_config.url)
 
     listed = json.loads(cli_in_process("queue", "list", "--json", config=config).stdout)
-    assert {(item["id"], item["state"]) for item in listed} == {(f"job:{job_id}", "failed"), (f"out:{item_id}", "dead")}
+    assert {(item["id"], item["state"]) for item in listed} == {
+        (f"job:{job_id}", "failed"), (f"out:{item_id}", "dead"), (f"note:{note_id}", "dead")}
     dead_only = json.loads(cli_in_process("queue", "list", "--json", "--state", "dead", config=config).stdout)
-    assert [item["id"] for item in dead_only] == [f"out:{item_id}"]
+    assert [item["id"] for item in dead_only] == [f"out:{item_id}", f"note:{note_id}"]
     assert "0xC000" in dead_only[0]["reason"]
+    assert dead_only[1]["destination"] == "hooks.example.org"  # never the URL's path (it may hold a token)
+
+    # A notification given up is announced again from scratch (attempts and age reset), then discarded.
+    assert cli_in_process("queue", "retry", f"note:{note_id}", config=config).returncode == 0
+    note_again = cli_in_process("queue", "retry", f"note:{note_id}", config=config)  # pending now, not dead
+    assert note_again.returncode == 1 and "no dead notification" in note_again.stderr
+    assert cli_in_process("queue", "discard", f"note:{note_id}", config=config).returncode == 0
 
     assert cli_in_process("queue", "retry", f"job:{job_id}", config=config).returncode == 0
     assert cli_in_process("queue", "retry", f"out:{item_id}", config=config).returncode == 0
@@ -212,6 +225,8 @@ def test_queue_list_retry_and_discard(tmp_path: Path) -> None:
             item = session.get(OutboxItem, item_id)
             assert (job.state, job.attempts) == ("queued", 0)  # type: ignore[union-attr]
             assert item.state == "discarded"  # type: ignore[union-attr]
+            note = session.get(Notification, note_id)
+            assert (note.state, note.attempts) == ("discarded", 0)  # type: ignore[union-attr]
     finally:
         database.dispose()
     assert json.loads(cli_in_process("queue", "list", "--json", config=config).stdout) == []

@@ -21,7 +21,7 @@ from node.web.accounts import Accounts
 from node.web.passwords import hash_password, verify_password
 from storage.db import Database
 from storage.migrate import upgrade
-from storage.models import Job, OutboxItem, Series, Study
+from storage.models import Job, Notification, OutboxItem, Series, Study
 from storage.spool import Spool
 from tests.helpers.node import free_port
 
@@ -231,18 +231,25 @@ def test_dead_letter_retry_and_discard(env) -> None:
                               last_status="0xA700", last_error="refused by the PACS")
             session.add(item)
             items.append(item)
+        note = Notification(study_id=study_id, study_instance_uid=STUDY_UID, job_id=job.id, channel="webhook",
+                            target="https://hooks.example.org/secret-token", priority=2, payload={}, state="dead",
+                            attempts=6, next_attempt_at=now, created_at=now, last_error="HTTP 503")
+        session.add(note)
         session.flush()
-        retry_id, discard_id = items[0].id, items[1].id
+        retry_id, discard_id, note_id = items[0].id, items[1].id, note.id
     browser = login(app)
     page = browser.get("/queue").text
     assert "refused by the PACS" in page and f"/queue/out/{retry_id}/retry" in page
+    assert f"/queue/note/{note_id}/retry" in page and "secret-token" not in page
     token = csrf_of(browser, "/queue")
     assert browser.post(f"/queue/out/{retry_id}/retry", data={"csrf_token": token}).status_code == 303
     assert browser.post(f"/queue/out/{discard_id}/discard", data={"csrf_token": token}).status_code == 303
+    assert browser.post(f"/queue/note/{note_id}/retry", data={"csrf_token": token}).status_code == 303
     with database.session() as session:
         assert session.get(OutboxItem, retry_id).state == "pending"
         assert session.get(OutboxItem, retry_id).attempts == 0
         assert session.get(OutboxItem, discard_id).state == "discarded"
+        assert (session.get(Notification, note_id).state, session.get(Notification, note_id).attempts) == ("pending", 0)
     again = browser.post(f"/queue/out/{retry_id}/retry", data={"csrf_token": token}, follow_redirects=True)
     assert "no longer in a state" in again.text
 
