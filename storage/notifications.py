@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from storage.db import Database, utcnow
+from storage.leases import claim_due
 from storage.models import Notification
 
 
@@ -64,39 +65,12 @@ class Notifications:
         self.db = database
         self._postgres = database.engine.dialect.name == "postgresql"
 
-    def _claimable(self, now: datetime):  # type: ignore[no-untyped-def]
-        return or_(
-            and_(Notification.state == "pending", Notification.next_attempt_at <= now),
-            and_(Notification.state == "sending", Notification.lease_expires_at < now),
-        )
-
     def claim(self, owner: str, lease_seconds: float, limit: int = 16) -> list[PendingNotification]:
         """Claim up to ``limit`` due rows, most urgent first, then oldest."""
-        now = utcnow()
-        claimed: list[PendingNotification] = []
         with self.db.session() as session:
-            query = (
-                select(Notification.id)
-                .where(self._claimable(now))
-                .order_by(Notification.priority.desc(), Notification.created_at, Notification.id)
-                .limit(limit)
-            )
-            if self._postgres:
-                query = query.with_for_update(skip_locked=True)
-            for (row_id,) in session.execute(query).all():
-                result = session.execute(
-                    update(Notification)
-                    .where(Notification.id == row_id, self._claimable(now))
-                    .values(state="sending", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                            attempts=Notification.attempts + 1)
-                )
-                if result.rowcount != 1:
-                    continue
-                row = session.get(Notification, row_id)
-                assert row is not None
-                claimed.append(PendingNotification(row.id, row.channel, row.target, dict(row.payload), row.attempts,
-                                                   row.created_at))
-        return claimed
+            rows = claim_due(session, Notification, owner, lease_seconds, limit, skip_locked=self._postgres)
+            return [PendingNotification(row.id, row.channel, row.target, dict(row.payload), row.attempts,
+                                        row.created_at) for row in rows]
 
     def sent(self, row_id: int, owner: str) -> None:
         with self.db.session() as session:

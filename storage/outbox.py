@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 
 from storage.counters import increment
 from storage.db import Database, utcnow
+from storage.leases import claim_due, due
 from storage.models import OutboxItem
 
 
@@ -43,50 +44,18 @@ class Outbox:
         self.db = database
         self._postgres = database.engine.dialect.name == "postgresql"
 
-    def _claimable(self, now: datetime):  # type: ignore[no-untyped-def]
-        return or_(
-            and_(OutboxItem.state == "pending", OutboxItem.next_attempt_at <= now),
-            and_(OutboxItem.state == "sending", OutboxItem.lease_expires_at < now),
-        )
-
     def claim(self, owner: str, lease_seconds: float, destination: str, limit: int) -> list[Delivery]:
         """Claim up to ``limit`` due rows for one destination, most urgent first."""
-        now = utcnow()
-        claimed: list[Delivery] = []
         with self.db.session() as session:
-            query = (
-                select(OutboxItem.id)
-                .where(self._claimable(now), OutboxItem.destination == destination)
-                .order_by(OutboxItem.priority.desc(), OutboxItem.created_at, OutboxItem.id)
-                .limit(limit)
-            )
-            if self._postgres:
-                query = query.with_for_update(skip_locked=True)
-            for (item_id,) in session.execute(query).all():
-                result = session.execute(
-                    update(OutboxItem)
-                    .where(OutboxItem.id == item_id, self._claimable(now))
-                    .values(
-                        state="sending",
-                        lease_owner=owner,
-                        lease_expires_at=now + timedelta(seconds=lease_seconds),
-                        attempts=OutboxItem.attempts + 1,
-                    )
-                )
-                if result.rowcount != 1:
-                    continue
-                item = session.get(OutboxItem, item_id)
-                assert item is not None
-                claimed.append(
-                    Delivery(item.id, item.destination, item.path, item.sop_instance_uid, item.sop_class_uid,
-                             item.kind, item.attempts, item.created_at)
-                )
-        return claimed
+            items = claim_due(session, OutboxItem, owner, lease_seconds, limit,
+                              where=[OutboxItem.destination == destination], skip_locked=self._postgres)
+            return [Delivery(item.id, item.destination, item.path, item.sop_instance_uid, item.sop_class_uid,
+                             item.kind, item.attempts, item.created_at) for item in items]
 
     def destinations_due(self) -> list[str]:
         now = utcnow()
         with self.db.session() as session:
-            return list(session.scalars(select(OutboxItem.destination).where(self._claimable(now)).distinct()))
+            return list(session.scalars(select(OutboxItem.destination).where(due(OutboxItem, now)).distinct()))
 
     def delivered(self, item_id: int, owner: str, status: str) -> None:
         with self.db.session() as session:
