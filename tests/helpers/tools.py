@@ -77,3 +77,18 @@ def echoscu(
     require_tool("echoscu")
     args = ["echoscu", "-aet", calling, "-aec", called, "-to", "10", "-ta", "10", "-td", "10", host, str(port)]
     return subprocess.run(args, capture_output=True, text=True, timeout=30, env=dict(os.environ, TCP_NODELAY="1"))
+
+
+def start_storescp(directory: Path, port: int, *extra: str, ae_title: str = "PACS") -> subprocess.Popen[bytes]:
+    """A DCMTK storescp writing into ``directory`` (created), listening on ``port`` before this returns.
+
+    TCP_NODELAY on, as a well-configured PACS would run it; stop it with ``terminate()`` / ``wait()``.
+    """
+    from tests.helpers.node import wait_for_port
+
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([require_tool("storescp"), "-od", str(directory), "-aet", ae_title, *extra, str(port)],
+                               env=dict(os.environ, TCP_NODELAY="1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port("127.0.0.1", port, 10, process)
+    return process

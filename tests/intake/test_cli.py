@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dicomdata import make_instances
-from tests.helpers.node import MSKNODE, REPO_ROOT, NodeConfig, NodeProcess, Peer, free_port, wait_for_port
-from tests.helpers.tools import require_tool, storescu
+from tests.helpers.node import MSKNODE, REPO_ROOT, NodeConfig, NodeProcess, Peer, free_port
+from tests.helpers.tools import start_storescp, storescu
 
 
 def msknode(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
@@ -73,14 +73,9 @@ def test_studies_json_reads_the_database_named_by_msknode_config(node: NodeProce
 
 @pytest.mark.dcmtk
 def test_echo_against_dcmtk_storescp_and_a_down_peer(tmp_path: Path) -> None:
-    require_tool("storescp")
     scp_port, down_port = free_port(), free_port()
-    out = tmp_path / "scp-out"
-    out.mkdir()
-    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(scp_port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp = start_storescp(tmp_path / "scp-out", scp_port, ae_title="STORESCP")
     try:
-        wait_for_port("127.0.0.1", scp_port, 30, scp)
         config = NodeConfig(directory=tmp_path, peers=[
             Peer("pacs", "STORESCP", port=scp_port),
             Peer("down", "NOBODY", port=down_port),

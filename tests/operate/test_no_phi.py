@@ -7,17 +7,16 @@ With ``notifications.include_phi = true`` the webhook does carry them, which pro
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.models import tiny_model
-from tests.helpers.node import NodeProcess, Peer, free_port
-from tests.helpers.tools import require_tool, storescu
+from tests.helpers.node import NodeProcess, Peer, free_port, wait_for
+from tests.helpers.tools import require_tool, storescu, start_storescp
 from tests.operate.test_notifications import WebhookReceiver
-from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, wait_for
+from tests.pipeline.test_orthanc_end_to_end import PipelineConfig
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -49,14 +48,10 @@ def phi_found(text: str) -> list[str]:
 
 @pytest.mark.parametrize("include_phi", [False, True], ids=["default", "include_phi"])
 def test_logs_and_webhooks_carry_no_patient_name_or_id(tmp_path: Path, include_phi: bool) -> None:
-    storescp = require_tool("storescp")
     require_tool("storescu")
     results_port = free_port()
     received = tmp_path / "storescp"
-    received.mkdir()
-    scp = subprocess.Popen([storescp, "-od", str(received), "-aet", "RESULTS", str(results_port)],
-                           env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp = start_storescp(received, results_port, ae_title="RESULTS")
     with WebhookReceiver(fail_first=1) as hook:
         config = NotifyingConfig(
             directory=tmp_path / "node", roles=("receiver", "scheduler", "worker", "sender"), log_level="DEBUG",

@@ -16,15 +16,6 @@ from storage.peers import PeerOverrides
 
 
 @pytest.fixture
-def database(tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    upgrade(url)
-    db = Database(url)
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     settings = Settings(
         storage={"database_url": f"sqlite:///{tmp_path / 'node.db'}", "spool_dir": str(tmp_path / "spool")},

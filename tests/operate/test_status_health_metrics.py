@@ -26,7 +26,7 @@ from storage.outbox import Outbox
 from storage.status import Heartbeats
 from tests.helpers.dicomdata import make_instances
 from tests.helpers.models import tiny_model
-from tests.helpers.node import NodeConfig, NodeProcess, free_port
+from tests.helpers.node import NodeConfig, NodeProcess, free_port, wait_for
 from tests.helpers.tools import echoscu, require_tool, storescu
 
 
@@ -50,27 +50,6 @@ def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
-
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def database(tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    upgrade(url)
-    db = Database(url)
-    yield db
-    db.dispose()
 
 
 def offline_settings(tmp_path: Path, **storage: object) -> Settings:
@@ -99,7 +78,7 @@ def test_metrics_count_real_stores_and_rejections(tmp_path: Path) -> None:
         with node.database() as database:
             body, content_type = render_metrics(settings, database)
             status = wait_for(lambda: (s := collect_status(settings, database))["roles_alive"] and s, 10,
-                              "the receiver's heartbeat")
+                              "the receiver's heartbeat", interval=0.2)
             with database.session() as session:
                 stored_bytes = session.scalar(select(func.sum(Instance.size_bytes)))
                 resent_bytes = session.scalar(
@@ -233,7 +212,7 @@ def test_health_of_a_node_with_a_real_worker(tmp_path: Path) -> None:
         settings = load_settings(node.config.path)
         with node.database() as database:
             healthy, checks = wait_for(lambda: (r := check_health(settings, database))[0] and r, 90,
-                                       f"a healthy node:\n{node.log()[-3000:]}")
+                                       f"a healthy node:\n{node.log()[-3000:]}", interval=0.2)
             metrics = samples(render_metrics(settings, database)[0])
             status = collect_status(settings, database)
     finally:

@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 from storage.models import Job, OutboxItem, Study
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.models import tiny_model
-from tests.helpers.node import MSKNODE, REPO_ROOT, NodeProcess, Peer, free_port
-from tests.helpers.tools import require_tool, storescu
-from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, wait_for
+from tests.helpers.node import MSKNODE, REPO_ROOT, NodeProcess, Peer, free_port, wait_for
+from tests.helpers.tools import require_tool, storescu, start_storescp
+from tests.pipeline.test_orthanc_end_to_end import PipelineConfig
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
@@ -58,14 +58,10 @@ def write_studies(directory: Path, count: int, seed: int) -> list[Path]:
 
 
 def test_urgent_study_is_analysed_and_delivered_before_the_routine_backlog(tmp_path: Path) -> None:
-    storescp = require_tool("storescp")
     require_tool("storescu")
     results_port = free_port()
     received = tmp_path / "storescp"
-    received.mkdir()
-    scp = subprocess.Popen([storescp, "-od", str(received), "-aet", "RESULTS", str(results_port)],
-                           env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp = start_storescp(received, results_port, ae_title="RESULTS")
     config = TriageConfig(
         directory=tmp_path / "node", roles=("receiver", "scheduler", "sender"),
         peers=(Peer("ward", "STORESCU"), Peer("ed", "EDSCU"),

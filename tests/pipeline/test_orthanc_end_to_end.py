@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from storage.models import ImageResult, Instance, OutboxItem
 from tests.helpers.models import tiny_model
-from tests.helpers.node import NodeConfig, NodeProcess, Peer, free_port
+from tests.helpers.node import NodeConfig, NodeProcess, Peer, free_port, wait_for
 from tests.helpers.orthanc import ORTHANC_AE, Orthanc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,16 +55,6 @@ def phantom_study(directory: Path, count: int, study_key: str = "e2e") -> list[P
             )
         )
     return paths
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def results_at(orthanc: Orthanc, study_id: str) -> tuple[list[dict], list[dict]]:

@@ -12,16 +12,10 @@ import pydicom
 import pytest
 
 from tests.helpers.models import tiny_model
-from tests.helpers.node import NodeProcess, Peer, free_port, wait_for_port
+from tests.helpers.node import NodeProcess, Peer, free_port, wait_for
 from tests.helpers.orthanc import ORTHANC_AE, Orthanc
-from tests.helpers.tools import require_tool
-from tests.pipeline.test_orthanc_end_to_end import (
-    DEMO_MODEL,
-    PipelineConfig,
-    phantom_study,
-    results_at,
-    wait_for,
-)
+from tests.helpers.tools import require_tool, start_storescp
+from tests.pipeline.test_orthanc_end_to_end import DEMO_MODEL, PipelineConfig, phantom_study, results_at
 
 pytestmark = [pytest.mark.slow]
 ROLES = ("receiver", "scheduler", "worker", "sender")
@@ -67,12 +61,10 @@ def test_node_stopped_mid_job_delivers_once_after_restart(tmp_path: Path, monkey
 
 @pytest.mark.dcmtk
 def test_storescu_to_node_to_storescp(tmp_path: Path) -> None:
-    storescu, storescp = require_tool("storescu"), require_tool("storescp")
+    storescu = require_tool("storescu")
     results_port = free_port()
     received = tmp_path / "storescp"
-    received.mkdir()
-    scp = subprocess.Popen([storescp, "-od", str(received), "-aet", "RESULTS", str(results_port)],
-                           env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+    scp = start_storescp(received, results_port, ae_title="RESULTS")
     config = PipelineConfig(
         directory=tmp_path / "node", roles=ROLES,
         peers=(Peer("modality", "STORESCU"), Peer("results", "RESULTS", port=results_port, may_send=False,
@@ -81,7 +73,6 @@ def test_storescu_to_node_to_storescp(tmp_path: Path) -> None:
     config.model = model_for(tmp_path)
     node = NodeProcess(config).start(timeout=120)
     try:
-        wait_for_port("127.0.0.1", results_port, 10, scp)
         files = phantom_study(tmp_path / "study", 2, study_key="dcmtk")
         sent = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MSKNODE", "127.0.0.1", str(node.port),
                                *map(str, files)], env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},

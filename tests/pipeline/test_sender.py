@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from storage.migrate import upgrade
 from storage.models import Job, OutboxItem, Study
 from storage.outbox import Outbox
 from storage.spool import Spool
-from tests.helpers.node import free_port, wait_for_port
-from tests.helpers.tools import require_tool
+from tests.helpers.node import free_port
+from tests.helpers.tools import require_tool, start_storescp
 
 CT = get_testdata_file("CT_small.dcm")
 
@@ -80,7 +79,7 @@ def test_status_classes(status: int, kind: str) -> None:
 @pytest.mark.dcmtk
 def test_destination_down_then_up_is_delivered_exactly_once(env) -> None:
     database, spool, tmp = env
-    storescp = require_tool("storescp")
+    require_tool("storescp")
     port = free_port()
     item_id = queue_item(database, spool)
     sender = make_sender(database, spool, port)
@@ -90,11 +89,8 @@ def test_destination_down_then_up_is_delivered_exactly_once(env) -> None:
         assert state.state == "pending" and state.attempts == attempt and state.last_error.startswith("could not associate")
         time.sleep(0.7)
     received = tmp / "received"
-    received.mkdir()
-    process = subprocess.Popen([storescp, "-od", str(received), "-aet", "STORESCP", str(port)],
-                               env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+    process = start_storescp(received, port, ae_title="STORESCP")
     try:
-        wait_for_port("127.0.0.1", port, 10, process)
         time.sleep(0.7)
         assert sender.run_once() == 1
         assert row(database, item_id).state == "delivered"

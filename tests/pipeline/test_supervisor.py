@@ -11,8 +11,8 @@ import pytest
 from pynetdicom import AE
 
 from tests.helpers.models import tiny_model
-from tests.helpers.node import NodeProcess, Peer
-from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, phantom_study, wait_for
+from tests.helpers.node import NodeProcess, Peer, wait_for
+from tests.pipeline.test_orthanc_end_to_end import PipelineConfig, phantom_study
 
 pytestmark = [pytest.mark.slow]
 

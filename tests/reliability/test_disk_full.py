@@ -19,9 +19,8 @@ from sqlalchemy import select
 
 from storage.models import ImageResult, Job
 from tests.helpers.models import tiny_model
-from tests.helpers.node import NodeProcess, Peer
+from tests.helpers.node import NodeProcess, Peer, wait_for
 from tests.intake.test_resources import small_filesystem  # noqa: F401  (the 6 MB tmpfs fixture, root only)
-from tests.pipeline.test_orthanc_end_to_end import wait_for
 from tests.reliability.harness import SENDER_AE, CrashConfig, plan_studies
 
 pytestmark = [pytest.mark.slow]

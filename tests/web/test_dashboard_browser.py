@@ -15,9 +15,9 @@ from node.web.accounts import Accounts
 from storage.db import Database
 from storage.models import OutboxItem, Study
 from tests.helpers.models import tiny_model
-from tests.helpers.node import MSKNODE, REPO_ROOT, NodeProcess, Peer, free_port, wait_for_port
-from tests.helpers.tools import echoscu, require_tool, storescu
-from tests.pipeline.test_orthanc_end_to_end import DEMO_MODEL, PipelineConfig, phantom_study, wait_for
+from tests.helpers.node import MSKNODE, REPO_ROOT, NodeProcess, Peer, free_port, wait_for, wait_for_port
+from tests.helpers.tools import echoscu, require_tool, storescu, start_storescp
+from tests.pipeline.test_orthanc_end_to_end import DEMO_MODEL, PipelineConfig, phantom_study
 
 pytestmark = [pytest.mark.slow]
 
@@ -32,14 +32,6 @@ class DashboardNodeConfig(PipelineConfig):
         path = super().write()
         path.write_text(path.read_text().replace("passes = 10", "passes = 2"))
         return path
-
-
-def start_storescp(directory: Path, port: int, *extra: str, ae_title: str = "PACS") -> subprocess.Popen[bytes]:
-    directory.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([require_tool("storescp"), "-od", str(directory), "-aet", ae_title, *extra, str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port("127.0.0.1", port, 10, process)
-    return process
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
