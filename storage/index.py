@@ -8,11 +8,14 @@ from __future__ import annotations
 import enum
 import threading
 import uuid
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from storage.counters import increment
 from storage.db import Database, utcnow
@@ -58,6 +61,29 @@ def _count_instance(session, record: InstanceRecord, outcome: IndexOutcome) -> N
     """/metrics counters, in the transaction that indexes the instance."""
     increment(session, "instances_received", {"outcome": outcome.value})
     increment(session, "received_bytes", None, record.size_bytes)
+
+
+def studies_with_instance_counts(session: Session, order_by: Sequence[Any], limit: int) -> list[tuple[Study, int]]:
+    """Studies with how many instances each holds, in ``order_by`` order (the CLI's and the dashboard's lists)."""
+    counts = (
+        select(Instance.study_instance_uid, func.count(Instance.id).label("instances"))
+        .group_by(Instance.study_instance_uid)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Study, func.coalesce(counts.c.instances, 0))
+        .outerjoin(counts, counts.c.study_instance_uid == Study.study_instance_uid)
+        .order_by(*order_by)
+        .limit(limit)
+    ).all()
+    return [(study, int(instances)) for study, instances in rows]
+
+
+def latest_job(session: Session, study_id: int) -> Job | None:
+    """The study's most recent job (its results are the current ones)."""
+    return session.scalar(
+        select(Job).where(Job.study_id == study_id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+    )
 
 
 class Index:
@@ -226,19 +252,8 @@ class Index:
     def studies_summary(self, limit: int = 1000) -> list[dict[str, object]]:
         """One entry per study, newest first (used by ``msknode studies``)."""
         with self.db.session() as session:
-            counts = (
-                select(Instance.study_instance_uid, func.count(Instance.id).label("instances"))
-                .group_by(Instance.study_instance_uid)
-                .subquery()
-            )
-            rows = session.execute(
-                select(Study, func.coalesce(counts.c.instances, 0))
-                .outerjoin(counts, counts.c.study_instance_uid == Study.study_instance_uid)
-                .order_by(Study.last_received_at.desc())
-                .limit(limit)
-            ).all()
             result: list[dict[str, object]] = []
-            for study, instances in rows:
+            for study, instances in studies_with_instance_counts(session, [Study.last_received_at.desc()], limit):
                 modalities = session.scalars(
                     select(Series.modality).where(Series.study_id == study.id).distinct()
                 ).all()
@@ -246,7 +261,7 @@ class Index:
                     {
                         "study_instance_uid": study.study_instance_uid,
                         "accession_number": study.accession_number,
-                        "instances": int(instances),
+                        "instances": instances,
                         "series": len(study.series),
                         "modalities": sorted(m for m in modalities if m),
                         "status": study.status,
@@ -262,9 +277,7 @@ class Index:
     @staticmethod
     def _processing_summary(session, study: Study) -> dict[str, object]:  # type: ignore[no-untyped-def]
         """The latest job's per-image outcomes and the delivery state per destination."""
-        job = session.scalar(
-            select(Job).where(Job.study_id == study.id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
-        )
+        job = latest_job(session, study.id)
         images: list[dict[str, object]] = []
         if job is not None:
             rows = session.execute(

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from node.settings import PRIORITIES
 from storage.db import Database, as_utc
+from storage.index import latest_job, studies_with_instance_counts
 from storage.models import Association, ImageResult, Instance, Job, OutboxItem, Series, Study
 from storage.status import attention_items, queue_depths
 
@@ -95,12 +96,6 @@ class DeliveryRow:
     delivered_at: str | None
 
 
-def _latest_job(session, study_id: int) -> Job | None:  # type: ignore[no-untyped-def]
-    return session.scalar(
-        select(Job).where(Job.study_id == study_id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
-    )
-
-
 def _merge_findings(rows: list[list[tuple[str, str, float]]]) -> list[tuple[str, str, float]]:
     """A study's key findings: per head, the most confident non-"none" call over its images."""
     best: dict[str, tuple[str, str, float]] = {}
@@ -123,17 +118,8 @@ class DashboardData:
     def studies(self, limit: int = 200) -> list[StudyRow]:
         """Most urgent first, then the most recently received."""
         with self.db.session() as session:
-            counts = (
-                select(Instance.study_instance_uid, func.count(Instance.id).label("instances"))
-                .group_by(Instance.study_instance_uid)
-                .subquery()
-            )
-            rows = session.execute(
-                select(Study, func.coalesce(counts.c.instances, 0))
-                .outerjoin(counts, counts.c.study_instance_uid == Study.study_instance_uid)
-                .order_by(Study.priority.desc(), Study.last_received_at.desc(), Study.id.desc())
-                .limit(limit)
-            ).all()
+            rows = studies_with_instance_counts(
+                session, [Study.priority.desc(), Study.last_received_at.desc(), Study.id.desc()], limit)
             ids = [study.id for study, _ in rows]
             series: dict[int, list[tuple[str | None, str | None]]] = {}
             for study_id, modality, body_part in session.execute(
@@ -151,7 +137,7 @@ class DashboardData:
             ):
                 results.setdefault(result.job_id, []).append(result)
             return [
-                self._study_row(study, int(count), series.get(study.id, []), jobs.get(study.id),
+                self._study_row(study, count, series.get(study.id, []), jobs.get(study.id),
                                 results.get(jobs[study.id].id, []) if study.id in jobs else [])
                 for study, count in rows
             ]
@@ -186,7 +172,7 @@ class DashboardData:
                 select(Instance).where(Instance.study_instance_uid == study.study_instance_uid)
                 .order_by(Instance.instance_number, Instance.id)
             ).all()
-            job = _latest_job(session, study.id)
+            job = latest_job(session, study.id)
             results: dict[int, ImageResult] = {}
             if job is not None:
                 for result in session.scalars(select(ImageResult).where(ImageResult.job_id == job.id)):
