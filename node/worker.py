@@ -10,6 +10,7 @@ after ``pipeline.max_attempts`` it is failed, visibly.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -116,7 +117,7 @@ class Worker:
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.triage()  # rules naming an output this model lacks stop the worker at start, with the key path
+        self.triage  # noqa: B018 -- rules naming an output this model lacks stop the worker at start, with the key path
         pipeline = self.settings.pipeline
         heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True)
         heartbeat.start()
@@ -283,13 +284,11 @@ class Worker:
             return
         log.info("job %d (study %s): %s, %d object(s) queued", job.id, job.study_instance_uid, state, len(outbox))
 
+    @functools.cached_property
     def triage(self) -> Triage:
         """The compiled ``[triage]`` rules, checked against this model's head names (once per process)."""
-        compiled = getattr(self, "_compiled_triage", None)
-        if compiled is None:
-            labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
-            compiled = self._compiled_triage = Triage(self.settings.triage, labels)
-        return compiled
+        labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
+        return Triage(self.settings.triage, labels)
 
     def _triage_study(self, work: JobWork, images: list[Any], state: str, created: datetime,
                       model_name: str) -> tuple[Decision, list[NotificationEntry]]:
@@ -298,7 +297,7 @@ class Worker:
         header = work.frames[0].header if work.frames else (work.not_analysed[0][0] if work.not_analysed else None)
         calling_ae = work.frames[0].input.calling_ae_title if work.frames else None
         peer = next((p for p in self.peers() if calling_ae and p.ae_title == calling_ae.strip()), None)
-        triage = self.triage()
+        triage = self.triage
         starting = triage.starting(calling_ae, peer.name if peer else None, peer.priority if peer else None)
         if job.priority > starting.rank:
             starting = Decision(job.priority, "peer default")
