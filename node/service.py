@@ -93,6 +93,22 @@ def run_scheduler(runtime: Runtime, stop: threading.Event) -> None:
     Scheduler(runtime.settings, runtime.database, runtime.spool).run(stop)
 
 
+def _yield_cpu_to_intake(niceness: int) -> None:
+    """Lower the worker's CPU priority so inference never delays C-STORE responses on a shared machine.
+
+    Linux keeps the nice value per thread and new threads inherit it, so this is called by the worker role's
+    own thread before torch starts its thread pool (in a supervised node that is the whole worker process).
+    """
+    if niceness <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+    except (OSError, AttributeError) as exc:
+        log.warning("could not lower the worker's CPU priority by %d: %s", niceness, exc)
+        return
+    log.info("worker runs at nice +%d (the receiver keeps the CPU it needs)", niceness)
+
+
 def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     import engines
     from engines.training import load_calibration
@@ -103,6 +119,7 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     from storage.counters import Counters
 
     engine = runtime.settings.engine
+    _yield_cpu_to_intake(engine.nice)
     precision = None if engine.precision == "auto" else engine.precision
     runtime.detail.update(engine_loaded=False, model=str(engine.model))
     encoder = engines.load(engine.model, backend=engine.backend, precision=precision)

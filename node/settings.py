@@ -210,6 +210,11 @@ class EngineSettings(_Section):
     passes: int = Field(10, ge=1, le=64)
     seed: int = Field(0, ge=0)
     voi: Literal["auto", "window", "lut", "none"] = "auto"
+    nice: int = Field(
+        10, ge=0, le=19,
+        description="CPU scheduling niceness of the worker process (Linux nice): inference yields the CPU to the "
+                    "receiver, whose C-STORE responses the senders are waiting for; 0 = same priority",
+    )
 
 
 class ResultsSettings(_Section):

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from storage.counters import increment
 from storage.db import Database, utcnow
+from storage.group_commit import GroupCommitter
 from storage.models import Association, ImageResult, Instance, InstanceReplacement, Job, OutboxItem, Series, Study
 
 
@@ -57,10 +59,13 @@ class IndexResult:
     previous_spool_path: str | None = None  # for REPLACED: the file the caller may now delete
 
 
-def _count_instance(session, record: InstanceRecord, outcome: IndexOutcome) -> None:  # type: ignore[no-untyped-def]
-    """/metrics counters, in the transaction that indexes the instance."""
-    increment(session, "instances_received", {"outcome": outcome.value})
-    increment(session, "received_bytes", None, record.size_bytes)
+def _count_instances(session: Session, records: Sequence[InstanceRecord], results: Sequence[IndexResult]) -> None:
+    """/metrics counters, in the transaction that indexes the instances (one upsert per outcome)."""
+    for outcome in IndexOutcome:
+        count = sum(1 for result in results if result.outcome is outcome)
+        if count:
+            increment(session, "instances_received", {"outcome": outcome.value}, count)
+    increment(session, "received_bytes", None, sum(record.size_bytes for record in records))
 
 
 def studies_with_instance_counts(session: Session, order_by: Sequence[Any], limit: int) -> list[tuple[Study, int]]:
@@ -96,6 +101,7 @@ class Index:
         # senders that gave C-STORE responses a multi-second tail (benchmarks/load.py). The threads queue on
         # this lock instead, so only other processes' writes meet the busy handler. PostgreSQL locks rows.
         self._sqlite_writer: AbstractContextManager[object] = threading.Lock() if database.engine.dialect.name == "sqlite" else nullcontext()
+        self._committer = GroupCommitter(self._index_batch, name="msknode-index-writer")
 
     # -- associations ------------------------------------------------------------------------
     def association_requested(
@@ -149,104 +155,120 @@ class Index:
 
     # -- instances ---------------------------------------------------------------------------
     def index_instance(self, record: InstanceRecord) -> IndexResult:
-        """Insert or update the instance row (and its study/series) in one transaction."""
+        """Insert or update the instance row (and its study/series); returns once that is committed.
+
+        The row is written by the group committer together with whatever other associations queued
+        meanwhile, so the caller's success status still follows its own durable commit.
+        """
+        return self._committer.submit(record)
+
+    def _index_batch(self, records: Sequence[InstanceRecord]) -> list[IndexResult | BaseException]:
+        """Index ``records`` in one transaction (one fsync for all); if that fails, each on its own."""
+        try:
+            with self._sqlite_writer, self.db.session() as session:
+                now = utcnow()
+                results = [self._apply(session, record, now) for record in records]
+                _count_instances(session, records, results)
+            return list(results)
+        except Exception as exc:  # noqa: BLE001 - one bad record must not fail the others
+            if len(records) == 1 and not isinstance(exc, IntegrityError):
+                return [exc]
+        return [self._index_alone(record) for record in records]
+
+    def _index_alone(self, record: InstanceRecord) -> IndexResult | BaseException:
         for attempt in range(3):
             try:
-                return self._index_instance_once(record)
-            except IntegrityError:
-                # Another association inserted the same study/series/instance concurrently; retry
-                # so the second writer sees the first one's rows.
+                with self._sqlite_writer, self.db.session() as session:
+                    result = self._apply(session, record, utcnow())
+                    _count_instances(session, [record], [result])
+                return result
+            except IntegrityError as exc:
+                # Another process inserted the same study/series/instance concurrently; retry so this
+                # transaction sees its rows.
                 if attempt == 2:
-                    raise
+                    return exc
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting receiver thread
+                return exc
         raise AssertionError("unreachable")
 
-    def _index_instance_once(self, record: InstanceRecord) -> IndexResult:
-        now = utcnow()
-        with self._sqlite_writer, self.db.session() as session:
-            study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
-            if study is None:
-                study = Study(
-                    study_instance_uid=record.study_instance_uid,
-                    accession_number=record.accession_number,
-                    study_date=record.study_date,
-                    first_received_at=now,
-                    last_received_at=now,
-                    status="received",
-                )
-                session.add(study)
-                session.flush()
-            else:
-                study.last_received_at = now
-                if record.accession_number and not study.accession_number:
-                    study.accession_number = record.accession_number
-
-            series = session.scalar(
-                select(Series).where(Series.series_instance_uid == record.series_instance_uid)
-            )
-            if series is None:
-                series = Series(
-                    study_id=study.id,
-                    series_instance_uid=record.series_instance_uid,
-                    modality=record.modality,
-                    body_part_examined=record.body_part_examined,
-                    series_number=record.series_number,
-                )
-                session.add(series)
-                session.flush()
-
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid)
-            )
-            if existing is not None and existing.sha256 == record.sha256:
-                _count_instance(session, record, IndexOutcome.DUPLICATE)
-                return IndexResult(IndexOutcome.DUPLICATE)
-
-            # New content for this study: a (re)processing is due once the study settles again.
-            study.revision = (study.revision or 0) + 1
-            study.status = "received"
-            study.status_reason = None
-
-            values = dict(
-                series_id=series.id,
-                sop_class_uid=record.sop_class_uid,
-                transfer_syntax_uid=record.transfer_syntax_uid,
+    @staticmethod
+    def _apply(session: Session, record: InstanceRecord, now: datetime) -> IndexResult:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
+        if study is None:
+            study = Study(
                 study_instance_uid=record.study_instance_uid,
                 accession_number=record.accession_number,
+                study_date=record.study_date,
+                first_received_at=now,
+                last_received_at=now,
+                status="received",
+            )
+            session.add(study)
+            session.flush()
+        else:
+            study.last_received_at = now
+            if record.accession_number and not study.accession_number:
+                study.accession_number = record.accession_number
+
+        series = session.scalar(select(Series).where(Series.series_instance_uid == record.series_instance_uid))
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_instance_uid=record.series_instance_uid,
                 modality=record.modality,
                 body_part_examined=record.body_part_examined,
-                instance_number=record.instance_number,
-                spool_path=record.spool_path,
-                size_bytes=record.size_bytes,
-                sha256=record.sha256,
-                received_at=now,
-                calling_ae_title=record.calling_ae_title,
+                series_number=record.series_number,
+            )
+            session.add(series)
+            session.flush()
+
+        existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid))
+        if existing is not None and existing.sha256 == record.sha256:
+            return IndexResult(IndexOutcome.DUPLICATE)
+
+        # New content for this study: a (re)processing is due once the study settles again.
+        study.revision = (study.revision or 0) + 1
+        study.status = "received"
+        study.status_reason = None
+
+        values = dict(
+            series_id=series.id,
+            sop_class_uid=record.sop_class_uid,
+            transfer_syntax_uid=record.transfer_syntax_uid,
+            study_instance_uid=record.study_instance_uid,
+            accession_number=record.accession_number,
+            modality=record.modality,
+            body_part_examined=record.body_part_examined,
+            instance_number=record.instance_number,
+            spool_path=record.spool_path,
+            size_bytes=record.size_bytes,
+            sha256=record.sha256,
+            received_at=now,
+            calling_ae_title=record.calling_ae_title,
+            association_id=record.association_id,
+        )
+        if existing is None:
+            session.add(Instance(sop_instance_uid=record.sop_instance_uid, replaced_count=0, **values))
+            session.flush()  # a second copy of the same UID later in the batch must find this row
+            return IndexResult(IndexOutcome.NEW)
+
+        old_series_uid = session.scalar(select(Series.series_instance_uid).where(Series.id == existing.series_id))
+        session.add(
+            InstanceReplacement(
+                sop_instance_uid=record.sop_instance_uid,
+                study_instance_uid=record.study_instance_uid,
+                old_sha256=existing.sha256,
+                new_sha256=record.sha256,
+                old_series_instance_uid=old_series_uid or "",
+                replaced_at=now,
                 association_id=record.association_id,
             )
-            if existing is None:
-                session.add(Instance(sop_instance_uid=record.sop_instance_uid, replaced_count=0, **values))
-                _count_instance(session, record, IndexOutcome.NEW)
-                return IndexResult(IndexOutcome.NEW)
-
-            old_series_uid = session.scalar(
-                select(Series.series_instance_uid).where(Series.id == existing.series_id)
-            )
-            session.add(
-                InstanceReplacement(
-                    sop_instance_uid=record.sop_instance_uid,
-                    study_instance_uid=record.study_instance_uid,
-                    old_sha256=existing.sha256,
-                    new_sha256=record.sha256,
-                    old_series_instance_uid=old_series_uid or "",
-                    replaced_at=now,
-                    association_id=record.association_id,
-                )
-            )
-            previous_path = existing.spool_path
-            for key, value in values.items():
-                setattr(existing, key, value)
-            existing.replaced_count = (existing.replaced_count or 0) + 1
-            _count_instance(session, record, IndexOutcome.REPLACED)
-            return IndexResult(IndexOutcome.REPLACED, previous_spool_path=previous_path)
+        )
+        previous_path = existing.spool_path
+        for key, value in values.items():
+            setattr(existing, key, value)
+        existing.replaced_count = (existing.replaced_count or 0) + 1
+        return IndexResult(IndexOutcome.REPLACED, previous_spool_path=previous_path)
 
     # -- queries -----------------------------------------------------------------------------
     def studies_summary(self, limit: int = 1000) -> list[dict[str, object]]:
