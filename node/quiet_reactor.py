@@ -248,7 +248,10 @@ def make_quiet(assoc: Association) -> None:
     dul.__class__ = QuietDUL
     dul._waker = waker  # type: ignore[attr-defined]
     dul.to_provider_queue = _NotifyingQueue(waker.wake, dul.to_provider_queue)
-    dul.event_queue = _NotifyingQueue(waker.wake, dul.event_queue)
+    # The DUL queues most of its events itself; only another thread's (a socket closed by the association
+    # thread) needs to wake it.
+    dul.event_queue = _NotifyingQueue(lambda: None if threading.current_thread() is dul else waker.wake(),
+                                      dul.event_queue)
     dul.to_user_queue = _NotifyingQueue(activity.set, dul.to_user_queue)
     assoc.__class__ = QuietAssociation
     assoc._activity = activity  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -89,6 +89,12 @@ def latest_job(session: Session, study_id: int) -> Job | None:
     return session.scalar(
         select(Job).where(Job.study_id == study_id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
     )
+
+
+# The tables behind the ORM classes, for the intake path's Core statements.
+_STUDIES, _SERIES, _INSTANCES, _REPLACEMENTS = (
+    Study.__table__, Series.__table__, Instance.__table__, InstanceReplacement.__table__,
+)
 
 
 class Index:
@@ -193,46 +199,67 @@ class Index:
 
     @staticmethod
     def _apply(session: Session, record: InstanceRecord, now: datetime) -> IndexResult:
-        study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
+        """Index one instance inside the caller's transaction.
+
+        Core statements on the tables, not ORM objects: this runs for every C-STORE while the sender waits, and
+        the ORM's unit of work and compile steps cost about as much CPU as the rest of the handler together.
+        """
+        connection = session.connection()
+        studies, series_table, instances = _STUDIES, _SERIES, _INSTANCES
+        study = connection.execute(
+            select(studies.c.id, studies.c.accession_number)
+            .where(studies.c.study_instance_uid == record.study_instance_uid)
+        ).first()
         if study is None:
-            study = Study(
-                study_instance_uid=record.study_instance_uid,
-                accession_number=record.accession_number,
-                study_date=record.study_date,
-                first_received_at=now,
-                last_received_at=now,
-                status="received",
-            )
-            session.add(study)
-            session.flush()
+            study_id = connection.execute(
+                insert(studies).values(
+                    study_instance_uid=record.study_instance_uid,
+                    accession_number=record.accession_number,
+                    study_date=record.study_date,
+                    first_received_at=now,
+                    last_received_at=now,
+                    status="received",
+                ).returning(studies.c.id)
+            ).scalar_one()
+            accession_missing = False
         else:
-            study.last_received_at = now
-            if record.accession_number and not study.accession_number:
-                study.accession_number = record.accession_number
+            study_id = study.id
+            accession_missing = bool(record.accession_number) and not study.accession_number
 
-        series = session.scalar(select(Series).where(Series.series_instance_uid == record.series_instance_uid))
-        if series is None:
-            series = Series(
-                study_id=study.id,
-                series_instance_uid=record.series_instance_uid,
-                modality=record.modality,
-                body_part_examined=record.body_part_examined,
-                series_number=record.series_number,
-            )
-            session.add(series)
-            session.flush()
+        series_id = connection.scalar(
+            select(series_table.c.id).where(series_table.c.series_instance_uid == record.series_instance_uid)
+        )
+        if series_id is None:
+            series_id = connection.execute(
+                insert(series_table).values(
+                    study_id=study_id,
+                    series_instance_uid=record.series_instance_uid,
+                    modality=record.modality,
+                    body_part_examined=record.body_part_examined,
+                    series_number=record.series_number,
+                ).returning(series_table.c.id)
+            ).scalar_one()
 
-        existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == record.sop_instance_uid))
+        existing = connection.execute(
+            select(instances.c.id, instances.c.sha256, instances.c.spool_path, instances.c.series_id)
+            .where(instances.c.sop_instance_uid == record.sop_instance_uid)
+        ).first()
+        study_changes: dict[str, Any] = {"last_received_at": now}
+        if accession_missing:
+            study_changes["accession_number"] = record.accession_number
         if existing is not None and existing.sha256 == record.sha256:
+            connection.execute(update(studies).where(studies.c.id == study_id).values(**study_changes))
             return IndexResult(IndexOutcome.DUPLICATE)
 
         # New content for this study: a (re)processing is due once the study settles again.
-        study.revision = (study.revision or 0) + 1
-        study.status = "received"
-        study.status_reason = None
-
+        connection.execute(
+            update(studies).where(studies.c.id == study_id).values(
+                revision=func.coalesce(studies.c.revision, 0) + 1, status="received", status_reason=None,
+                **study_changes,
+            )
+        )
         values = dict(
-            series_id=series.id,
+            series_id=series_id,
             sop_class_uid=record.sop_class_uid,
             transfer_syntax_uid=record.transfer_syntax_uid,
             study_instance_uid=record.study_instance_uid,
@@ -248,13 +275,15 @@ class Index:
             association_id=record.association_id,
         )
         if existing is None:
-            session.add(Instance(sop_instance_uid=record.sop_instance_uid, replaced_count=0, **values))
-            session.flush()  # a second copy of the same UID later in the batch must find this row
+            connection.execute(insert(instances).values(sop_instance_uid=record.sop_instance_uid, replaced_count=0,
+                                                    **values))
             return IndexResult(IndexOutcome.NEW)
 
-        old_series_uid = session.scalar(select(Series.series_instance_uid).where(Series.id == existing.series_id))
-        session.add(
-            InstanceReplacement(
+        old_series_uid = connection.scalar(
+            select(series_table.c.series_instance_uid).where(series_table.c.id == existing.series_id)
+        )
+        connection.execute(
+            insert(_REPLACEMENTS).values(
                 sop_instance_uid=record.sop_instance_uid,
                 study_instance_uid=record.study_instance_uid,
                 old_sha256=existing.sha256,
@@ -264,11 +293,12 @@ class Index:
                 association_id=record.association_id,
             )
         )
-        previous_path = existing.spool_path
-        for key, value in values.items():
-            setattr(existing, key, value)
-        existing.replaced_count = (existing.replaced_count or 0) + 1
-        return IndexResult(IndexOutcome.REPLACED, previous_spool_path=previous_path)
+        connection.execute(
+            update(instances).where(instances.c.id == existing.id).values(
+                replaced_count=func.coalesce(instances.c.replaced_count, 0) + 1, **values
+            )
+        )
+        return IndexResult(IndexOutcome.REPLACED, previous_spool_path=existing.spool_path)
 
     # -- queries -----------------------------------------------------------------------------
     def studies_summary(self, limit: int = 1000) -> list[dict[str, object]]:
