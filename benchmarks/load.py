@@ -14,6 +14,7 @@ Target: p99 < 200 ms (inference never runs in the receiver's process).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -23,10 +24,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reliability.harness import _send_load, machine_description, percentile, run_load  # noqa: E402
+from tests.reliability.harness import SENDER_TOOLS, machine_description, percentile, run_load  # noqa: E402
 
 
-def run_storescp_peer(directory: Path, senders: int, per_sender: int, per_study: int, size: int) -> list[float]:
+def run_storescp_peer(directory: Path, senders: int, per_sender: int, per_study: int, size: int,
+                      sender_tool: str) -> list[float]:
     """The same senders against DCMTK ``storescp`` (no fsync, no index, no worker) on this machine: what the
     machine itself gives for this load, so the node's figure can be read as a ratio."""
     import multiprocessing
@@ -39,11 +41,13 @@ def run_storescp_peer(directory: Path, senders: int, per_sender: int, per_study:
     out = directory / "storescp"
     out.mkdir()
     scp = subprocess.Popen(["storescp", "--output-directory", str(out), "--aetitle", "MSKNODE", str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "TCP_NODELAY": "1"})  # as the node's sockets: no Nagle delay
     try:
         wait_for_port("127.0.0.1", port, 30, scp)
         with ProcessPoolExecutor(senders, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_send_load, port, i, per_sender, per_study, size) for i in range(senders)]
+            futures = [pool.submit(SENDER_TOOLS[sender_tool], port, i, per_sender, per_study, size)
+                       for i in range(senders)]
             return [t for future in futures for t in future.result()[0]]
     finally:
         scp.terminate()
@@ -63,6 +67,9 @@ def main() -> int:
                         help="baseline: receiver and scheduler only, nothing analysed during the load")
     parser.add_argument("--worker-nice", type=int, default=0,
                         help="experiment: renice the worker process (e.g. 10) so the receiver preempts inference")
+    parser.add_argument("--sender-tool", choices=sorted(SENDER_TOOLS), default="pynetdicom",
+                        help="who sends: pynetdicom SCUs in 8 processes, or DCMTK storescu (a C sender that, like a "
+                             "PACS on another machine, takes almost no CPU from the node)")
     parser.add_argument("--peer", action="store_true",
                         help="also run the same senders against DCMTK storescp, side by side, and print the ratio")
     args = parser.parse_args()
@@ -74,12 +81,14 @@ def main() -> int:
 
         cluster = PostgresCluster.start()
         database_url = cluster.create_database()
-    print(f"index: {'PostgreSQL' if cluster else 'SQLite (WAL, synchronous=FULL)'}; spool fsync on")
+    print(f"index: {'PostgreSQL' if cluster else 'SQLite (WAL, synchronous=FULL)'}; spool fsync on; "
+          f"senders: {args.sender_tool}")
     try:
         with tempfile.TemporaryDirectory(prefix="msknode-load-") as directory:
             report = run_load(Path(directory), args.model, senders=args.senders, per_sender=args.instances,
                               per_study=args.per_study, size=args.size, database_url=database_url,
                               worker=not args.without_worker, worker_nice=args.worker_nice,
+                              sender_tool=args.sender_tool,
                               log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
     finally:
         if cluster is not None:
@@ -88,7 +97,7 @@ def main() -> int:
     if args.peer:
         with tempfile.TemporaryDirectory(prefix="msknode-load-peer-") as directory:
             peer = [t * 1000 for t in run_storescp_peer(Path(directory), args.senders, args.instances,
-                                                        args.per_study, args.size)]
+                                                        args.per_study, args.size, args.sender_tool)]
         ours = [t * 1000 for t in report.times]
         for name, fraction in (("p50", .5), ("p99", .99)):
             mine, theirs = percentile(ours, fraction), percentile(peer, fraction)

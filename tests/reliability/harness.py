@@ -582,6 +582,76 @@ def _send_load(port: int, sender: int, instances: int, per_study: int, size: int
     return times, acknowledged, failures
 
 
+_STORESCU_LOG_CONFIG = """\
+log4cplus.rootLogger = INFO, console
+log4cplus.appender.console = log4cplus::ConsoleAppender
+log4cplus.appender.console.layout = log4cplus::PatternLayout
+log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%q} %m%n
+"""
+
+
+def _send_load_storescu(port: int, sender: int, instances: int, per_study: int,
+                        size: int) -> tuple[list[float], list[str], int]:
+    """As :func:`_send_load`, but DCMTK ``storescu`` sends (one run per study, TCP_NODELAY): a C sender that,
+    like a PACS on another machine, takes almost no CPU from the node. Each C-STORE's time is read from
+    storescu's own log (millisecond timestamps): "Sending Store Request" to "Received Store Response"."""
+    import re
+    import subprocess
+    import tempfile
+
+    times: list[float] = []
+    acknowledged: list[str] = []
+    failures = 0
+    line_pattern = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) (Sending Store Request \(MsgID (\d+)"
+                              r"|Received Store Response \((\w+))")
+    with tempfile.TemporaryDirectory(prefix=f"load-storescu-{sender}-") as work:
+        config = Path(work) / "log.cfg"
+        config.write_text(_STORESCU_LOG_CONFIG)
+        sent = 0
+        while sent < instances:
+            count = min(per_study, instances - sent)
+            study_uid, series_uid = generate_uid(), generate_uid()
+            files: list[tuple[Path, str]] = []
+            for i in range(count):
+                dataset = small_instance(study_uid=study_uid, series_uid=series_uid, rows=size, columns=size,
+                                         seed=sender * 100_000 + sent + i, instance_number=i + 1)
+                path = Path(work) / f"{sent + i}.dcm"
+                dataset.save_as(path, enforce_file_format=True)
+                files.append((path, dataset.SOPInstanceUID))
+            run = subprocess.run(
+                ["storescu", "-lc", str(config), "-aet", SENDER_AE, "-aec", "MSKNODE", "127.0.0.1", str(port),
+                 *[str(path) for path, _ in files]],
+                capture_output=True, text=True, timeout=600, env={**os.environ, "TCP_NODELAY": "1"})
+            started: dict[int, float] = {}
+            last_sent = 0
+            answered = 0
+            for line in run.stdout.splitlines() + run.stderr.splitlines():
+                match = line_pattern.match(line)
+                if not match:
+                    continue
+                hours, minutes, seconds, millis = (int(match.group(i)) for i in range(1, 5))
+                at = hours * 3600 + minutes * 60 + seconds + millis / 1000
+                if match.group(6):
+                    last_sent = int(match.group(6))
+                    started[last_sent] = at
+                elif last_sent in started:
+                    elapsed = (at - started.pop(last_sent)) % 86400
+                    if match.group(7) == "Success":
+                        times.append(elapsed)
+                        acknowledged.append(files[last_sent - 1][1])
+                        answered += 1
+            failures += count - answered
+            for path, _ in files:
+                path.unlink()
+            sent += count
+    return times, acknowledged, failures
+
+
+SENDER_TOOLS: dict[str, Callable[[int, int, int, int, int], tuple[list[float], list[str], int]]] = {
+    "pynetdicom": _send_load, "storescu": _send_load_storescu,
+}
+
+
 def role_pids(supervisor_pid: int, role: str) -> list[int]:
     """The pids of a supervisor's children running ``role`` (from /proc)."""
     found = []
@@ -642,7 +712,8 @@ class LoadReport:
 
 def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per_study: int = 20, size: int = 256,
              warm_studies: int = 4, database_url: str | None = None, worker: bool = True,
-             worker_nice: int = 0, log: Callable[[str], None] = lambda _m: None) -> LoadReport:
+             worker_nice: int = 0, sender_tool: str = "pynetdicom",
+             log: Callable[[str], None] = lambda _m: None) -> LoadReport:
     """A node (receiver, scheduler, worker under the supervisor) takes ``senders`` x ``per_sender`` C-STOREs
     from concurrent sending processes while its worker analyses the studies already received."""
     import multiprocessing
@@ -700,7 +771,8 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
         sampler.start()
         started = time.monotonic()
         with ProcessPoolExecutor(senders, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_send_load, config.port, i, per_sender, per_study, size) for i in range(senders)]
+            futures = [pool.submit(SENDER_TOOLS[sender_tool], config.port, i, per_sender, per_study, size)
+                       for i in range(senders)]
             results = [future.result() for future in futures]
         wall = time.monotonic() - started
         sampling.set()
