@@ -1,0 +1,168 @@
+"""node.quiet_reactor: accepted associations wait for work instead of polling, and behave as pynetdicom's own.
+
+An in-process Storage SCP with the receiver's EVT_CONN_OPEN switch, driven by a pynetdicom SCU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+from node.quiet_reactor import QuietAssociation, QuietDUL, make_quiet
+
+
+class Scp:
+    def __init__(self, network_timeout: float = 30) -> None:
+        self.stored: list[str] = []
+        self.events: list[str] = []
+        self.associations: list[object] = []
+        ae = AE(ae_title="QUIET")
+        ae.network_timeout = network_timeout
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_RELEASED, lambda event: self.events.append("released")),
+            (evt.EVT_ABORTED, lambda event: self.events.append("aborted")),
+        ]
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+
+    def _on_open(self, event: evt.Event) -> None:
+        make_quiet(event.assoc)
+        self.associations.append(event.assoc)
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.stored.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+
+@pytest.fixture
+def scp() -> Iterator[Scp]:
+    server = Scp()
+    yield server
+    server.server.shutdown()
+
+
+def scu_association(port: int):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QUIET")
+    assert assoc.is_established
+    return assoc
+
+
+def instance() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.PatientName = "Quiet^Test"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def wait_until(condition, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_stores_echoes_and_release_as_pynetdicom(scp: Scp) -> None:
+    assoc = scu_association(scp.port)
+    assert isinstance(scp.associations[0], QuietAssociation)
+    assert isinstance(scp.associations[0].dul, QuietDUL)  # type: ignore[attr-defined]
+    datasets = [instance() for _ in range(20)]
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
+    wait_until(lambda: scp.events == ["released"])
+    assert scp.stored == [ds.SOPInstanceUID for ds in datasets]
+    wait_until(lambda: not scp.associations[0].is_alive())  # type: ignore[attr-defined]
+    wait_until(lambda: not scp.associations[0].dul.is_alive())  # type: ignore[attr-defined]
+
+
+def test_peer_abort_ends_the_association(scp: Scp) -> None:
+    assoc = scu_association(scp.port)
+    assert assoc.send_c_store(instance()).Status == 0x0000
+    assoc.abort()
+    wait_until(lambda: scp.events == ["aborted"])
+    wait_until(lambda: not scp.associations[0].is_alive())  # type: ignore[attr-defined]
+
+
+def test_an_idle_association_does_not_poll(scp: Scp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's reactors go round every millisecond: ~1000 rounds a second per thread when idle."""
+    rounds = {"dul": 0, "association": 0}
+    dul_wait, assoc_check = QuietDUL._wait_for_work, QuietAssociation._finished_by_peer_or_timer
+
+    def counted_wait(self: QuietDUL) -> None:
+        rounds["dul"] += 1
+        dul_wait(self)
+
+    def counted_check(self: QuietAssociation) -> bool:
+        rounds["association"] += 1
+        return assoc_check(self)
+
+    monkeypatch.setattr(QuietDUL, "_wait_for_work", counted_wait)
+    monkeypatch.setattr(QuietAssociation, "_finished_by_peer_or_timer", counted_check)
+    assoc = scu_association(scp.port)
+    assert assoc.send_c_store(instance()).Status == 0x0000
+    before = dict(rounds)
+    time.sleep(1.0)
+    idle = {name: rounds[name] - before[name] for name in rounds}
+    assoc.release()
+    # At most one round per IDLE_WAIT_SECONDS (0.05 s) plus a few wake-ups: ~20, never hundreds.
+    assert idle["dul"] <= 60, idle
+    assert idle["association"] <= 60, idle
+
+
+def test_network_timeout_still_ends_a_silent_association() -> None:
+    server = Scp(network_timeout=0.5)
+    try:
+        assoc = scu_association(server.port)
+        wait_until(lambda: server.events == ["aborted"] and not assoc.is_established, timeout=15)
+    finally:
+        server.server.shutdown()
+
+
+def test_make_quiet_refuses_a_running_association(scp: Scp) -> None:
+    assoc = scu_association(scp.port)
+    with pytest.raises(RuntimeError, match="before the association's threads start"):
+        make_quiet(scp.associations[0])  # type: ignore[arg-type]
+    assoc.release()
+
+
+def test_many_concurrent_associations(scp: Scp) -> None:
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            assoc = scu_association(scp.port)
+            for _ in range(10):
+                assert assoc.send_c_store(instance()).Status == 0x0000
+            assoc.release()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert len(scp.stored) == 80
+    wait_until(lambda: scp.events.count("released") == 8)
