@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--without-worker", action="store_true",
                         help="baseline: receiver and scheduler only, nothing analysed during the load")
     parser.add_argument("--worker-nice", type=int, default=0,
-                        help="experiment: renice the worker process (e.g. 10) so the receiver preempts inference")
+                        help="experiment: set the worker process's niceness (the node already runs it at [engine] nice = 10)")
     parser.add_argument("--sender-tool", choices=sorted(SENDER_TOOLS), default="pynetdicom",
                         help="who sends: pynetdicom SCUs in 8 processes, or DCMTK storescu (a C sender that, like a "
                              "PACS on another machine, takes almost no CPU from the node)")

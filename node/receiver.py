@@ -169,6 +169,7 @@ class Receiver:
             (self.node.host, self.node.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context
         )
         self._server.contexts = _CheaplyCopiedContexts(self._server.contexts)
+        self.index.start_writer()
         self._reaper_stop.clear()
         self._reaper = threading.Thread(target=self._reap_loop, name="msknode-reaper", daemon=True)
         self._reaper.start()

@@ -51,6 +51,11 @@ class GroupCommitter(Generic[ItemT, ResultT]):
         self._queue.put((item, future))
         return future.result()
 
+    def start(self) -> None:
+        """Start the writer thread now rather than at the first submit (a server's idle thread count is then
+        its working one)."""
+        self._ensure_writer()
+
     def _ensure_writer(self) -> None:
         # Started on first use, and again in a process forked after that (threads do not survive a fork).
         if self._thread is not None and self._owner_pid == os.getpid() and self._thread.is_alive():

@@ -160,6 +160,10 @@ class Index:
             return result.rowcount or 0
 
     # -- instances ---------------------------------------------------------------------------
+    def start_writer(self) -> None:
+        """Start the group-commit writer thread (the receiver does, when it starts listening)."""
+        self._committer.start()
+
     def index_instance(self, record: InstanceRecord) -> IndexResult:
         """Insert or update the instance row (and its study/series); returns once that is committed.
 
