@@ -347,13 +347,15 @@ def _hand(rng: np.random.Generator, rows: int, columns: int, mm: float, gap_scal
     soft.append(Ellipsoid(r((cx, wrist_y - 45 * px * size)), 46 * px * size, 40 * px * size, 16 * px * size))
     # Rays: thumb (2 phalanges) and four fingers (3 phalanges).
     base_y = carpal_y0 - 20 * px * size
-    spreads = (-0.75, -0.22, -0.05, 0.10, 0.26)
+    # The thumb is abducted about 30 degrees and curls back towards the fingers (its phalanges point more
+    # upwards than its metacarpal), so it stays inside the field as on a real PA hand radiograph.
+    spreads = (-0.55, -0.22, -0.05, 0.10, 0.26)
     mc_lengths = (42, 62, 60, 55, 50)
     ph_lengths = ((31, 24), (40, 24, 18), (45, 28, 19), (42, 27, 19), (33, 19, 17))
     widths = (8.5, 8.0, 8.0, 7.5, 7.0)
     for ray in range(5):
         angle = -math.pi / 2 + spreads[ray] + rng.normal(0, 0.04)
-        start_x = cx + (ray - 2) * 14 * px * size + (-10 * px if ray == 0 else 0.0)
+        start_x = cx + (ray - 2) * 14 * px * size + (-6 * px if ray == 0 else 0.0)
         start_y = base_y + (14 * px if ray == 0 else 0.0)
         p = (start_x, start_y)
         segments = [mc_lengths[ray]] + list(ph_lengths[ray])
@@ -372,8 +374,11 @@ def _hand(rng: np.random.Generator, rows: int, columns: int, mm: float, gap_scal
             previous = name
             gap = (2.2 - 0.2 * j) * px * size * gap_scale + 0.6 * px
             p = (q[0] + (gap + w * 0.62) * math.cos(angle), q[1] + (gap + w * 0.62) * math.sin(angle))
-            angle += rng.normal(0, 0.03)
-        soft.append(Capsule(finger_shapes[1].p0, finger_shapes[-1].p1, finger_shapes[1].r0, finger_shapes[-1].r1 * 0.9))
+            angle += rng.normal(0, 0.03) + (0.16 if ray == 0 else 0.0)
+        # Fingers: soft tissue from the proximal phalanx on (the palm covers the metacarpals); the thumb's
+        # metacarpal lies in the thenar eminence, so its soft tissue starts at the metacarpal.
+        first = finger_shapes[0] if ray == 0 else finger_shapes[1]
+        soft.append(Capsule(first.p0, finger_shapes[-1].p1, first.r0, finger_shapes[-1].r1 * 0.9))
     return _Anatomy(bones, soft, joints, "HAND")
 
 
