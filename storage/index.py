@@ -91,6 +91,13 @@ def latest_job(session: Session, study_id: int) -> Job | None:
     )
 
 
+# The instances columns copied as they are from the receiver's record.
+_INSTANCE_COLUMNS_FROM_RECORD = (
+    "sop_class_uid", "transfer_syntax_uid", "study_instance_uid", "accession_number", "modality",
+    "body_part_examined", "instance_number", "spool_path", "size_bytes", "sha256", "calling_ae_title",
+    "association_id",
+)
+
 # The tables behind the ORM classes, for the intake path's Core statements.
 _STUDIES, _SERIES, _INSTANCES, _REPLACEMENTS = (
     Study.__table__, Series.__table__, Instance.__table__, InstanceReplacement.__table__,
@@ -262,22 +269,8 @@ class Index:
                 **study_changes,
             )
         )
-        values = dict(
-            series_id=series_id,
-            sop_class_uid=record.sop_class_uid,
-            transfer_syntax_uid=record.transfer_syntax_uid,
-            study_instance_uid=record.study_instance_uid,
-            accession_number=record.accession_number,
-            modality=record.modality,
-            body_part_examined=record.body_part_examined,
-            instance_number=record.instance_number,
-            spool_path=record.spool_path,
-            size_bytes=record.size_bytes,
-            sha256=record.sha256,
-            received_at=now,
-            calling_ae_title=record.calling_ae_title,
-            association_id=record.association_id,
-        )
+        values = {name: getattr(record, name) for name in _INSTANCE_COLUMNS_FROM_RECORD}
+        values.update(series_id=series_id, received_at=now)
         if existing is None:
             connection.execute(insert(instances).values(sop_instance_uid=record.sop_instance_uid, replaced_count=0,
                                                     **values))

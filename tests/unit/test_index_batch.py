@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from storage.db import Database
 from storage.index import Index, IndexOutcome, IndexResult, InstanceRecord
-from storage.migrate import upgrade
 from storage.models import Counter, Instance, InstanceReplacement, Series, Study
 
 STUDY = "1.2.826.0.1.3680043.10.2.1"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    url = f"sqlite:///{tmp_path}/i.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 ASSOCIATION: dict[str, str] = {}

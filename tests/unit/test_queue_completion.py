@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from storage import completion
 from storage.db import Database
 from storage.index import Index, InstanceRecord
-from storage.migrate import upgrade
 from storage.models import Job, Study
 from storage.queue import ImageOutcome, JobQueue, OutboxEntry
 
 STUDY = "1.2.826.0.1.3680043.10.1.1"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    url = f"sqlite:///{tmp_path}/q.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def receive(index: Index, association_id: str, sop: str, study: str = STUDY, sha: str = "a") -> None:
