@@ -174,7 +174,7 @@ def markdown(report: dict) -> str:
     pre = report["pretrain"]
     lines = [
         f"Pre-training: {pre['steps']} steps x {pre['batch_size']} images ({pre['steps'] * pre['batch_size']} samples from a pool of "
-        f"{report['pool']} normal phantoms), {pre['seconds'] / 60:.1f} min on {report['threads']} threads; "
+        f"{report['pool']} normal phantoms), {pre['seconds'] / 60:.1f} min on {report['threads']} thread{'s' if report['threads'] != 1 else ''}; "
         f"loss {pre['first_loss']:.3f} (first 5 %) -> {pre['final_loss']:.3f} (last 5 %).",
         "",
         "| finding | n | pointing game (dilation 0 / **8** / 16 px) | pixel AUROC | score AUROC vs normal twin |",
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-mae")
     parser.add_argument("--pool", type=int, default=2400, help="normal phantoms for pre-training")
-    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--head-images", type=int, default=900)
