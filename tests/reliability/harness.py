@@ -64,6 +64,7 @@ class CrashConfig(NodeConfig):
     settle_seconds: float = 2.0
     force_complete_seconds: float = 20.0
     poll_seconds: float = 0.3
+    worker_nice: int = 10  # [engine] nice, the node's default
 
     def write(self) -> Path:
         path = super().write()
@@ -75,7 +76,7 @@ class CrashConfig(NodeConfig):
         )
         text += (
             "\n[engine]\n"
-            f'model = "{self.model}"\nbatch_size = 4\npasses = 2\nseed = 0\n'
+            f'model = "{self.model}"\nbatch_size = 4\npasses = 2\nseed = 0\nnice = {self.worker_nice}\n'
             # The sender's lease is timeout * 4 + 60 s: a short timeout keeps a killed sender's rows waiting
             # about a minute, not several.
             "\n[sender]\nbackoff_seconds = [0.5, 1.0, 2.0]\ntimeout_seconds = 3.0\n"
@@ -652,22 +653,6 @@ SENDER_TOOLS: dict[str, Callable[[int, int, int, int, int], tuple[list[float], l
 }
 
 
-def role_pids(supervisor_pid: int, role: str) -> list[int]:
-    """The pids of a supervisor's children running ``role`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if parent == supervisor_pid and b"--role" in command and command[command.index(b"--role") + 1] == role.encode():
-            found.append(int(entry.name))
-    return found
-
-
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile (no interpolation: p99 of 1600 is the 1584th value)."""
     ordered = sorted(values)
@@ -712,7 +697,7 @@ class LoadReport:
 
 def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per_study: int = 20, size: int = 256,
              warm_studies: int = 4, database_url: str | None = None, worker: bool = True,
-             worker_nice: int = 0, sender_tool: str = "pynetdicom",
+             worker_nice: int | None = None, sender_tool: str = "pynetdicom",
              log: Callable[[str], None] = lambda _m: None) -> LoadReport:
     """A node (receiver, scheduler, worker under the supervisor) takes ``senders`` x ``per_sender`` C-STOREs
     from concurrent sending processes while its worker analyses the studies already received."""
@@ -726,6 +711,8 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
                          peers=(Peer("modality", SENDER_AE),), max_associations=senders + 4,
                          database_url=database_url)
     config.model = model
+    if worker_nice is not None:  # else the node's default, [engine] nice = 10
+        config.worker_nice = worker_nice
     config.settle_seconds = 1.0
     config.poll_seconds = 1.0  # the default: the load run measures the node as deployed
     node = NodeProcess(config).start(timeout=180)
@@ -750,10 +737,6 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
         def done_jobs() -> int:
             return jobs("done")
 
-        if worker_nice:  # experiment: inference at a lower CPU priority than the receiver
-            for pid in role_pids(node.pid, "worker"):
-                os.setpriority(os.PRIO_PROCESS, pid, worker_nice)
-                log(f"worker pid {pid} reniced to {worker_nice}")
         deadline = time.monotonic() + 120
         while worker and not jobs("processing", "done") and time.monotonic() < deadline:
             time.sleep(0.1)
