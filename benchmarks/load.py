@@ -66,7 +66,8 @@ def main() -> int:
     parser.add_argument("--without-worker", action="store_true",
                         help="baseline: receiver and scheduler only, nothing analysed during the load")
     parser.add_argument("--worker-nice", type=int, default=None,
-                        help="the worker's [engine] nice (default: the node's, 10; 0 = the receiver's priority)")
+                        help="run the worker at this [engine] nice instead of the node's default, SCHED_IDLE "
+                             "(idle_priority = false; 0 = the receiver's priority)")
     parser.add_argument("--sender-tool", choices=sorted(SENDER_TOOLS), default="pynetdicom",
                         help="who sends: pynetdicom SCUs in 8 processes, or DCMTK storescu (a C sender that, like a "
                              "PACS on another machine, takes almost no CPU from the node)")

@@ -210,10 +210,15 @@ class EngineSettings(_Section):
     passes: int = Field(10, ge=1, le=64)
     seed: int = Field(0, ge=0)
     voi: Literal["auto", "window", "lut", "none"] = "auto"
+    idle_priority: bool = Field(
+        True,
+        description="run inference under Linux SCHED_IDLE: it only gets CPU time that no other process wants, so "
+                    "C-STORE responses never wait for it; false = use `nice` instead",
+    )
     nice: int = Field(
         10, ge=0, le=19,
-        description="CPU scheduling niceness of the worker process (Linux nice): inference yields the CPU to the "
-                    "receiver, whose C-STORE responses the senders are waiting for; 0 = same priority",
+        description="CPU scheduling niceness of the worker process (Linux nice) when idle_priority is false or "
+                    "unavailable: inference yields the CPU to the receiver; 0 = same priority",
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -102,6 +102,28 @@ _INSTANCE_COLUMNS_FROM_RECORD = (
 _STUDIES, _SERIES, _INSTANCES, _REPLACEMENTS = (
     Study.__table__, Series.__table__, Instance.__table__, InstanceReplacement.__table__,
 )
+
+
+class _Intake:
+    """The intake path's statements, built once so that SQLAlchemy compiles and cache-keys each only once.
+
+    Statements executed with a parameter dict SET (or INSERT) the columns the dict names; ``uid`` and ``key``
+    are the WHERE clause's parameters.
+    """
+
+    select_study = select(_STUDIES.c.id, _STUDIES.c.accession_number).where(
+        _STUDIES.c.study_instance_uid == bindparam("uid"))
+    insert_study = insert(_STUDIES).returning(_STUDIES.c.id)
+    select_series = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
+    insert_series = insert(_SERIES).returning(_SERIES.c.id)
+    select_instance = select(_INSTANCES.c.id, _INSTANCES.c.sha256, _INSTANCES.c.spool_path, _INSTANCES.c.series_id).where(
+        _INSTANCES.c.sop_instance_uid == bindparam("uid"))
+    insert_instance = insert(_INSTANCES)
+    touch_study = update(_STUDIES).where(_STUDIES.c.id == bindparam("key"))
+    revise_study = update(_STUDIES).where(_STUDIES.c.id == bindparam("key")).values(
+        revision=func.coalesce(_STUDIES.c.revision, 0) + 1, status="received", status_reason=None)
+    replace_instance = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("key")).values(
+        replaced_count=func.coalesce(_INSTANCES.c.replaced_count, 0) + 1)
 
 
 class Index:
@@ -212,72 +234,55 @@ class Index:
     def _apply(session: Session, record: InstanceRecord, now: datetime) -> IndexResult:
         """Index one instance inside the caller's transaction.
 
-        Core statements on the tables, not ORM objects: this runs for every C-STORE while the sender waits, and
-        the ORM's unit of work and compile steps cost about as much CPU as the rest of the handler together.
+        Core statements built once (``_Intake``), not ORM objects or statements built per call: this runs for
+        every C-STORE while the sender waits, and building and cache-keying a statement per call cost the
+        receiver more CPU than SQLite's own work (py-spy under benchmarks/load.py).
         """
         connection = session.connection()
-        studies, series_table, instances = _STUDIES, _SERIES, _INSTANCES
-        study = connection.execute(
-            select(studies.c.id, studies.c.accession_number)
-            .where(studies.c.study_instance_uid == record.study_instance_uid)
-        ).first()
+        study = connection.execute(_Intake.select_study, {"uid": record.study_instance_uid}).first()
         if study is None:
-            study_id = connection.execute(
-                insert(studies).values(
-                    study_instance_uid=record.study_instance_uid,
-                    accession_number=record.accession_number,
-                    study_date=record.study_date,
-                    first_received_at=now,
-                    last_received_at=now,
-                    status="received",
-                ).returning(studies.c.id)
-            ).scalar_one()
+            study_id = connection.execute(_Intake.insert_study, {
+                "study_instance_uid": record.study_instance_uid,
+                "accession_number": record.accession_number,
+                "study_date": record.study_date,
+                "first_received_at": now,
+                "last_received_at": now,
+                "status": "received",
+            }).scalar_one()
             accession_missing = False
         else:
             study_id = study.id
             accession_missing = bool(record.accession_number) and not study.accession_number
 
-        series_id = connection.scalar(
-            select(series_table.c.id).where(series_table.c.series_instance_uid == record.series_instance_uid)
-        )
+        series_id = connection.scalar(_Intake.select_series, {"uid": record.series_instance_uid})
         if series_id is None:
-            series_id = connection.execute(
-                insert(series_table).values(
-                    study_id=study_id,
-                    series_instance_uid=record.series_instance_uid,
-                    modality=record.modality,
-                    body_part_examined=record.body_part_examined,
-                    series_number=record.series_number,
-                ).returning(series_table.c.id)
-            ).scalar_one()
+            series_id = connection.execute(_Intake.insert_series, {
+                "study_id": study_id,
+                "series_instance_uid": record.series_instance_uid,
+                "modality": record.modality,
+                "body_part_examined": record.body_part_examined,
+                "series_number": record.series_number,
+            }).scalar_one()
 
-        existing = connection.execute(
-            select(instances.c.id, instances.c.sha256, instances.c.spool_path, instances.c.series_id)
-            .where(instances.c.sop_instance_uid == record.sop_instance_uid)
-        ).first()
-        study_changes: dict[str, Any] = {"last_received_at": now}
+        existing = connection.execute(_Intake.select_instance, {"uid": record.sop_instance_uid}).first()
+        study_changes: dict[str, Any] = {"key": study_id, "last_received_at": now}
         if accession_missing:
             study_changes["accession_number"] = record.accession_number
         if existing is not None and existing.sha256 == record.sha256:
-            connection.execute(update(studies).where(studies.c.id == study_id).values(**study_changes))
+            connection.execute(_Intake.touch_study, study_changes)
             return IndexResult(IndexOutcome.DUPLICATE)
 
         # New content for this study: a (re)processing is due once the study settles again.
-        connection.execute(
-            update(studies).where(studies.c.id == study_id).values(
-                revision=func.coalesce(studies.c.revision, 0) + 1, status="received", status_reason=None,
-                **study_changes,
-            )
-        )
+        connection.execute(_Intake.revise_study, study_changes)
         values = {name: getattr(record, name) for name in _INSTANCE_COLUMNS_FROM_RECORD}
         values.update(series_id=series_id, received_at=now)
         if existing is None:
-            connection.execute(insert(instances).values(sop_instance_uid=record.sop_instance_uid, replaced_count=0,
-                                                    **values))
+            connection.execute(_Intake.insert_instance, {"sop_instance_uid": record.sop_instance_uid,
+                                                         "replaced_count": 0, **values})
             return IndexResult(IndexOutcome.NEW)
 
         old_series_uid = connection.scalar(
-            select(series_table.c.series_instance_uid).where(series_table.c.id == existing.series_id)
+            select(_SERIES.c.series_instance_uid).where(_SERIES.c.id == existing.series_id)
         )
         connection.execute(
             insert(_REPLACEMENTS).values(
@@ -290,11 +295,7 @@ class Index:
                 association_id=record.association_id,
             )
         )
-        connection.execute(
-            update(instances).where(instances.c.id == existing.id).values(
-                replaced_count=func.coalesce(instances.c.replaced_count, 0) + 1, **values
-            )
-        )
+        connection.execute(_Intake.replace_instance, {"key": existing.id, **values})
         return IndexResult(IndexOutcome.REPLACED, previous_spool_path=existing.spool_path)
 
     # -- queries -----------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class CrashConfig(NodeConfig):
     settle_seconds: float = 2.0
     force_complete_seconds: float = 20.0
     poll_seconds: float = 0.3
-    worker_nice: int = 10  # [engine] nice, the node's default
+    worker_nice: int | None = None  # None: the node's default (SCHED_IDLE); N: idle_priority off, [engine] nice = N
 
     def write(self) -> Path:
         path = super().write()
@@ -74,9 +74,10 @@ class CrashConfig(NodeConfig):
             f"force_complete_seconds = {self.force_complete_seconds}\npoll_seconds = {self.poll_seconds}\n"
             f"lease_seconds = {self.lease_seconds}\nmax_attempts = 20\n",
         )
+        priority = "" if self.worker_nice is None else f"idle_priority = false\nnice = {self.worker_nice}\n"
         text += (
             "\n[engine]\n"
-            f'model = "{self.model}"\nbatch_size = 4\npasses = 2\nseed = 0\nnice = {self.worker_nice}\n'
+            f'model = "{self.model}"\nbatch_size = 4\npasses = 2\nseed = 0\n{priority}'
             # The sender's lease is timeout * 4 + 60 s: a short timeout keeps a killed sender's rows waiting
             # about a minute, not several.
             "\n[sender]\nbackoff_seconds = [0.5, 1.0, 2.0]\ntimeout_seconds = 3.0\n"
@@ -711,8 +712,7 @@ def run_load(directory: Path, model: Path, *, senders: int, per_sender: int, per
                          peers=(Peer("modality", SENDER_AE),), max_associations=senders + 4,
                          database_url=database_url)
     config.model = model
-    if worker_nice is not None:  # else the node's default, [engine] nice = 10
-        config.worker_nice = worker_nice
+    config.worker_nice = worker_nice  # None: the node's default, inference under SCHED_IDLE
     config.settle_seconds = 1.0
     config.poll_seconds = 1.0  # the default: the load run measures the node as deployed
     node = NodeProcess(config).start(timeout=180)
