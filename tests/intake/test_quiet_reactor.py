@@ -5,6 +5,8 @@ An in-process Storage SCP with the receiver's EVT_CONN_OPEN switch, driven by a 
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,16 +17,19 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from node.quiet_reactor import QuietAssociation, QuietDUL, make_quiet
+import node.quiet_reactor
+from node.quiet_reactor import BulkReadSocket, QuietAssociation, QuietDUL, make_quiet
 
 
 class Scp:
     def __init__(self, network_timeout: float = 30) -> None:
         self.stored: list[str] = []
+        self.pixel_digests: list[str] = []
         self.events: list[str] = []
         self.associations: list[object] = []
         ae = AE(ae_title="QUIET")
         ae.network_timeout = network_timeout
+        ae.maximum_pdu_size = 0  # as the receiver: the sender may put a whole instance in one PDU
         ae.add_supported_context(Verification)
         ae.add_supported_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
         handlers = [
@@ -42,7 +47,10 @@ class Scp:
         self.associations.append(event.assoc)
 
     def _on_store(self, event: evt.Event) -> int:
-        self.stored.append(event.dataset.SOPInstanceUID)
+        dataset = event.dataset
+        self.stored.append(dataset.SOPInstanceUID)
+        if "PixelData" in dataset:
+            self.pixel_digests.append(hashlib.sha256(dataset.PixelData).hexdigest())
         return 0x0000
 
 
@@ -166,3 +174,33 @@ def test_many_concurrent_associations(scp: Scp) -> None:
     assert not errors
     assert len(scp.stored) == 80
     wait_until(lambda: scp.events.count("released") == 8)
+
+
+def test_large_pdus_are_read_whole_and_intact(scp: Scp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small chunks, so one instance's PDU takes many reads and several buffer growths.
+    monkeypatch.setattr(node.quiet_reactor, "READ_CHUNK_BYTES", 64 * 1024)
+    assoc = scu_association(scp.port)
+    assert isinstance(scp.associations[0].dul.socket, BulkReadSocket)  # type: ignore[attr-defined]
+    sent = []
+    for size in (3 * 1024 * 1024 + 6, 2, 200_000):  # even: OB values are padded to even length
+        ds = instance()
+        ds.PixelData = bytes((i * 7919) % 251 for i in range(size))
+        ds["PixelData"].VR = "OB"
+        sent.append(hashlib.sha256(ds.PixelData).hexdigest())
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    assert scp.pixel_digests == sent
+
+
+def test_bulk_read_returns_what_arrived_when_the_peer_closes() -> None:
+    ours, peer = socket.socketpair()
+    reader = BulkReadSocket.__new__(BulkReadSocket)  # just the recv half, on a plain socket
+    reader.socket = ours
+    try:
+        peer.sendall(b"0123456789")
+        peer.close()
+        # A PDU header may declare 4 GB; only what arrives is held (no up-front 4 GB buffer).
+        assert reader.recv(0xFFFFFFFF) == bytearray(b"0123456789")
+        assert reader.recv(6) == bytearray()
+    finally:
+        ours.close()
