@@ -70,14 +70,28 @@ def _progress():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
 
 
-def build_pool(count: int, seed_base: int = POOL_SEEDS) -> torch.Tensor:
-    """Normal phantoms (no focal finding), cycling through the kinds; uint8 [N, 224, 224]."""
+def kind_cycle(weights: tuple[int, ...] = (1, 1, 1)) -> list[str]:
+    """One cycle of pool kinds with ``weights`` (hand, knee, long_bone), spread evenly: (1, 1, 1) gives hand,
+    knee, long_bone; (2, 1, 1) gives hand, knee, long_bone, hand."""
+    if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) == 0:
+        raise ValueError(f"kind weights: {len(KINDS)} non-negative integers ({', '.join(KINDS)})")
+    total, taken, cycle = sum(weights), [0] * len(KINDS), []
+    for i in range(total):
+        k = max(range(len(KINDS)), key=lambda j: (weights[j] * (i + 1) / total - taken[j], -j))
+        taken[k] += 1
+        cycle.append(KINDS[k])
+    return cycle
+
+
+def build_pool(count: int, seed_base: int = POOL_SEEDS, weights: tuple[int, ...] = (1, 1, 1)) -> torch.Tensor:
+    """Normal phantoms (no focal finding), cycling through the kinds by ``weights``; uint8 [N, 224, 224]."""
     rng = np.random.default_rng(seed_base)
     images = np.empty((count, 224, 224), np.uint8)
+    cycle = kind_cycle(weights)
     with _progress() as bar:
         task = bar.add_task("phantom pool", total=count, info="")
         for i in range(count):
-            kind = KINDS[i % len(KINDS)]
+            kind = cycle[i % len(cycle)]
             grade = int(rng.integers(0, 5)) if kind != "long_bone" else 0
             images[i] = to_uint8_224(generate(kind, seed_base + i, narrowing_grade=grade).pixels)
             bar.advance(task)
@@ -205,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-mae")
     parser.add_argument("--pool", type=int, default=2400, help="normal phantoms for pre-training")
     parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument(
+        "--kind-weights", default="1,1,1",
+        help="pool share of hand, knee, long_bone phantoms as integers (1,1,1: in turn; 2,1,1: half hands)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--head-images", type=int, default=900)
@@ -239,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         config = TINY_CONFIG if args.quick else DEMO_CONFIG
         t0 = time.perf_counter()
         cache = args.pool_cache
+        weights = tuple(int(w) for w in args.kind_weights.split(","))
         if cache is not None and cache.is_file() and np.load(cache)["images"].shape[0] == args.pool:
             pool = torch.from_numpy(np.load(cache)["images"])
         else:
-            pool = build_pool(args.pool)
+            pool = build_pool(args.pool, weights=weights)
             if cache is not None:
                 np.savez(cache, images=pool.numpy())
         pool_seconds = time.perf_counter() - t0
@@ -272,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "config": config.to_hf_dict(),
                 "pool": args.pool,
+                "kind_weights": list(weights),
                 "pool_seconds": pool_seconds,
                 "pretrain": {
                     "steps": result.steps,

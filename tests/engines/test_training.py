@@ -125,3 +125,19 @@ def test_calibration_percentiles_and_file(tmp_path):
     assert load_calibration(tmp_path, "ef" * 32) is None  # made for other weights: not used
     with pytest.raises(ValueError):
         Calibration.from_scores([])
+
+
+def test_pool_kind_cycle():
+    """``benchmarks/demo_model.py --kind-weights``: the default cycles the kinds in turn, as before."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_model.py"
+    spec = importlib.util.spec_from_file_location("demo_model_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.kind_cycle((1, 1, 1)) == ["hand", "knee", "long_bone"]
+    assert module.kind_cycle((2, 1, 1)) == ["hand", "knee", "long_bone", "hand"]
+    assert module.kind_cycle((0, 1, 1)) == ["knee", "long_bone"]
+    with pytest.raises(ValueError):
+        module.kind_cycle((1, 1))
