@@ -70,7 +70,9 @@ def main() -> int:
                              "(idle_priority = false; 0 = the receiver's priority)")
     parser.add_argument("--sender-tool", choices=sorted(SENDER_TOOLS), default="pynetdicom",
                         help="who sends: pynetdicom SCUs in 8 processes, or DCMTK storescu (a C sender that, like a "
-                             "PACS on another machine, takes almost no CPU from the node)")
+                             "PACS on another machine, takes almost no CPU from the node) proposing its default 128 "
+                             "presentation contexts per association, or only those of the files it sends "
+                             "(storescu-required: storescu --required)")
     parser.add_argument("--peer", action="store_true",
                         help="also run the same senders against DCMTK storescp, side by side, and print the ratio")
     args = parser.parse_args()

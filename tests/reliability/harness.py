@@ -18,6 +18,7 @@ processes while the worker runs inference, used by tests/reliability/test_load.p
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import signal
@@ -593,10 +594,13 @@ log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%q} %m%n
 
 
 def _send_load_storescu(port: int, sender: int, instances: int, per_study: int,
-                        size: int) -> tuple[list[float], list[str], int]:
+                        size: int, required_contexts_only: bool = False) -> tuple[list[float], list[str], int]:
     """As :func:`_send_load`, but DCMTK ``storescu`` sends (one run per study, TCP_NODELAY): a C sender that,
     like a PACS on another machine, takes almost no CPU from the node. Each C-STORE's time is read from
-    storescu's own log (millisecond timestamps): "Sending Store Request" to "Received Store Response"."""
+    storescu's own log (millisecond timestamps): "Sending Store Request" to "Received Store Response".
+
+    By default storescu proposes 128 presentation contexts (every storage SOP class it knows) on each
+    association; ``required_contexts_only`` (``--required``) proposes only those of the files it sends."""
     import re
     import subprocess
     import tempfile
@@ -621,7 +625,7 @@ def _send_load_storescu(port: int, sender: int, instances: int, per_study: int,
                 dataset.save_as(path, enforce_file_format=True)
                 files.append((path, dataset.SOPInstanceUID))
             run = subprocess.run(
-                ["storescu", "-lc", str(config), "-aet", SENDER_AE, "-aec", "MSKNODE", "127.0.0.1", str(port),
+                ["storescu", *(["--required"] if required_contexts_only else []), "-lc", str(config), "-aet", SENDER_AE, "-aec", "MSKNODE", "127.0.0.1", str(port),
                  *[str(path) for path, _ in files]],
                 capture_output=True, text=True, timeout=600, env={**os.environ, "TCP_NODELAY": "1"})
             started: dict[int, float] = {}
@@ -651,6 +655,7 @@ def _send_load_storescu(port: int, sender: int, instances: int, per_study: int,
 
 SENDER_TOOLS: dict[str, Callable[[int, int, int, int, int], tuple[list[float], list[str], int]]] = {
     "pynetdicom": _send_load, "storescu": _send_load_storescu,
+    "storescu-required": functools.partial(_send_load_storescu, required_contexts_only=True),
 }
 
 

@@ -1,16 +1,21 @@
-"""The worker's CPU priority: inference must not take CPU from the receiver ([engine] idle_priority / nice)."""
+"""Per-process settings of the roles: the worker's CPU priority ([engine] idle_priority / nice), so inference
+never takes CPU from the receiver, and the receiver's pydicom value checks."""
 
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 
 import pytest
 
-from node.service import _yield_cpu_to_intake
+from pydicom import config as pydicom_config
+from pydicom.uid import UID
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
+from node.service import _skip_pydicom_value_warnings, _yield_cpu_to_intake
+
+linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
 
 
 def _in_new_thread(action: Callable[[], object]) -> dict[str, object]:
@@ -37,6 +42,7 @@ def _in_new_thread(action: Callable[[], object]) -> dict[str, object]:
     return seen
 
 
+@linux_only
 def test_idle_priority_puts_the_worker_and_its_later_threads_under_sched_idle() -> None:
     seen = _in_new_thread(lambda: _yield_cpu_to_intake(True, 10))
     assert seen["policy"] == os.SCHED_IDLE
@@ -44,6 +50,7 @@ def test_idle_priority_puts_the_worker_and_its_later_threads_under_sched_idle() 
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the calling (test) thread is untouched
 
 
+@linux_only
 def test_without_idle_priority_the_worker_is_reniced() -> None:
     seen = _in_new_thread(lambda: _yield_cpu_to_intake(False, 5))
     assert seen["policy"] == os.SCHED_OTHER
@@ -51,7 +58,20 @@ def test_without_idle_priority_the_worker_is_reniced() -> None:
     assert seen["child_nice"] == seen["nice"]
 
 
+@linux_only
 def test_nice_zero_leaves_the_worker_as_it_was() -> None:
     seen = _in_new_thread(lambda: _yield_cpu_to_intake(False, 0))
     assert seen["policy"] == os.SCHED_OTHER
     assert seen["nice"] == seen["before_nice"]
+
+
+def test_the_receiver_skips_pydicom_value_warnings_but_keeps_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.WARN)  # pydicom's default
+    with pytest.warns(UserWarning):
+        UID("1.2.3.abc")
+    _skip_pydicom_value_warnings()
+    assert pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        uid = UID("1.2.3.abc")  # built without the regular expression's check, value unchanged
+    assert uid == "1.2.3.abc" and not uid.is_valid
