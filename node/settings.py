@@ -326,6 +326,12 @@ class WebSettings(_Section):
     secret_key_file: Path = Field(Path("var/web-secret"), description="created (mode 0600) if missing")
     session_hours: float = Field(12.0, gt=0)
     cookie_secure: bool = Field(False, description="set when served behind HTTPS")
+    login_max_failures: int = Field(
+        5, ge=1, le=1000,
+        description="failed logins per user name within login_window_minutes before further tries are refused "
+                    "(429) until the oldest failure leaves the window; 4 times as many per client address",
+    )
+    login_window_minutes: int = Field(15, ge=1, le=1440)
 
 
 class LoggingSettings(_Section):

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from starlette.templating import Jinja2Templates
 from node.settings import Settings
 from node.web.accounts import Accounts, SessionInfo, UserInfo
 from node.web.data import DashboardData
+from node.web.login_throttle import LoginThrottle
 from storage.db import Database
 from storage.spool import Spool
 
@@ -66,6 +68,7 @@ class WebContext:
     templates: Jinja2Templates
     secret: bytes
     data: DashboardData
+    login_throttle: LoginThrottle
 
     @property
     def thumbnail_cache(self) -> Path:
@@ -163,10 +166,22 @@ async def login(request: Request) -> Response:
     if not nonce or not hmac.compare_digest(str(form.get("login_token", "")), _login_token(web.secret, nonce)):
         raise HTTPException(403, "missing or invalid CSRF token")
     username = str(form.get("username", "")).strip()
+    address = request.client.host if request.client else "unknown"
+    wait = web.login_throttle.retry_after(username, address)
+    if wait:
+        log.warning("dashboard login refused: too many failed logins (retry in %d s)", wait)
+        minutes = math.ceil(wait / 60)
+        response = await login_form(
+            request, f"Too many failed logins. Try again in {minutes} minute{'s' if minutes != 1 else ''}.",
+            status_code=429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     user = await run_in_threadpool(web.accounts.authenticate, username, str(form.get("password", "")))
     if user is None:
+        web.login_throttle.failed(username, address)
         log.warning("failed dashboard login")
         return await login_form(request, "Wrong user name or password.", status_code=401)
+    web.login_throttle.succeeded(username)
     token, _csrf = await run_in_threadpool(web.accounts.start_session, user, web.settings.web.session_hours)
     log.info("dashboard login: %s (%s)", user.username, user.role)
     response = RedirectResponse("/", status_code=303)
@@ -201,7 +216,8 @@ def create_app(settings: Settings, database: Database, spool: Spool) -> "Securit
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     web = WebContext(settings, database, spool, Accounts(database), templates, load_secret(settings.web.secret_key_file),
-                     DashboardData(database, settings.engine.model))
+                     DashboardData(database, settings.engine.model),
+                     LoginThrottle(settings.web.login_max_failures, settings.web.login_window_minutes))
     routes = [
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),

@@ -108,6 +108,50 @@ def test_pages_need_a_login_and_a_wrong_password_gets_none(env) -> None:
     assert unknown.status_code == 401
 
 
+
+def try_login(browser: TestClient, username: str, password: str):  # type: ignore[no-untyped-def]
+    page = browser.get("/login")
+    token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)
+    return browser.post("/login", data={"login_token": token, "username": username, "password": password})
+
+
+def test_password_guessing_is_throttled_per_user_name(env) -> None:
+    settings, _, _, app = env
+    assert settings.web.login_max_failures == 5 and settings.web.login_window_minutes == 15  # the defaults
+    guesser = client(app)
+    for attempt in range(5):
+        assert try_login(guesser, "alice", f"guess number {attempt}").status_code == 401
+    # The sixth try is refused before the password is even checked, the right password included.
+    locked = try_login(guesser, "alice", PASSWORD)
+    assert locked.status_code == 429 and "Too many failed logins. Try again in 15 minutes." in locked.text
+    assert 880 <= int(locked.headers["retry-after"]) <= 900
+    assert "msknode_session" not in locked.cookies
+    # Another user name is not locked by alice's failures (nor is an unknown name told apart: same counting).
+    assert try_login(client(app), "victor", PASSWORD).status_code == 303
+    for attempt in range(5):
+        assert try_login(guesser, "nobody-here", f"guess {attempt}").status_code == 401
+    assert try_login(guesser, "nobody-here", "guess 6").status_code == 429
+
+
+def test_a_correct_login_clears_the_user_names_failures(env) -> None:
+    _, _, _, app = env
+    browser = client(app)
+    for attempt in range(4):
+        assert try_login(browser, "alice", f"typo {attempt}").status_code == 401
+    assert try_login(browser, "alice", PASSWORD).status_code == 303
+    for attempt in range(4):  # four more typos do not lock: the count started again
+        assert try_login(browser, "alice", f"typo {attempt}").status_code == 401
+    assert try_login(browser, "alice", PASSWORD).status_code == 303
+
+
+def test_one_address_guessing_many_user_names_is_throttled(env) -> None:
+    _, _, _, app = env
+    guesser = client(app)  # every TestClient request comes from the same client address
+    for attempt in range(20):  # 4 x 5 failures, spread over user names that each stay under 5
+        assert try_login(guesser, f"name{attempt % 5}", f"guess {attempt}").status_code == 401
+    assert try_login(guesser, "victor", PASSWORD).status_code == 429
+
+
 def test_pages_may_not_be_framed_or_cached(env) -> None:
     _, _, _, app = env
     for response in (client(app).get("/login"), login(app).get("/")):
