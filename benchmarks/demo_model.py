@@ -83,6 +83,12 @@ def kind_cycle(weights: tuple[int, ...] = (1, 1, 1)) -> list[str]:
     return cycle
 
 
+def _cache_matches(cached: "np.lib.npyio.NpzFile", count: int, weights: tuple[int, ...]) -> bool:
+    """A --pool-cache file serves only a pool of the same size and kind weights (older caches: 1,1,1)."""
+    stored = tuple(int(w) for w in cached["kind_weights"]) if "kind_weights" in cached else (1, 1, 1)
+    return cached["images"].shape[0] == count and stored == weights
+
+
 def build_pool(count: int, seed_base: int = POOL_SEEDS, weights: tuple[int, ...] = (1, 1, 1)) -> torch.Tensor:
     """Normal phantoms (no focal finding), cycling through the kinds by ``weights``; uint8 [N, 224, 224]."""
     rng = np.random.default_rng(seed_base)
@@ -257,13 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         config = TINY_CONFIG if args.quick else DEMO_CONFIG
         t0 = time.perf_counter()
         cache = args.pool_cache
-        weights = tuple(int(w) for w in args.kind_weights.split(","))
-        if cache is not None and cache.is_file() and np.load(cache)["images"].shape[0] == args.pool:
-            pool = torch.from_numpy(np.load(cache)["images"])
+        try:
+            weights = tuple(int(w) for w in args.kind_weights.split(","))
+            kind_cycle(weights)
+        except ValueError as exc:
+            parser.error(f"--kind-weights {args.kind_weights!r}: {exc}")
+        cached = np.load(cache) if cache is not None and cache.is_file() else None
+        if cached is not None and _cache_matches(cached, args.pool, weights):
+            pool = torch.from_numpy(cached["images"])
         else:
             pool = build_pool(args.pool, weights=weights)
             if cache is not None:
-                np.savez(cache, images=pool.numpy())
+                np.savez(cache, images=pool.numpy(), kind_weights=np.array(weights))
         pool_seconds = time.perf_counter() - t0
         print(f"pool: {args.pool} phantoms in {pool_seconds:.0f} s", flush=True)
         torch.manual_seed(args.seed)
