@@ -624,9 +624,10 @@ def _send_load_storescu(port: int, sender: int, instances: int, per_study: int,
                 path = Path(work) / f"{sent + i}.dcm"
                 dataset.save_as(path, enforce_file_format=True)
                 files.append((path, dataset.SOPInstanceUID))
+            proposal = ["--required"] if required_contexts_only else []
             run = subprocess.run(
-                ["storescu", *(["--required"] if required_contexts_only else []), "-lc", str(config), "-aet", SENDER_AE, "-aec", "MSKNODE", "127.0.0.1", str(port),
-                 *[str(path) for path, _ in files]],
+                ["storescu", *proposal, "-lc", str(config), "-aet", SENDER_AE, "-aec", "MSKNODE", "127.0.0.1",
+                 str(port), *[str(path) for path, _ in files]],
                 capture_output=True, text=True, timeout=600, env={**os.environ, "TCP_NODELAY": "1"})
             started: dict[int, float] = {}
             last_sent = 0
