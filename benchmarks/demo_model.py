@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-mae")
     parser.add_argument("--pool", type=int, default=2400, help="normal phantoms for pre-training")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=3600)
     parser.add_argument(
         "--kind-weights", default="1,1,1",
         help="pool share of hand, knee, long_bone phantoms as integers (1,1,1: in turn; 2,1,1: half hands)",

@@ -67,7 +67,7 @@ def test_error_map_lights_up_planted_lytic_lesions(encoder):
     """Relaxed localisation on a handful of unseen phantoms: the lesion's error stands out of the image.
 
     The issue's pointing-game target (argmax inside the lesion in >= 70 % of cases) is NOT met by this model
-    overall (see models/README.md: 0.64; knees and long bones 0.87, hands 0.2). What holds, and is tested
+    overall (see models/README.md: 0.66; knees 0.93, long bones 0.83, hands 0.2). What holds, and is tested
     here, is that the lesion's pixels rank high in the map, raise the image score over the normal twin, and
     hold the map's maximum in a fair share of knee and long-bone cases (an untrained model almost never does).
     """
