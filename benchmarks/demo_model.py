@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engines.evaluation import evaluate_localisation, head_metrics, phantom_input  # noqa: E402
+from engines.evaluation import evaluate_localisation, phantom_input  # noqa: E402
 from engines.phantoms import KINDS, generate  # noqa: E402
 from engines.training import (  # noqa: E402
     DEMO_CONFIG,
@@ -238,11 +238,21 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=2,
         help="torch threads; on a CPU shared with other work 1 is faster (2 threads spin-wait on each other)",
     )
+    parser.add_argument(
+        "--device", default="cpu",
+        help="where to pre-train: cpu (the default) or cuda on a lent GPU; heads and evaluation run on the CPU",
+    )
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print the tables of an existing report and stop")
     parser.add_argument("--pool-cache", type=Path, default=None, help="reuse / store the pre-training pool (.npz)")
     parser.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: this torch build or machine has no CUDA device")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -280,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = MaskedAutoencoderViT(config)
         settings = PretrainSettings(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 16), seed=args.seed, threads=args.threads
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 16), seed=args.seed,
+            threads=args.threads, device=args.device,
         )
         with _progress() as bar:
             task = bar.add_task("MAE pre-training", total=settings.steps, info="")
@@ -314,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loss_curve": [float(np.mean(result.losses[i : i + 50])) for i in range(0, len(result.losses), 50)],
                 },
                 "threads": args.threads,
+                "device": args.device if device.type == "cpu" else f"{args.device} ({torch.cuda.get_device_name(device)})",
                 "torch": torch.__version__,
             }
         )

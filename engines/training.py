@@ -108,6 +108,7 @@ class PretrainSettings:
     threads: int = 2
     hflip: bool = True
     log_every: int = 50
+    device: str = "cpu"  # "cuda" on a lent GPU; batches and masks are still drawn on the CPU (same seeds)
 
 
 @dataclass
@@ -144,11 +145,15 @@ def pretrain_mae(
     """Train ``model`` as an MAE on ``images`` (uint8 grey [N, 224, 224]); seeded batches, masks and flips.
 
     The loss is MSE on the masked patches in ImageNet-normalised pixel space (``norm_pix_loss`` off, as SKELEX:
-    per-patch normalisation would blow up the flat black background).
+    per-patch normalisation would blow up the flat black background). Batches, flips and mask noise come from a
+    CPU generator whatever ``settings.device`` is, so a GPU run sees the same data and masks as a CPU run; the
+    model is trained on ``settings.device`` and returned on the CPU.
     """
     if images.dtype != torch.uint8 or images.ndim != 3:
         raise ValueError("images must be uint8 [N, H, W]")
     torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    model.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
@@ -166,8 +171,8 @@ def pretrain_mae(
         if settings.hflip:
             flip = torch.rand(batch.shape[0], generator=generator) < 0.5
             batch = torch.where(flip.view(-1, 1, 1), batch.flip(-1), batch)
-        x = normalise_uint8(batch)
-        noise = torch.rand(x.shape[0], model.config.num_patches, generator=generator)
+        x = normalise_uint8(batch.to(device))
+        noise = torch.rand(x.shape[0], model.config.num_patches, generator=generator).to(device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, settings)
         loss, _, _ = model(x, noise=noise)
@@ -180,6 +185,7 @@ def pretrain_mae(
         elif settings.log_every and step % settings.log_every == 0:
             log.info("step %d/%d loss %.4f", step, settings.steps, losses[-1])
     model.eval()
+    model.to("cpu")
     tail = losses[-max(1, len(losses) // 20) :]
     return PretrainResult(settings.steps, time.perf_counter() - start, float(np.mean(tail)), losses)
 

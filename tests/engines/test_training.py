@@ -141,3 +141,21 @@ def test_pool_kind_cycle():
     assert module.kind_cycle((0, 1, 1)) == ["knee", "long_bone"]
     with pytest.raises(ValueError):
         module.kind_cycle((1, 1))
+
+
+def test_demo_script_refuses_a_device_it_does_not_have(capsys):
+    """``--device cuda`` on a machine without CUDA is a usage error naming the option, before any work."""
+    import importlib.util
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_model.py"
+    spec = importlib.util.spec_from_file_location("demo_model_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for bad in ("cuda", "tpu9"):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--device", bad, "--quick"])
+        assert exit_info.value.code == 2
+        assert "--device" in capsys.readouterr().err
