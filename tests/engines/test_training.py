@@ -127,8 +127,8 @@ def test_calibration_percentiles_and_file(tmp_path):
         Calibration.from_scores([])
 
 
-def test_pool_kind_cycle():
-    """``benchmarks/demo_model.py --kind-weights``: the default cycles the kinds in turn, as before."""
+def _demo_script():
+    """``benchmarks/demo_model.py`` as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
@@ -136,6 +136,12 @@ def test_pool_kind_cycle():
     spec = importlib.util.spec_from_file_location("demo_model_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_pool_kind_cycle():
+    """``benchmarks/demo_model.py --kind-weights``: the default cycles the kinds in turn, as before."""
+    module = _demo_script()
     assert module.kind_cycle((1, 1, 1)) == ["hand", "knee", "long_bone"]
     assert module.kind_cycle((2, 1, 1)) == ["hand", "knee", "long_bone", "hand"]
     assert module.kind_cycle((0, 1, 1)) == ["knee", "long_bone"]
@@ -145,15 +151,9 @@ def test_pool_kind_cycle():
 
 def test_demo_script_refuses_a_device_it_does_not_have(capsys):
     """``--device cuda`` on a machine without CUDA is a usage error naming the option, before any work."""
-    import importlib.util
-    from pathlib import Path
-
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_model.py"
-    spec = importlib.util.spec_from_file_location("demo_model_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _demo_script()
     for bad in ("cuda", "tpu9"):
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--device", bad, "--quick"])
