@@ -247,12 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-cache", type=Path, default=None, help="reuse / store the pre-training pool (.npz)")
     parser.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
     args = parser.parse_args(argv)
-    try:
+    try:  # a name torch does not know, or a device this build or machine lacks (cuda without CUDA, ...)
         device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device!r}: this torch build or machine has no CUDA device")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as exc:
+        parser.error(f"--device {args.device!r}: not usable here ({str(exc).splitlines()[0]})")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loss_curve": [float(np.mean(result.losses[i : i + 50])) for i in range(0, len(result.losses), 50)],
                 },
                 "threads": args.threads,
-                "device": args.device if device.type == "cpu" else f"{args.device} ({torch.cuda.get_device_name(device)})",
+                "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device),
                 "torch": torch.__version__,
             }
         )

@@ -154,7 +154,7 @@ def test_demo_script_refuses_a_device_it_does_not_have(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
     module = _demo_script()
-    for bad in ("cuda", "tpu9"):
+    for bad in ("cuda", "tpu9", "mps"):
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--device", bad, "--quick"])
         assert exit_info.value.code == 2
