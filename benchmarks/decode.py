@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.decode import (  # noqa: E402
+from engines.imaging.decode import (  # noqa: E402
     PREFERRED_PLUGINS,
     WAVELET_SYNTAXES,
     choose_reduce_level,
@@ -35,7 +35,7 @@ from engines.decode import (  # noqa: E402
     frame_fragment,
     parse_j2k_header,
 )
-from engines.preprocess import preprocess  # noqa: E402
+from engines.imaging.preprocess import preprocess  # noqa: E402
 from tests.engines.dicom_fixtures import (  # noqa: E402
     SYNTAXES,
     encode,
@@ -118,7 +118,7 @@ def bench_resize(original: np.ndarray, repeat: int) -> dict[str, float]:
     import torch
     from PIL import Image
 
-    from engines.preprocess import to_uint8_minmax
+    from engines.imaging.preprocess import to_uint8_minmax
 
     image8 = to_uint8_minmax(original)
     pil = lambda: np.asarray(  # noqa: E731

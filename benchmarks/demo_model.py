@@ -7,7 +7,7 @@
 Phases (each prints what it measured; everything lands in ``<out>/training_report.json``):
 
 1. a pool of normal phantoms (hand, knee, long bone; joint-space grades 0-4 allowed, no focal findings),
-   converted exactly as ``engines.preprocess`` converts a DICOM of them (min-max to uint8, bilinear 224 px);
+   converted exactly as ``engines.imaging.preprocess`` converts a DICOM of them (min-max to uint8, bilinear 224 px);
 2. MAE pre-training of the demo config (128 wide, 6 layers, 4 heads; decoder 96 x 2) for a fixed step count;
 3. linear-probe heads (``fracture``, ``lesion``, ``narrowing``) on frozen CLS embeddings of labelled phantoms,
    with a held-out split, saved in format 3e under ``<out>/heads``;
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engines.evaluation import evaluate_localisation, phantom_input  # noqa: E402
-from engines.phantoms import KINDS, generate  # noqa: E402
-from engines.training import (  # noqa: E402
+from engines.training.evaluation import evaluate_localisation, phantom_input  # noqa: E402
+from engines.training.phantoms import KINDS, generate  # noqa: E402
+from engines.training.fit import (  # noqa: E402
     DEMO_CONFIG,
     Calibration,
     PretrainSettings,
@@ -42,7 +42,7 @@ from engines.training import (  # noqa: E402
     probe_to_head,
     to_uint8_224,
 )
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT  # noqa: E402
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT  # noqa: E402
 
 log = logging.getLogger("demo_model")
 
@@ -149,7 +149,7 @@ def train_heads(encoder, count: int, out: Path, seed: int) -> dict[str, dict[str
             name,
             encoder.encoder_hash,
             provenance={
-                "data": f"synthetic phantoms (engines.phantoms), seeds {HEAD_SEEDS}..{HEAD_SEEDS + count - 1}, {subset}",
+                "data": f"synthetic phantoms (engines.training.phantoms), seeds {HEAD_SEEDS}..{HEAD_SEEDS + count - 1}, {subset}",
                 "script": "benchmarks/demo_model.py",
                 "note": "synthetic demo head, not for clinical use",
             },
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pool, args.steps, args.batch_size, args.head_images, args.eval_seeds = 24, 3, 8, 48, 2
 
     import engines
-    from engines.loaders import save_hf_vitmae
+    from engines.mae.loaders import save_hf_vitmae
 
     if not args.eval_only:
         config = TINY_CONFIG if args.quick else DEMO_CONFIG

@@ -80,8 +80,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from engines.backends.torch_backend import TorchBackend, cpu_supports_bf16
-    from engines.encoder import Encoder
-    from engines.errormap import noise_from_seed
+    from engines.mae.encoder import Encoder
+    from engines.mae.errormap import noise_from_seed
 
     print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
           f"bf16 native: {cpu_supports_bf16()}")

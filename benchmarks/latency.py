@@ -28,11 +28,11 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.demo_pacs import free_port  # noqa: E402
+from node.demo.pacs import free_port  # noqa: E402
 
 
 def make_studies(directory: Path, count: int) -> list[list[Path]]:
-    from engines import phantoms
+    from engines.training import phantoms
 
     studies = []
     kinds = ("knee", "hand", "long_bone")

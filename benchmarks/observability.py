@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.health import check_health  # noqa: E402
-from node.metrics import render_metrics  # noqa: E402
+from node.runtime.health import check_health  # noqa: E402
+from node.runtime.metrics import render_metrics  # noqa: E402
 from node.settings import Settings  # noqa: E402
-from node.status import collect_status  # noqa: E402
+from node.runtime.status import collect_status  # noqa: E402
 from storage.counters import increment  # noqa: E402
 from storage.db import Database, utcnow  # noqa: E402
 from storage.index import Index, InstanceRecord  # noqa: E402

@@ -14,23 +14,23 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["load", "preprocess", "Encoder"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engines.encoder import Encoder
-    from engines.loaders import load
-    from engines.preprocess import preprocess
+    from engines.mae.encoder import Encoder
+    from engines.mae.loaders import load
+    from engines.imaging.preprocess import preprocess
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing engines must not import torch for callers that only need a submodule.
     if name == "load":
-        from engines.loaders import load
+        from engines.mae.loaders import load
 
         return load
     if name == "Encoder":
-        from engines.encoder import Encoder
+        from engines.mae.encoder import Encoder
 
         return Encoder
     if name == "preprocess":
-        from engines.preprocess import preprocess
+        from engines.imaging.preprocess import preprocess
 
         return preprocess
     raise AttributeError(f"module 'engines' has no attribute {name!r}")

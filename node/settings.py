@@ -265,7 +265,7 @@ class TriageRule(_Section):
     @field_validator("when")
     @classmethod
     def _safe_expression(cls, value: str) -> str:
-        from node.triage import check_expression  # late: node.triage builds on these settings
+        from node.pipeline.triage import check_expression  # late: node.pipeline.triage builds on these settings
 
         check_expression(value)
         return value

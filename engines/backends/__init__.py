@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from engines.backends.base import Backend
-from engines.vit_mae import MaskedAutoencoderViT
+from engines.mae.model import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The one interface every backend offers the :class:`~engines.encoder.Encoder`."""
+"""The one interface every backend offers the :class:`~engines.mae.encoder.Encoder`."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.vit_mae import MaskedAutoencoderViT
+from engines.mae.model import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,8 @@ class TensorRTBackend:
         progress: Callable[[str], None] | None = None,
     ) -> TensorRTBackend:
         """Export ONNX (cached by encoder hash), then load or build one plan per graph."""
-        from engines.encoder import encoder_sha256
-        from engines.onnx_export import GRAPH_NAMES, export_onnx, file_sha256
+        from engines.mae.encoder import encoder_sha256
+        from engines.backends.onnx_export import GRAPH_NAMES, export_onnx, file_sha256
 
         trt = trt or import_tensorrt()
         if not torch.cuda.is_available():

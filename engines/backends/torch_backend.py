@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import Tensor
 
-from engines.vit_mae import MaskedAutoencoderViT
+from engines.mae.model import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 

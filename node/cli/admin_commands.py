@@ -278,7 +278,7 @@ def _age(seconds: float) -> str:
 
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Roles alive, queue depths, oldest pending work, dead letters, free disk and the engine."""
-    from node.status import collect_status
+    from node.runtime.status import collect_status
 
     with _open(config) as ctx:
         report = collect_status(ctx.settings, ctx.database)

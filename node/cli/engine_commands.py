@@ -24,9 +24,9 @@ def model_info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Show a checkpoint's format, sizes, parameters, encoder hash and heads."""
-    from engines.encoder import Encoder
-    from engines.loaders import CheckpointError, load_checkpoint
-    from engines.vit_mae import count_parameters
+    from engines.mae.encoder import Encoder
+    from engines.mae.loaders import CheckpointError, load_checkpoint
+    from engines.mae.model import count_parameters
 
     try:
         with console.status(f"reading {path.name}"):
@@ -81,8 +81,8 @@ def export_onnx_command(
     passes: int = typer.Option(10, help="Masked passes per image used for the example inputs."),
 ) -> None:
     """Export the ONNX graphs a TensorRT build needs (dynamic batch), fp32."""
-    from engines.loaders import CheckpointError, build_model, load_checkpoint
-    from engines.onnx_export import GRAPH_NAMES, export_onnx
+    from engines.mae.loaders import CheckpointError, build_model, load_checkpoint
+    from engines.backends.onnx_export import GRAPH_NAMES, export_onnx
 
     try:
         checkpoint = load_checkpoint(path)
@@ -114,7 +114,7 @@ def build_engine_command(
     """Build (or find in the cache) the TensorRT plans for this GPU; needs the 'tensorrt' extra and CUDA."""
     from engines.backends import tensorrt_available
     from engines.backends.tensorrt_backend import BatchProfile, TensorRTBackend
-    from engines.loaders import CheckpointError, build_model, load_checkpoint
+    from engines.mae.loaders import CheckpointError, build_model, load_checkpoint
 
     if not tensorrt_available():
         console.print("[red]TensorRT needs the 'tensorrt' extra (pip install 'msknode[tensorrt]') and a CUDA GPU")

@@ -47,8 +47,8 @@ def serve(
     ] = "all",
 ) -> None:
     """Run the node in the foreground until Ctrl-C / SIGTERM."""
-    from node.logsetup import configure_logging
-    from node.service import serve as run_serve
+    from node.runtime.logs import configure_logging
+    from node.runtime.service import serve as run_serve
 
     settings = load_or_exit(config)
     try:
@@ -64,7 +64,7 @@ def serve(
 
 def _check_triage_names(settings: Settings, source: str) -> None:
     """Triage rules may only name study attributes and outputs of the configured model's heads."""
-    from node.triage import Triage, TriageError, head_labels_from_model
+    from node.pipeline.triage import Triage, TriageError, head_labels_from_model
 
     try:
         Triage(settings.triage, head_labels_from_model(settings.engine.model))
@@ -74,7 +74,7 @@ def _check_triage_names(settings: Settings, source: str) -> None:
 
 def _check_tls_files(settings: Settings, source: str) -> None:
     """TLS files must exist, load, and keep their private keys private (checked before any role starts)."""
-    from node.tls import TlsConfigError, client_context, server_context
+    from node.dicom.tls import TlsConfigError, client_context, server_context
 
     problems = []
     checks = [(settings.node.tls, server_context, "node.tls")]
@@ -124,7 +124,7 @@ def echo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
 ) -> None:
     """Send a C-ECHO to a configured peer and print the round trip."""
-    from node.scu import echo as send_echo
+    from node.dicom.scu import echo as send_echo
 
     from node.peers import PeerDirectory
     from storage.db import Database
@@ -144,7 +144,7 @@ def echo(
         raise typer.Exit(code=2)
     tls_args = None
     if target.tls:  # the same TLS settings the sender uses for this peer
-        from node.tls import TlsConfigError, client_tls_args
+        from node.dicom.tls import TlsConfigError, client_tls_args
 
         try:
             tls_args = client_tls_args(settings.sender.tls, target.host)
@@ -202,7 +202,7 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Leave the node and the PACS running afterwards.")] = False,
 ) -> None:
     """Run the whole loop locally: a throw-away PACS, the node, three phantom studies, their AI results."""
-    from node.demo import run_demo
+    from node.demo.tour import run_demo
 
     raise typer.Exit(code=run_demo(workdir, timeout, keep))
 

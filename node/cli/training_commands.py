@@ -81,7 +81,7 @@ def heads_train(
     import torch
 
     from engines.heads import save_head
-    from engines.training import dicom_inputs, fit_linear_probe, probe_to_head
+    from engines.training.fit import dicom_inputs, fit_linear_probe, probe_to_head
 
     column = column or name
     with labels.open(newline="") as handle:
@@ -141,7 +141,7 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", help="where to write calibration.json (default: the model folder)"),
 ) -> None:
     """Store the distribution of abnormality scores over normal studies, for percentiles in results."""
-    from engines.training import CALIBRATION_FILE, Calibration, dicom_inputs
+    from engines.training.fit import CALIBRATION_FILE, Calibration, dicom_inputs
 
     encoder = _load_encoder(model, load_heads=False)
     files = _dicom_files([data])
@@ -191,9 +191,9 @@ def infer(
     """Run preprocessing, the error map and the heads on DICOM files without a PACS."""
     import numpy as np
 
-    from engines.errormap import highest_error_region
-    from engines.overlay import save_overlay_png
-    from engines.training import dicom_inputs, load_calibration
+    from engines.mae.errormap import highest_error_region
+    from engines.imaging.overlay import save_overlay_png
+    from engines.training.fit import dicom_inputs, load_calibration
 
     encoder = _load_encoder(model)
     calibration = load_calibration(model if Path(model).is_dir() else Path(model).parent, encoder.encoder_hash)
@@ -269,7 +269,7 @@ def phantoms(
     monochrome1_every: int = typer.Option(0, "--monochrome1-every", help="store every n-th image as MONOCHROME1"),
 ) -> None:
     """Write synthetic phantom radiographs (not real patients) as DICOM studies, with labels.csv."""
-    from engines.phantoms import KINDS, write_dataset
+    from engines.training.phantoms import KINDS, write_dataset
 
     chosen = [k.strip() for k in kinds.split(",") if k.strip()]
     unknown = set(chosen) - set(KINDS)

@@ -130,7 +130,7 @@ def peer_remove(pr: PageRequest) -> Response:
 
 @page("admin")
 def peer_echo(pr: PageRequest) -> Response:
-    from node.scu import echo
+    from node.dicom.scu import echo
 
     name = pr.request.path_params["name"]
     peer = _directory(pr.web).get(name)
@@ -196,7 +196,7 @@ def config_problems(web: WebContext, status: dict[str, Any]) -> list[str]:
 
 @page("admin")
 def system(pr: PageRequest) -> Response:
-    from node.status import collect_status
+    from node.runtime.status import collect_status
 
     status = collect_status(pr.web.settings, pr.web.database)
     return pr.render("system.html", status=status, problems=config_problems(pr.web, status),
@@ -205,7 +205,7 @@ def system(pr: PageRequest) -> Response:
 
 # -- /healthz and /metrics (no login: for load balancers and Prometheus) --------------------------
 async def healthz(request: Request) -> Response:
-    from node.health import check_health
+    from node.runtime.health import check_health
 
     web: WebContext = request.app.state.web
     ok, detail = await run_in_threadpool(check_health, web.settings, web.database)
@@ -214,7 +214,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    from node.metrics import render_metrics
+    from node.runtime.metrics import render_metrics
 
     web: WebContext = request.app.state.web
     body, content_type = await run_in_threadpool(render_metrics, web.settings, web.database)

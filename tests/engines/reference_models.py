@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from engines.encoder import Encoder
-from engines.loaders import LoadedCheckpoint, build_model, check_shapes, hf_filter_fn
-from engines.vit_mae import MAEConfig, sincos_pos_embed_2d
+from engines.mae.encoder import Encoder
+from engines.mae.loaders import LoadedCheckpoint, build_model, check_shapes, hf_filter_fn
+from engines.mae.model import MAEConfig, sincos_pos_embed_2d
 
 
 def random_vitl_pair(seed: int = 0, name: str = "vit-l"):

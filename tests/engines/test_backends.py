@@ -10,8 +10,8 @@ import torch
 from engines.backends import resolve_backend_name, select_backend
 from engines.backends.tensorrt_backend import BatchProfile, PlanCache, PlanKey
 from engines.backends.torch_backend import TorchBackend
-from engines.encoder import Encoder
-from engines.errormap import noise_from_seed
+from engines.mae.encoder import Encoder
+from engines.mae.errormap import noise_from_seed
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, get_frame
 
-from engines.decode import (
+from engines.imaging.decode import (
     PreprocessError,
     check_end_marker,
     choose_reduce_level,
@@ -19,7 +19,7 @@ from engines.decode import (
     frame_fragment,
     parse_j2k_header,
 )
-from engines.preprocess import preprocess
+from engines.imaging.preprocess import preprocess
 from tests.engines.dicom_fixtures import (
     SYNTAXES,
     encode,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.evaluation import mask_to_model, phantom_input
-from engines.phantoms import generate
+from engines.training.evaluation import mask_to_model, phantom_input
+from engines.training.phantoms import generate
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "demo-mae"
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="demo model not built")
@@ -71,7 +71,7 @@ def test_error_map_lights_up_planted_lytic_lesions(encoder):
     here, is that the lesion's pixels rank high in the map, raise the image score over the normal twin, and
     hold the map's maximum in a fair share of knee and long-bone cases (an untrained model almost never does).
     """
-    from engines.evaluation import pixel_auroc, pointing_hit
+    from engines.training.evaluation import pixel_auroc, pointing_hit
 
     aurocs, ratios, higher, hits = [], [], [], []
     for seed in TEST_SEEDS:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engines.encoder import Encoder
-from engines.errormap import highest_error_region, noise_from_seed, resample_to_source
-from engines.geometry import SourceGeometry
-from engines.loaders import hf_filter_fn
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
+from engines.mae.encoder import Encoder
+from engines.mae.errormap import highest_error_region, noise_from_seed, resample_to_source
+from engines.imaging.geometry import SourceGeometry
+from engines.mae.loaders import hf_filter_fn
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 1, 3)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 1, 3)

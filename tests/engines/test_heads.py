@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import engines
-from engines.encoder import Encoder
+from engines.mae.encoder import Encoder
 from engines.heads import HeadEncoderMismatch, LinearHead, load_head, load_heads_dir, save_head
-from engines.loaders import save_hf_vitmae
+from engines.mae.loaders import save_hf_vitmae
 
 
 def make_head(name, dim, labels, activation, encoder_hash, seed=0):

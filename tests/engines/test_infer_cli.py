@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT
 from node.cli import app
 
 TINY = MAEConfig(
@@ -33,7 +33,7 @@ def phantom_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    from engines.loaders import save_hf_vitmae
+    from engines.mae.loaders import save_hf_vitmae
 
     torch.manual_seed(0)
     return save_hf_vitmae(MaskedAutoencoderViT(TINY), tmp_path / "tiny-mae")

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import engines
-from engines.encoder import encoder_sha256
-from engines.loaders import CheckpointError, detect_format, hf_filter_fn, to_hf_state_dict
-from engines.vit_mae import random_masking_ids
+from engines.mae.encoder import encoder_sha256
+from engines.mae.loaders import CheckpointError, detect_format, hf_filter_fn, to_hf_state_dict
+from engines.mae.model import random_masking_ids
 
 TOL = 1e-4
 
@@ -49,7 +49,7 @@ def test_transformers4_names_and_our_writer_load_in_transformers(tmp_path, hf_ma
     """Files with transformers-4 names (SKELEX's release) load in both us and transformers, same results."""
     from transformers import ViTMAEForPreTraining
 
-    from engines.loaders import save_hf_vitmae
+    from engines.mae.loaders import save_hf_vitmae
 
     save_hf_vitmae(tiny_model, tmp_path / "legacy")
     keys = json.loads((tmp_path / "legacy" / "config.json").read_text())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.errormap import noise_from_seed
+from engines.mae.errormap import noise_from_seed
 from tests.engines.reference_models import random_vitl_pair
 
 TOL = 1e-4
@@ -43,7 +43,7 @@ def test_vitl_reconstruction_and_error_map_parity(vitl_pair, image):
     noise = noise_from_seed(0, 2, 196)
     with torch.no_grad():
         reference = hf(pixel_values=image.expand(2, -1, -1, -1), noise=noise)
-    from engines.vit_mae import random_masking_ids
+    from engines.mae.model import random_masking_ids
 
     ids_keep, ids_restore, mask = random_masking_ids(noise, 0.75)
     ours = encoder.backend.reconstruct(image, ids_keep, ids_restore)

@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engines.errormap import masks_from_noise
-from engines.onnx_export import GRAPH_NAMES, export_onnx
-from engines.vit_mae import MaskedAutoencoderViT
+from engines.mae.errormap import masks_from_noise
+from engines.backends.onnx_export import GRAPH_NAMES, export_onnx
+from engines.mae.model import MaskedAutoencoderViT
 
 TOL = 1e-4
 

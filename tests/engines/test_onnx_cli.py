@@ -7,9 +7,9 @@ import json
 import onnx
 from typer.testing import CliRunner
 
-from engines.encoder import Encoder
+from engines.mae.encoder import Encoder
 from engines.heads import LinearHead, save_head
-from engines.loaders import save_hf_vitmae
+from engines.mae.loaders import save_hf_vitmae
 from node.cli import app
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.overlay import hot_colormap, render_overlay, save_overlay_png
+from engines.imaging.overlay import hot_colormap, render_overlay, save_overlay_png
 
 
 def test_hot_colormap_runs_black_red_yellow_white_with_rising_lightness():

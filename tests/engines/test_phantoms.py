@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from engines.phantoms import KINDS, generate, to_dataset, write_dataset, write_dicom
+from engines.training.phantoms import KINDS, generate, to_dataset, write_dataset, write_dicom
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -119,8 +119,8 @@ def test_dicom_goes_through_preprocess_like_the_training_arrays(tmp_path):
     """What the demo model was trained on (arrays) is exactly what the node feeds it from the DICOM."""
     import torch
 
-    from engines.evaluation import phantom_input
-    from engines.preprocess import preprocess
+    from engines.training.evaluation import phantom_input
+    from engines.imaging.preprocess import preprocess
 
     phantom = generate("long_bone", 4, findings=["sclerotic"])
     for photometric in ("MONOCHROME2", "MONOCHROME1"):

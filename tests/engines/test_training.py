@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.training import (
+from engines.training.fit import (
     Calibration,
     PretrainSettings,
     auroc,
@@ -18,7 +18,7 @@ from engines.training import (
     pretrain_mae,
     probe_to_head,
 )
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT
 
 TINY = MAEConfig(
     hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

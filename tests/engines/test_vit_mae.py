@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.loaders import hf_filter_fn
-from engines.vit_mae import (
+from engines.mae.loaders import hf_filter_fn
+from engines.mae.model import (
     MAEConfig,
     MaskedAutoencoderViT,
     count_parameters,

@@ -1,4 +1,4 @@
-"""Orthanc as the PACS in end-to-end tests (the class lives in node.demo_pacs, shared with ``msknode demo``)."""
+"""Orthanc as the PACS in end-to-end tests (the class lives in node.demo.pacs, shared with ``msknode demo``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from node.demo_pacs import ORTHANC_AE, orthanc_binary
-from node.demo_pacs import Orthanc as _Orthanc
+from node.demo.pacs import ORTHANC_AE, orthanc_binary
+from node.demo.pacs import Orthanc as _Orthanc
 
 __all__ = ["ORTHANC_AE", "Orthanc"]
 

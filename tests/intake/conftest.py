@@ -53,7 +53,7 @@ def node(node_factory: NodeFactory) -> NodeProcess:
 
 
 class InProcessNode:
-    """The real Receiver in the test process, built with ``node.service``'s own helpers.
+    """The real Receiver in the test process, built with ``node.runtime.service``'s own helpers.
 
     Used where a test must change the running node's state between two protocol steps (the watermark
     between association and C-STORE, the database under a live receiver).
@@ -61,7 +61,7 @@ class InProcessNode:
 
     def __init__(self, directory: Path, database_url: str | None = None, min_free_disk_mb: int = 0,
                  spool_dir: Path | None = None) -> None:
-        from node.service import build_receiver, open_runtime
+        from node.runtime.service import build_receiver, open_runtime
         from node.settings import parse_settings
         from tests.helpers.node import DEFAULT_PEERS, NODE_AE, free_port
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from node.notifier import SIGNATURE_HEADER, Notifier, build_payload, entries_for
+from node.delivery.notifier import SIGNATURE_HEADER, Notifier, build_payload, entries_for
 from node.settings import NotificationSettings
 from storage.db import Database, utcnow
 from storage.migrate import upgrade

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select, text
 
 from node.peers import PeerDirectory, PeerError, peer_from_fields
-from node.policy import decide
+from node.dicom.policy import decide
 from node.settings import NodeSettings, PeerSettings, Settings
 from storage.db import Database
 from storage.migrate import upgrade
@@ -129,7 +129,7 @@ def test_the_association_policy_follows_the_overlay(settings: Settings, database
 def test_worker_sends_results_to_the_effective_peers_and_times_inference(tmp_path: Path) -> None:
     """Destinations come from file + overlay at the time of the job; each engine pass lands in the histogram."""
     import engines
-    from node.worker import Worker
+    from node.pipeline.worker import Worker
     from storage.counters import Counters
     from storage.index import Index
     from storage.models import OutboxItem

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from node.health import check_health, scp_address
-from node.metrics import render_metrics
+from node.runtime.health import check_health, scp_address
+from node.runtime.metrics import render_metrics
 from node.settings import Settings, load_settings
-from node.status import collect_status
+from node.runtime.status import collect_status
 from storage.counters import Counters, increment
 from storage.db import Database, utcnow
 from storage.migrate import upgrade

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from node.settings import ConfigError, TriageSettings, parse_settings
-from node.triage import Decision, Triage, TriageError, head_labels_from_model, study_values
+from node.pipeline.triage import Decision, Triage, TriageError, head_labels_from_model, study_values
 
 HEADS = {"fracture": ["fracture"], "lesion": ["none", "lytic", "sclerotic"]}
 
@@ -168,7 +168,7 @@ def model_with_heads(tmp_path_factory):
 def test_worker_stores_priority_writes_it_into_results_and_queues_one_notification_per_channel(
     tmp_path: Path, model_with_heads
 ) -> None:
-    from node.worker import Worker
+    from node.pipeline.worker import Worker
     from storage import completion
     from storage.db import Database
     from storage.index import Index, InstanceRecord
@@ -259,7 +259,7 @@ def _has_priority_item(sr: pydicom.Dataset) -> bool:
 
 
 def test_worker_refuses_rules_naming_an_output_its_model_lacks(tmp_path: Path, model_with_heads) -> None:
-    from node.worker import Worker
+    from node.pipeline.worker import Worker
 
     settings = parse_settings({"triage": {"rules": [
         {"name": "fracture", "when": "fracture >= 0.85", "priority": "urgent"},

@@ -43,7 +43,7 @@ class PipelineConfig(NodeConfig):
 
 
 def phantom_study(directory: Path, count: int, study_key: str = "e2e") -> list[Path]:
-    from engines import phantoms
+    from engines.training import phantoms
 
     findings = [("lytic",), (), ("fracture",)]
     paths = []

@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.sender import Sender, backoff_delay, classify_status
+from node.delivery.sender import Sender, backoff_delay, classify_status
 from node.settings import PeerSettings, SenderSettings
 from storage.db import Database
 from storage.migrate import upgrade

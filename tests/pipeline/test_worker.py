@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from node.settings import parse_settings
-from node.worker import Worker
+from node.pipeline.worker import Worker
 from storage import completion
 from storage.db import Database
 from storage.index import Index, InstanceRecord
@@ -66,7 +66,7 @@ def complete_all(database: Database) -> None:
 
 
 def phantom_datasets(study_key: str, count: int, **kwargs) -> list[pydicom.Dataset]:
-    from engines import phantoms
+    from engines.training import phantoms
 
     return [
         phantoms.to_dataset(phantoms.generate("hand", seed=i), patient_index=3, study_key=study_key,

@@ -294,7 +294,7 @@ class CrashRun:
         )
         self.config.model = model
         self.roles: dict[str, RoleProcess] = {}
-        # node/faults.py pauses (e.g. "worker.before_finish=sleep:1") widen a role's busy moment for the killer
+        # node/runtime/faults.py pauses (e.g. "worker.before_finish=sleep:1") widen a role's busy moment for the killer
         self.role_env = {"MSKNODE_FAULTS": faults} if faults else {}
         # Studies keep flowing while the killer works (a gap between studies, a short one between instances),
         # so that a receiver kill lands in the middle of an association.
@@ -564,7 +564,7 @@ def _send_load(port: int, sender: int, instances: int, per_study: int, size: int
             failures += count
             sent += count
             continue
-        from node.scu import set_tcp_nodelay
+        from node.dicom.scu import set_tcp_nodelay
 
         set_tcp_nodelay(assoc)
         try:

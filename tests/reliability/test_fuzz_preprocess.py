@@ -1,6 +1,6 @@
 """Mutated files fed to the worker's read + preprocessing + decoders in-process.
 
-The contract (engines/preprocess.py): ``preprocess`` either returns model input or raises ``PreprocessError``
+The contract (engines/imaging/preprocess.py): ``preprocess`` either returns model input or raises ``PreprocessError``
 with a reason; never another exception type, never a hang. Reading is pydicom's: the worker records any
 exception from ``dcmread`` as "unreadable", so only preprocessing is held to the single error type.
 The named ``test_regression_*`` tests are the crashes the fuzzer found, kept as they were found.
@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from engines.preprocess import PreprocessError, preprocess
+from engines.imaging.preprocess import PreprocessError, preprocess
 from tests.reliability.fuzz import Case, base_dataset, cases, walk_explicit, _encode_dataset
 
 CI_SEED = 20261122

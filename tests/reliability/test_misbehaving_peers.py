@@ -229,7 +229,7 @@ def test_silent_destinations_get_one_association_each_and_back_off(tmp_path: Pat
     every item back to pending with its attempt counted, and an immediate second round opens nothing."""
     from datetime import datetime, timezone
 
-    from node.sender import Sender
+    from node.delivery.sender import Sender
     from node.settings import PeerSettings, SenderSettings
     from storage.db import Database
     from storage.migrate import upgrade

@@ -20,9 +20,9 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from node.scu import echo
+from node.dicom.scu import echo
 from node.settings import PeerSettings, TlsSettings, parse_settings
-from node.tls import TlsConfigError, client_tls_args, server_context
+from node.dicom.tls import TlsConfigError, client_tls_args, server_context
 from tests.helpers.dicomdata import make_instances
 from tests.helpers.node import NODE_AE, NodeConfig, NodeProcess, free_port
 from tests.helpers.tools import require_tool
@@ -158,7 +158,7 @@ def test_our_scu_refuses_a_server_it_cannot_verify(mutual_node: NodeProcess, pki
 
 
 def test_sender_delivers_to_dcmtk_storescp_over_tls(pki: Pki, tmp_path: Path) -> None:
-    from node.sender import Sender
+    from node.delivery.sender import Sender
     from storage.db import Database
     from storage.migrate import upgrade
     from storage.outbox import Outbox

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from node.eligibility import ineligibility_reason
+from node.pipeline.eligibility import ineligibility_reason
 from node.settings import EligibilitySettings
 
 CR = "1.2.840.10008.5.1.4.1.1.1"

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from node.headers import HeaderError, read_header
+from node.dicom.header_checks import HeaderError, read_header
 
 SAMPLES = {
     "CT_small.dcm": "1.2.840.10008.1.2.1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.policy import decide
+from node.dicom.policy import decide
 from node.settings import parse_settings
 
 

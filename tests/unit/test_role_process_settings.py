@@ -13,7 +13,7 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.uid import UID
 
-from node.service import _skip_pydicom_value_warnings, _yield_cpu_to_intake
+from node.runtime.service import _skip_pydicom_value_warnings, _yield_cpu_to_intake
 
 linux_only = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
 

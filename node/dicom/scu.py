@@ -48,7 +48,7 @@ def echo(
 ) -> EchoResult:
     """Associate, C-ECHO and release; the round trip covers the whole exchange.
 
-    ``tls_args`` (from :func:`node.tls.client_tls_args`) makes it a DICOM TLS association."""
+    ``tls_args`` (from :func:`node.dicom.tls.client_tls_args`) makes it a DICOM TLS association."""
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = timeout

@@ -2,7 +2,7 @@
 
 Order (policy and reasons in ``docs/preprocessing.md``):
 
-1. decode stored values (``engines.decode``; JPEG 2000 / HTJ2K at a reduced resolution when allowed);
+1. decode stored values (``engines.imaging.decode``; JPEG 2000 / HTJ2K at a reduced resolution when allowed);
 2. colour (RGB / YBR) -> grey with ITU-R BT.601 luma, the weights PIL's ``convert("L")`` uses;
 3. modality LUT: Modality LUT Sequence if present, else Rescale Slope / Intercept;
 4. VOI per policy ``voi``: ``"auto"`` (default) = VOI LUT Sequence if present, else the first Window
@@ -16,8 +16,6 @@ Order (policy and reasons in ``docs/preprocessing.md``):
 from __future__ import annotations
 
 import logging
-import sys
-import types
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -26,14 +24,14 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 
-from engines.decode import (
+from engines.imaging.decode import (
     DecodedFrame,
     PreprocessError,
     decode_frame,
     number_of_frames,
     require_attributes,
 )
-from engines.geometry import MODEL_SIZE, SourceGeometry
+from engines.imaging.geometry import MODEL_SIZE, SourceGeometry
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -255,19 +253,3 @@ def preprocess(
         "preprocessed %d frame(s), decoded at %s of %s", frames, decoded_shape, (geometry.rows, geometry.columns)
     )
     return Preprocessed(torch.stack(tensors), geometry, display)
-
-
-class _CallableModule(types.ModuleType):
-    """Forward calls on this module to :func:`preprocess`.
-
-    The agreed API names both this submodule and its main function ``engines.preprocess``. Once anything
-    imports the submodule (``from engines.preprocess import PreprocessError``), Python binds the package
-    attribute ``engines.preprocess`` to the module, which would shadow the lazily exported function;
-    making the module callable keeps ``engines.preprocess(dataset)`` working either way.
-    """
-
-    def __call__(self, dataset: Dataset, **options: object) -> Preprocessed:
-        return preprocess(dataset, **options)  # type: ignore[arg-type]
-
-
-sys.modules[__name__].__class__ = _CallableModule

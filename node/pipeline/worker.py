@@ -27,10 +27,10 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
-from node.eligibility import ineligibility_reason
-from node.faults import fault_point
-from node.notifier import build_payload, entries_for
-from node.triage import Decision, Triage, study_values, summarise
+from node.pipeline.eligibility import ineligibility_reason
+from node.runtime.faults import fault_point
+from node.delivery.notifier import build_payload, entries_for
+from node.pipeline.triage import Decision, Triage, study_values, summarise
 from storage.notifications import NotificationEntry
 from node.settings import PRIORITIES, PeerSettings, Settings
 from storage.counters import Counters
@@ -188,7 +188,7 @@ class Worker:
 
     def _prepare(self, job: ClaimedJob) -> JobWork:
         """Read, check eligibility of and preprocess every instance of the study."""
-        from engines.preprocess import PreprocessError, preprocess
+        from engines.imaging.preprocess import PreprocessError, preprocess
 
         work = JobWork(job)
         try:
@@ -232,7 +232,7 @@ class Worker:
 
     def _infer(self, frames: list[Frame]) -> None:
         """Embedding, heads and error map for all frames, in batches of ``engine.batch_size``."""
-        from engines.errormap import highest_error_region
+        from engines.mae.errormap import highest_error_region
 
         engine = self.settings.engine
         for start in range(0, len(frames), engine.batch_size):
@@ -344,7 +344,7 @@ class Worker:
             out = frame.outputs
             percentile = None
             if self.calibration is not None:
-                from engines.training import percentile as score_percentile
+                from engines.training.fit import percentile as score_percentile
 
                 percentile = float(score_percentile(out["score"], self.calibration))
             head_outputs = []

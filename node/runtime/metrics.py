@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from node.settings import Settings
-from node.status import engine_from_roles, live_roles, spool_disk
+from node.runtime.status import engine_from_roles, live_roles, spool_disk
 from storage.counters import Counters
 from storage.db import Database
 from storage.status import oldest_pending_seconds, queue_depths

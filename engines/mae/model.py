@@ -2,7 +2,7 @@
 
 One readable module in the spirit of timm's ``vision_transformer.py``. Parameter names follow the original
 MAE / timm layout (``blocks.i.attn.qkv`` fused, ``decoder_blocks.j``...), which is our *canonical* layout:
-loaders map Hugging Face, MAE ``.pth`` and timm checkpoints onto it (see ``engines/loaders.py``).
+loaders map Hugging Face, MAE ``.pth`` and timm checkpoints onto it (see ``engines/mae/loaders.py``).
 
 Semantics match Hugging Face ``ViTMAEForPreTraining`` exactly where it matters for parity:
 

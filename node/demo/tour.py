@@ -23,9 +23,9 @@ import pydicom
 from PIL import Image
 from rich.console import Console
 
-from node.demo_pacs import ORTHANC_AE, FolderPACS, Orthanc, free_port, orthanc_binary
+from node.demo.pacs import ORTHANC_AE, FolderPACS, Orthanc, free_port, orthanc_binary
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_STUDIES = (
     ("normal knee", "knee", ()),
     ("long bone with a fracture", "long_bone", ("fracture",)),
@@ -80,7 +80,7 @@ receives_results = true
 
 
 def _phantom_studies(directory: Path) -> list[DemoStudy]:
-    from engines import phantoms
+    from engines.training import phantoms
 
     studies = []
     for index, (label, kind, findings) in enumerate(DEMO_STUDIES):

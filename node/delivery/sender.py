@@ -24,10 +24,10 @@ import pydicom
 from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.faults import fault_point
-from node.scu import set_tcp_nodelay
+from node.runtime.faults import fault_point
+from node.dicom.scu import set_tcp_nodelay
 from node.settings import PeerSettings, SenderSettings, backoff_delay
-from node.tls import TlsConfigError, client_tls_args
+from node.dicom.tls import TlsConfigError, client_tls_args
 from storage.db import as_utc, utcnow
 from storage.outbox import Delivery, Outbox
 from storage.spool import Spool

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.geometry import MODEL_SIZE, SourceGeometry
-from engines.vit_mae import random_masking_ids
+from engines.imaging.geometry import MODEL_SIZE, SourceGeometry
+from engines.mae.model import random_masking_ids
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from node.settings import Settings
-from node.status import engine_from_roles, live_roles, spool_disk
+from node.runtime.status import engine_from_roles, live_roles, spool_disk
 from storage.db import Database
 from storage.status import ping
 

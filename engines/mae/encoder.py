@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from engines.errormap import ErrorMapResult, compute_error_map
+from engines.mae.errormap import ErrorMapResult, compute_error_map
 from engines.heads import LinearHead, head_from_classifier, load_heads_dir
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT
 
 if TYPE_CHECKING:  # pragma: no cover
     from engines.backends.base import Backend
-    from engines.loaders import LoadedCheckpoint
+    from engines.mae.loaders import LoadedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def encoder_sha256(model_or_state: MaskedAutoencoderViT | dict[str, Tensor]) -> 
     Decoder tensors are excluded, so the same encoder weights give the same hash from any format and with or
     without a decoder (heads depend on the encoder only).
     """
-    from engines.vit_mae import is_encoder_key
+    from engines.mae.model import is_encoder_key
 
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     digest = hashlib.sha256()
@@ -84,7 +84,7 @@ class Encoder:
         load_heads: bool = True,
     ) -> Encoder:
         from engines.backends import select_backend
-        from engines.loaders import build_model
+        from engines.mae.loaders import build_model
 
         model = build_model(checkpoint)
         source = checkpoint.source
@@ -177,7 +177,7 @@ class Encoder:
     def error_map_result(
         self, x: Tensor, noise: Tensor | None = None, seed: int | None = None, passes: int = 10
     ) -> ErrorMapResult:
-        """The error map with what reproduces it (seed or noise); see :mod:`engines.errormap`."""
+        """The error map with what reproduces it (seed or noise); see :mod:`engines.mae.errormap`."""
         if not self.has_decoder:
             raise RuntimeError(
                 f"{self.name}: this checkpoint has no decoder ({self.format}, encoder only), so it cannot "

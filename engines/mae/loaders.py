@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT, expected_shapes, is_encoder_key
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT, expected_shapes, is_encoder_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    """What a loader produces before an :class:`~engines.encoder.Encoder` is built around it."""
+    """What a loader produces before an :class:`~engines.mae.encoder.Encoder` is built around it."""
 
     format: str
     config: MAEConfig
@@ -408,12 +408,12 @@ def load(
     precision: str | None = None,
     load_heads: bool = True,
 ):
-    """Load any supported checkpoint as an :class:`~engines.encoder.Encoder` (the public entry point).
+    """Load any supported checkpoint as an :class:`~engines.mae.encoder.Encoder` (the public entry point).
 
     ``backend=None`` follows ``device`` (default CPU); ``backend="auto"`` picks tensorrt -> cuda -> cpu;
     ``"cpu"``/``"cuda"``/``"tensorrt"`` force one. ``precision`` defaults per backend (cpu fp32, GPU fp16).
     """
-    from engines.encoder import Encoder
+    from engines.mae.encoder import Encoder
 
     checkpoint = load_checkpoint(path)
     log.info(

@@ -25,11 +25,11 @@ from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.headers import HeaderError, read_header
-from node.policy import decide
-from node.quiet_reactor import make_quiet
+from node.dicom.header_checks import HeaderError, read_header
+from node.dicom.policy import decide
+from node.dicom.reactors import make_quiet
 from node.settings import NodeSettings, PeerSettings
-from node.tls import server_context
+from node.dicom.tls import server_context
 from storage.index import Index, IndexOutcome, InstanceRecord
 from storage.spool import Spool
 
@@ -143,7 +143,7 @@ class Receiver:
         ae.acse_timeout = self.node.acse_timeout_seconds
         ae.dimse_timeout = self.node.dimse_timeout_seconds
         ae.network_timeout = self.node.network_timeout_seconds
-        ae.require_called_aet = False  # decided (and audited) by node.policy
+        ae.require_called_aet = False  # decided (and audited) by node.dicom.policy
         ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:4])
         for uid in _STORAGE_CLASSES.values():
             ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)

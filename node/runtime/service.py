@@ -18,7 +18,7 @@ from pathlib import Path
 from pydicom import config as pydicom_config
 
 from node.peers import PeerDirectory
-from node.receiver import Receiver
+from node.dicom.receiver import Receiver
 from node.settings import Settings
 from storage.db import Database
 from storage.index import Index
@@ -93,7 +93,7 @@ def _skip_pydicom_value_warnings() -> None:
     128 contexts the receiver spent 55 ms of CPU per association, 46 ms without these checks (20 ms when
     only one context is proposed), time in which every other association's C-STORE waits for the GIL.
     What the node enforces is checked explicitly and is unchanged: pynetdicom's own UID validation of DIMSE
-    and ACSE fields, and node.headers' checks of each dataset.
+    and ACSE fields, and node.dicom.header_checks' checks of each dataset.
     """
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
@@ -120,7 +120,7 @@ def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
 
 
 def run_scheduler(runtime: Runtime, stop: threading.Event) -> None:
-    from node.scheduler import Scheduler
+    from node.pipeline.scheduler import Scheduler
 
     Scheduler(runtime.settings, runtime.database, runtime.spool).run(stop)
 
@@ -156,8 +156,8 @@ def _yield_cpu_to_intake(idle_priority: bool, niceness: int) -> None:
 
 def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     import engines
-    from engines.training import load_calibration
-    from node.worker import Worker
+    from engines.training.fit import load_calibration
+    from node.pipeline.worker import Worker
     from storage.queue import JobQueue
     from storage.worklist import Worklist
 
@@ -176,14 +176,14 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
 
 
 def run_sender(runtime: Runtime, stop: threading.Event) -> None:
-    from node.sender import Sender
+    from node.delivery.sender import Sender
     from storage.outbox import Outbox
 
     settings = runtime.settings
     sender = Sender(settings.node.ae_title, runtime.peers.effective_peers, Outbox(runtime.database), runtime.spool,
                     settings.sender)
     # Notifications (webhooks, e-mail) ride along in the sender role: outbound delivery, no new process.
-    from node.notifier import Notifier
+    from node.delivery.notifier import Notifier
     from storage.notifications import Notifications
 
     notifier = Notifier(settings.notifications, Notifications(runtime.database))
@@ -230,7 +230,7 @@ def serve(settings: Settings, role: str = "all", stop_event: threading.Event | N
     _install_signal_handlers(stop)
     roles = list(dict.fromkeys(settings.pipeline.roles))
     if role == "all" and len(roles) > 1:
-        from node.supervisor import Supervisor
+        from node.runtime.supervisor import Supervisor
 
         upgrade(settings.storage.database_url)  # once, before the children race to do it
         counts = [(name, settings.pipeline.workers if name == "worker" else 1) for name in roles]
@@ -240,7 +240,7 @@ def serve(settings: Settings, role: str = "all", stop_event: threading.Event | N
         return
     name = roles[0] if role == "all" else role
     runtime = open_runtime(settings)
-    from node.status import HeartbeatThread
+    from node.runtime.status import HeartbeatThread
 
     if name == "web":
         from node.web.accounts import first_user_hint

@@ -22,8 +22,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from engines.phantoms import KINDS, Phantom, generate
-from engines.training import auroc, normalise_uint8, to_uint8_224
+from engines.training.phantoms import KINDS, Phantom, generate
+from engines.training.fit import auroc, normalise_uint8, to_uint8_224
 
 MODEL_SIZE = 224
 
@@ -136,7 +136,7 @@ def evaluate_localisation(
 
 def head_metrics(probabilities: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """AUROC / accuracy for a sigmoid head ([N] or [N, 1]) or a softmax head ([N, K])."""
-    from engines.training import macro_auroc
+    from engines.training.fit import macro_auroc
 
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.asarray(targets)

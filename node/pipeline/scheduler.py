@@ -15,7 +15,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.peers import PeerDirectory
 from node.settings import Settings
-from node.triage import Triage
+from node.pipeline.triage import Triage
 from storage import completion
 from storage.db import Database
 from storage.queue import JobQueue
@@ -36,7 +36,7 @@ class Scheduler:
 
     def _initial_priority(self, calling_ae_title: str | None) -> int:
         peer = self.peers.by_ae_title(calling_ae_title)
-        # The peer's priority, or a higher one from a triage rule that names only the sender (node/triage.py).
+        # The peer's priority, or a higher one from a triage rule that names only the sender (node/pipeline/triage.py).
         return self.triage.starting(calling_ae_title, peer.name if peer else None, peer.priority if peer else None).rank
 
     def _settle_seconds_for(self, calling_ae_title: str | None) -> float:

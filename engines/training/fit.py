@@ -4,7 +4,7 @@ Why here: the demo model (``models/demo-mae``) is trained in the repo on synthet
 its own heads and calibrates its own scores on its own studies. All three share the SKELEX input path
 (``prepare_array``) so that what is trained is what the node later runs.
 
-- :func:`pretrain_mae` - seeded MAE pre-training of :class:`~engines.vit_mae.MaskedAutoencoderViT` on a pool of
+- :func:`pretrain_mae` - seeded MAE pre-training of :class:`~engines.mae.model.MaskedAutoencoderViT` on a pool of
   grey images (HF semantics: 75 % masking, MSE on masked patches in normalised pixel space).
 - :func:`fit_linear_probe` - logistic (sigmoid, one label) or softmax regression on frozen CLS embeddings,
   with the feature standardisation folded back into the weights so the head runs on raw embeddings (format 3e).
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.preprocess import prepare_array  # noqa: F401  (re-exported: the one SKELEX array path)
-from engines.vit_mae import MAEConfig, MaskedAutoencoderViT
+from engines.imaging.preprocess import prepare_array  # noqa: F401  (re-exported: the one SKELEX array path)
+from engines.mae.model import MAEConfig, MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,11 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def to_uint8_224(pixels: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
-    """SKELEX's first steps on a 2-D grey array, exactly as ``engines.preprocess`` does them: per-image
+    """SKELEX's first steps on a 2-D grey array, exactly as ``engines.imaging.preprocess`` does them: per-image
     min-max to uint8 (truncating), then PIL bilinear resize to 224 x 224 without crop."""
     from PIL import Image
 
-    from engines.preprocess import to_uint8_minmax
+    from engines.imaging.preprocess import to_uint8_minmax
 
     array = np.asarray(pixels)
     if array.ndim != 2:
@@ -334,7 +334,7 @@ def probe_to_head(fit: ProbeFit, name: str, encoder_sha256: str, provenance: dic
         fit.activation,
         encoder_sha256=encoder_sha256,
         provenance={
-            "trainer": "engines.training.fit_linear_probe",
+            "trainer": "engines.training.fit.fit_linear_probe",
             "train_size": fit.train_size,
             "test_size": fit.test_size,
             "held_out_metrics": fit.metrics,
@@ -426,10 +426,10 @@ def percentile(score: float, calibration: Calibration | Path | str) -> float:
 
 
 def dicom_inputs(path: Path | str) -> tuple[Tensor, Any, list[np.ndarray]]:
-    """(tensor [F, 3, 224, 224], geometry, display images) for one DICOM file, via ``engines.preprocess``."""
+    """(tensor [F, 3, 224, 224], geometry, display images) for one DICOM file, via ``engines.imaging.preprocess``."""
     import pydicom
 
-    from engines.preprocess import preprocess
+    from engines.imaging.preprocess import preprocess
 
     result = preprocess(pydicom.dcmread(str(path)))
     return result.tensor, result.geometry, list(result.display)

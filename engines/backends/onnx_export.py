@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from engines.vit_mae import MaskedAutoencoderViT
+from engines.mae.model import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 
