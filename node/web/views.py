@@ -11,10 +11,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from node.dicom.scu import echo
 from node.peers import PeerDirectory, PeerError, peer_from_fields
+from node.runtime.health import check_health
+from node.runtime.metrics import render_metrics
+from node.runtime.status import collect_status
 from node.settings import PRIORITIES
-from node.web.app import PageRequest, WebContext, page, redirect
+from node.web.pages import PageRequest, WebContext, page, redirect
 from node.web.thumbnails import result_images, thumbnail_png
+from storage.notifications import Notifications
+from storage.outbox import Outbox
+from storage.queue import JobQueue
 
 log = logging.getLogger("msknode.web")
 
@@ -130,8 +137,6 @@ def peer_remove(pr: PageRequest) -> Response:
 
 @page("admin")
 def peer_echo(pr: PageRequest) -> Response:
-    from node.dicom.scu import echo
-
     name = pr.request.path_params["name"]
     peer = _directory(pr.web).get(name)
     if peer is None:
@@ -156,10 +161,6 @@ def queue(pr: PageRequest) -> Response:
 
 @page("admin")
 def queue_action(pr: PageRequest) -> Response:
-    from storage.notifications import Notifications
-    from storage.outbox import Outbox
-    from storage.queue import JobQueue
-
     params = pr.request.path_params
     kind, number, action = params["kind"], int(params["number"]), params["action"]
     database = pr.web.database
@@ -196,8 +197,6 @@ def config_problems(web: WebContext, status: dict[str, Any]) -> list[str]:
 
 @page("admin")
 def system(pr: PageRequest) -> Response:
-    from node.runtime.status import collect_status
-
     status = collect_status(pr.web.settings, pr.web.database)
     return pr.render("system.html", status=status, problems=config_problems(pr.web, status),
                      users=pr.web.accounts.users())
@@ -205,8 +204,6 @@ def system(pr: PageRequest) -> Response:
 
 # -- /healthz and /metrics (no login: for load balancers and Prometheus) --------------------------
 async def healthz(request: Request) -> Response:
-    from node.runtime.health import check_health
-
     web: WebContext = request.app.state.web
     ok, detail = await run_in_threadpool(check_health, web.settings, web.database)
     return JSONResponse({"ok": ok, **(detail if isinstance(detail, dict) else {"detail": detail})},
@@ -214,8 +211,6 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    from node.runtime.metrics import render_metrics
-
     web: WebContext = request.app.state.web
     body, content_type = await run_in_threadpool(render_metrics, web.settings, web.database)
     return Response(body, headers={"Content-Type": content_type})
