@@ -177,3 +177,44 @@ def test_destination_removed_from_config_is_dead_lettered(env) -> None:
     item_id = queue_item(database, spool, destination="gone")
     make_sender(database, spool, free_port()).run_once()
     assert row(database, item_id).state == "dead"
+
+
+# -- destinations registry ---------------------------------------------------------------------------
+def test_an_unknown_protocol_is_named_with_the_known_ones() -> None:
+    from node.delivery.destinations import build
+
+    with pytest.raises(ValueError, match=r"'stow'.*dimse"):
+        build("stow", calling_ae_title="MSKNODE", settings=SenderSettings())
+
+
+def test_the_sender_records_each_outcome_a_destination_yields(env, monkeypatch) -> None:
+    """A destination only transfers; the sender turns its outcomes into outbox states, one row at a time."""
+    from node.delivery import destinations
+    from node.delivery.destinations import Outcome
+
+    database, spool, _ = env
+    delivered, later, refused = (queue_item(database, spool) for _ in range(3))
+    seen: list[int] = []
+
+    class Scripted:
+        def __init__(self, **options) -> None:
+            self.options = options
+
+        def deliver(self, peer, items, read):
+            script = {delivered: Outcome("delivered", "0x0000", "success"),
+                      later: Outcome("transient", "0xA700", "out of resources"),
+                      refused: Outcome("permanent", "0xC000", "refused")}
+            for item in items:
+                assert read(item).SOPInstanceUID  # the sender's reader opens the result from the spool
+                seen.append(item.id)
+                # the previous item's outcome is already recorded when the next transfer starts
+                assert all(row(database, done).state != "sending" for done in seen[:-1])
+                yield item, script[item.id]
+
+    monkeypatch.setattr(destinations, "_REGISTRY", {"dimse": Scripted})
+    sender = make_sender(database, spool, port=1)
+    assert sender.run_once() == 3
+    assert sorted(seen) == sorted([delivered, later, refused])
+    assert row(database, delivered).state == "delivered"
+    assert row(database, later).state == "pending" and row(database, later).attempts == 1
+    assert row(database, refused).state == "dead" and "refused" in row(database, refused).last_error
