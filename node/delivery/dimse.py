@@ -76,7 +76,7 @@ class DimseDestination:
                 return
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
-            yield from self._not_associated(peer, items, assoc)
+            yield from self.not_associated(peer, items, assoc)
             return
         set_tcp_nodelay(assoc)
         try:
@@ -104,7 +104,7 @@ class DimseDestination:
                 assoc.release()
 
     @staticmethod
-    def _not_associated(peer: PeerSettings, items: Sequence[Delivery], assoc) -> Iterator[tuple[Delivery, Outcome]]:  # type: ignore[no-untyped-def]
+    def not_associated(peer: PeerSettings, items: Sequence[Delivery], assoc) -> Iterator[tuple[Delivery, Outcome]]:  # type: ignore[no-untyped-def]
         primitive = assoc.acceptor.primitive if assoc.is_rejected else None
         if primitive is not None and primitive.result == 0x01:
             reason = f"association rejected permanently (source {primitive.result_source}, reason {primitive.diagnostic})"

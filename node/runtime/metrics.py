@@ -50,11 +50,11 @@ class DatabaseCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         rows = Counters(self.database).all()
-        yield from self._counters(rows)
-        yield from self._histograms(rows)
-        yield from self._gauges()
+        yield from self.counter_families(rows)
+        yield from self.histogram_families(rows)
+        yield from self.gauge_families()
 
-    def _counters(self, rows: list[tuple[str, dict[str, str], float]]) -> Iterator[Any]:
+    def counter_families(self, rows: list[tuple[str, dict[str, str], float]]) -> Iterator[Any]:
         for key, (name, documentation, label_names) in COUNTERS.items():
             family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=list(label_names))
             for row_name, labels, value in rows:
@@ -62,7 +62,7 @@ class DatabaseCollector(Collector):
                     family.add_metric([labels.get(label, "") for label in label_names], value)
             yield family
 
-    def _histograms(self, rows: list[tuple[str, dict[str, str], float]]) -> Iterator[Any]:
+    def histogram_families(self, rows: list[tuple[str, dict[str, str], float]]) -> Iterator[Any]:
         for key, documentation in HISTOGRAMS.items():
             buckets = sorted(
                 ((labels["le"], value) for name, labels, value in rows if name == f"{key}_bucket"),
@@ -74,7 +74,7 @@ class DatabaseCollector(Collector):
                 family.add_metric([], buckets, total)
             yield family
 
-    def _gauges(self) -> Iterator[Any]:
+    def gauge_families(self) -> Iterator[Any]:
         depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Items in each queue, by state.", labels=["queue", "state"])
         for queue, states in queue_depths(self.database).items():
             for state, count in sorted(states.items()):
