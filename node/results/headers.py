@@ -8,7 +8,9 @@ work on a copy without pixel data, with every attribute they read present (empty
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
+from highdicom import SpecificCharacterSetValues
 from pydicom.dataset import Dataset
 
 # Bulk data the builders never need (copying a 30 MB PixelData per call would be pointless).
@@ -28,6 +30,22 @@ TYPE2_PATIENT_STUDY = (
 )
 
 BIPED_LETTERS = set("APLRHF")
+
+# PS3.3 C.12.1.1.2, Table C.12-3 / C.12-4: the Defined Terms for Specific Character Set "with Code Extensions"
+# (ISO 2022 escape sequences). A single-valued Specific Character Set must not be one of them; a multi-valued
+# one must consist of them only and must not start with a multi-byte one (PS3.5 6.1.2.5.3). The lists are
+# those highdicom's SOP class constructor applies (0.28: ISO 2022 IR 58 is accepted only on its own, and
+# ISO 2022 IR 149 not at all, since its enum lacks that term) so that what we pass is what highdicom accepts;
+# tests/unit/test_headers.py compares the two.
+_SINGLE_BYTE_CODE_EXTENSIONS = frozenset({
+    "ISO 2022 IR 6", "ISO 2022 IR 100", "ISO 2022 IR 101", "ISO 2022 IR 109", "ISO 2022 IR 110", "ISO 2022 IR 144",
+    "ISO 2022 IR 127", "ISO 2022 IR 126", "ISO 2022 IR 138", "ISO 2022 IR 148", "ISO 2022 IR 203", "ISO 2022 IR 13",
+    "ISO 2022 IR 166",
+})
+_MULTI_BYTE_CODE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159"})
+_CODE_EXTENSIONS = _SINGLE_BYTE_CODE_EXTENSIONS | _MULTI_BYTE_CODE_EXTENSIONS
+# Every term highdicom knows (its public enum of the Defined Terms).
+_DEFINED_TERMS = frozenset(term.value for term in SpecificCharacterSetValues)
 
 
 def _is_overlay_data(tag: int) -> bool:
@@ -53,8 +71,6 @@ def character_set(dataset: Dataset) -> str | list[str] | None:
     empty value; "ISO 2022 IR 6" says the same thing explicitly. Anything highdicom cannot take (unknown or
     misspelt terms) becomes ISO_IR 192: the copied values are already decoded text, so UTF-8 can carry them.
     """
-    from highdicom.valuerep import _check_specific_character_set
-
     value = dataset.get("SpecificCharacterSet")
     if value is None or value == "":
         return None
@@ -63,11 +79,19 @@ def character_set(dataset: Dataset) -> str | list[str] | None:
     if len(values) > 1 and values[0] == "":
         values[0] = "ISO 2022 IR 6"
     cleaned: str | list[str] = values[0] if len(values) == 1 else values
-    try:
-        _check_specific_character_set(cleaned)
-    except (ValueError, TypeError):
+    if not is_accepted_character_set(cleaned):
         return "ISO_IR 192"
     return cleaned
+
+
+def is_accepted_character_set(value: str | Sequence[str]) -> bool:
+    """Whether ``value`` is a Specific Character Set value highdicom's constructors accept (PS3.3 C.12.1.1.2)."""
+    terms = [value] if isinstance(value, str) else list(value)
+    if not terms or any(term not in _DEFINED_TERMS for term in terms):
+        return False
+    if len(terms) == 1:
+        return terms[0] not in _CODE_EXTENSIONS
+    return terms[0] not in _MULTI_BYTE_CODE_EXTENSIONS and all(term in _CODE_EXTENSIONS for term in terms)
 
 
 def normalised(dataset: Dataset) -> Dataset:

@@ -24,7 +24,6 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
-from highdicom._standard_utils import does_iod_have_pixel_data, is_multiframe_image
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
@@ -57,6 +56,7 @@ from pydicom.valuerep import DA, DT, TM
 from node.results import codes
 from node.results.headers import normalised, patient_orientation
 from node.results.model import DocumentReference, ImageResult, ModelInfo, StudyResult
+from node.results.sop_classes import coded_modality, has_standard_iod, is_image_class, is_multi_frame_class
 from node.results.uids import (
     analysed_input_set,
     content_digest,
@@ -167,9 +167,7 @@ def _build(
 
 
 def _known_class(dataset: Dataset) -> bool:
-    from highdicom._standard_utils import get_sop_class_iod_map
-
-    return str(dataset.SOPClassUID) in get_sop_class_iod_map()
+    return has_standard_iod(str(dataset.SOPClassUID))
 
 
 def _known_class_first(evidence: list[Dataset]) -> tuple[list[Dataset], dict[str, str]]:
@@ -273,7 +271,7 @@ def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
 
 def frame_numbers(source: Dataset, frame_index: int) -> list[int] | None:
     """1-based referenced frame numbers, only for sources of a multi-frame IOD (highdicom refuses them else)."""
-    if is_multiframe_image(source) and int(source.get("NumberOfFrames", 1) or 1) > 1:
+    if is_multi_frame_class(str(source.SOPClassUID)) and int(source.get("NumberOfFrames", 1) or 1) > 1:
         return [frame_index + 1]
     if frame_index != 0:
         raise ValueError(f"frame_index {frame_index} given for a single-frame source")
@@ -301,13 +299,8 @@ def _image_library(entries: Sequence[tuple[Dataset, int]]) -> ContainerContentIt
 
 
 def _library_descriptors(source: Dataset) -> list:
-    from highdicom.sr.templates import _get_coded_modality
-
     descriptors: list = []
-    try:
-        modality = _get_coded_modality(source.SOPClassUID)
-    except (ValueError, KeyError):
-        modality = None
+    modality = coded_modality(str(source.SOPClassUID))
     if modality is not None:
         descriptors.append(
             CodeContentItem(name=dcm_codes.DCM.Modality, value=modality, relationship_type=HAS_ACQ_CONTEXT)
@@ -435,10 +428,7 @@ def _qualitative_evaluations(
 
 def is_image(source: Dataset) -> bool:
     """Whether the source's IOD has pixel data; private or unknown SOP classes count as not an image."""
-    try:
-        return bool(does_iod_have_pixel_data(str(source.SOPClassUID)))
-    except KeyError:
-        return False
+    return is_image_class(str(source.SOPClassUID))
 
 
 def _reference(source: Dataset) -> ImageContentItem | CompositeContentItem:
