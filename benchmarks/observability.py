@@ -3,7 +3,7 @@ what the /metrics counters add to indexing each received instance.
 
 A SQLite database (WAL, synchronous=FULL, as the node runs it) is filled with --rows outbox rows and jobs in
 mixed states; each read is timed --repeat times (median and max printed). Intake: --instances calls of
-storage.index.Index.index_instance (which upserts two counters in its transaction) against the same number
+storage.intake.IntakeRepository.index_instance (which upserts two counters in its transaction) against the same number
 of the two upserts' statements inside one transaction (their own cost, without a commit).
 
     .venv/bin/python benchmarks/observability.py [--rows 100000] [--instances 500] [--repeat 20]
@@ -29,7 +29,7 @@ from node.settings import Settings  # noqa: E402
 from node.runtime.status import collect_status  # noqa: E402
 from storage.counters import increment  # noqa: E402
 from storage.db import Database, utcnow  # noqa: E402
-from storage.index import Index, InstanceRecord  # noqa: E402
+from storage.intake import InstanceRecord, IntakeRepository  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
 from storage.models import Job, OutboxItem, Study  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> None:
         median, worst = timed(function, args.repeat)
         print(f"{name:18s} median {median:7.1f} ms   max {worst:7.1f} ms")
 
-    index = Index(database)
+    index = IntakeRepository(database)
     association = index.association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
     started = time.perf_counter()
     for i in range(args.instances):

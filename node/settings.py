@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from node.pipeline.triage_rules import check_expression
+
 CONFIG_ENV_VAR = "MSKNODE_CONFIG"
 
 # PS3.5 6.2: AE titles are 1-16 characters of the default character repertoire, no backslash or control chars;
@@ -265,8 +267,6 @@ class TriageRule(_Section):
     @field_validator("when")
     @classmethod
     def _safe_expression(cls, value: str) -> str:
-        from node.pipeline.triage import check_expression  # late: node.pipeline.triage builds on these settings
-
         check_expression(value)
         return value
 

@@ -141,8 +141,12 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
-class ImageResult(Base):
-    """What the worker made of one instance in one job: analysed (with outputs), ineligible or failed."""
+class ImageResultRow(Base):
+    """One ``image_results`` row: what the worker made of one instance (frame) in one job: analysed (with
+    outputs), ineligible or failed.
+
+    (The result object the SR/SC builders take is node/results/model.ImageResult.)
+    """
 
     __tablename__ = "image_results"
 

@@ -17,12 +17,10 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 
 from storage.db import Database, utcnow
-from storage.models import ImageResult, Job, OutboxItem, Study
+from storage.models import ImageResultRow, Job, OutboxItem, Study
 from storage.notifications import NotificationEntry, add_for_job
 
 JOB_ACTIVE_STATES = ("queued", "processing")
-
-
 
 
 @dataclass(frozen=True)
@@ -168,24 +166,26 @@ class JobQueue:
         return [job_id for job_id in job_ids if job_id not in held]
 
     # -- finishing ---------------------------------------------------------------------------
-    def finish(
+    def record_results(
         self,
         job_id: int,
         owner: str,
         state: str,
         images: list[ImageOutcome],
         outbox: list[OutboxEntry],
+        *,
+        priority: int,
+        priority_reason: str,
         reason: str | None = None,
-        priority: int | None = None,
-        priority_reason: str | None = None,
         notifications: Sequence[NotificationEntry] = (),
     ) -> bool:
         """Record a job's outcome, its per-image results, its outbox rows and its notifications in one transaction.
 
         Returns False (and records nothing) if the lease was lost meanwhile: another worker owns the job.
-        ``priority`` (the triage decision, with ``priority_reason``) is stored on the study and given to the
-        outbox rows; notifications are queued once per (job, channel, target), so a study is never announced
-        twice for one result revision.
+        ``priority`` and ``priority_reason`` are the study's priority as triage decided it
+        (node/pipeline/triage.Triage); they are stored on the study and given to the outbox rows and
+        notifications as they are, never computed here. Notifications are queued once per
+        (job, channel, target), so a study is never announced twice for one result revision.
         """
         now = utcnow()
         with self.db.session() as session:
@@ -198,7 +198,7 @@ class JobQueue:
             job.last_error = reason if state == "failed" else None
             for image in images:
                 session.add(
-                    ImageResult(
+                    ImageResultRow(
                         job_id=job_id,
                         instance_id=image.instance_id,
                         frame_index=image.frame_index,
@@ -210,7 +210,6 @@ class JobQueue:
                 )
             study = session.get(Study, job.study_id)
             assert study is not None
-            final_priority = priority if priority is not None else job.priority
             # Deliveries of an older job's results that have not gone out yet are cancelled: these replace them.
             session.execute(
                 update(OutboxItem)
@@ -232,7 +231,7 @@ class JobQueue:
                         path=entry.path,
                         destination=entry.destination,
                         state="pending",
-                        priority=final_priority,
+                        priority=priority,
                         attempts=0,
                         next_attempt_at=now,
                         created_at=now,
@@ -242,11 +241,10 @@ class JobQueue:
                 # (A newer revision that arrived meanwhile keeps its own 'received' status.)
                 study.status = state
                 study.status_reason = reason
-            study.priority = final_priority
-            if priority_reason is not None:
-                study.priority_reason = priority_reason
+            study.priority = priority
+            study.priority_reason = priority_reason
             if notifications:
-                add_for_job(session, job_id, study.id, study.study_instance_uid, final_priority, notifications, now)
+                add_for_job(session, job_id, study.id, study.study_instance_uid, priority, notifications, now)
             return True
 
     def release(self, job_id: int, owner: str, error: str) -> None:

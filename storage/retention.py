@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, select
 
 from storage.db import Database, utcnow
-from storage.models import ImageResult, Instance, Job, OutboxItem, Series, Study
+from storage.models import ImageResultRow, Instance, Job, OutboxItem, Series, Study
 from storage.spool import Spool
 
 log = logging.getLogger("msknode.retention")
@@ -50,7 +50,7 @@ class Retention:
             paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_instance_uid == study_instance_uid)))
             paths += list(session.scalars(select(OutboxItem.path).where(OutboxItem.study_instance_uid == study_instance_uid).distinct()))
             job_ids = select(Job.id).where(Job.study_id == study.id)
-            session.execute(delete(ImageResult).where(ImageResult.job_id.in_(job_ids)))
+            session.execute(delete(ImageResultRow).where(ImageResultRow.job_id.in_(job_ids)))
             session.execute(delete(OutboxItem).where(OutboxItem.study_instance_uid == study_instance_uid))
             session.execute(delete(Job).where(Job.study_id == study.id))
             session.execute(delete(Instance).where(Instance.study_instance_uid == study_instance_uid))

@@ -167,14 +167,14 @@ def studies(
 ) -> None:
     """List received studies, newest first."""
     from storage.db import Database
-    from storage.index import Index
     from storage.migrate import upgrade
+    from storage.studies import studies_summary
 
     settings = load_or_exit(config)
     upgrade(settings.storage.database_url)
     database = Database(settings.storage.database_url)
     try:
-        rows = Index(database).studies_summary(limit=limit)
+        rows = studies_summary(database, limit=limit)
     finally:
         database.dispose()
     if as_json:

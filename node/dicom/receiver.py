@@ -30,7 +30,7 @@ from node.dicom.policy import decide
 from node.dicom.reactors import make_quiet
 from node.settings import NodeSettings, PeerSettings
 from node.dicom.tls import server_context
-from storage.index import Index, IndexOutcome, InstanceRecord
+from storage.intake import IndexOutcome, InstanceRecord, IntakeRepository
 from storage.spool import Spool
 
 log = logging.getLogger("msknode.receiver")
@@ -111,7 +111,7 @@ class Receiver:
         self,
         node: NodeSettings,
         peers: Callable[[], Sequence[PeerSettings]],
-        index: Index,
+        index: IntakeRepository,
         spool: Spool,
         min_free_disk_mb: int,
     ) -> None:

@@ -16,7 +16,9 @@ Names (see docs/configuration.md, ``[triage]``):
   several-label head (``lesion``) is its class (study: the worst — the latest label in the head's order —
   among the images' top classes), and ``<head>_<label>`` the label's probability (study: highest).
 
-A missing value (no calibration, no header attribute) makes every comparison with it false.
+A missing value (no calibration, no header attribute) makes every comparison with it false. The grammar
+itself (parse, check, evaluate) is :mod:`node.pipeline.triage_rules`; this module adds the names, their types
+and the priorities, and :class:`Triage` is the one place that decides a study's priority.
 A rule naming only ``calling_ae`` / ``peer`` also sets a study's starting priority when it is queued (with the
 peer's ``priority`` the higher of the two wins), so the work queue already orders it; after analysis the whole
 list decides, and the result is never below that starting priority.
@@ -26,28 +28,17 @@ from __future__ import annotations
 
 import ast
 import json
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.pipeline.triage_rules import check, evaluate, parse
 from node.settings import PRIORITIES, TriageSettings, priority_rank
 
 STRING_ATTRIBUTES = ("calling_ae", "peer", "modality", "body_part", "requested_priority")
 QUEUE_TIME_NAMES = frozenset({"calling_ae", "peer"})
 SCORE_NAMES = ("abnormality_score", "abnormality_percentile")
-
-_COMPARISONS = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-    ast.Lt: operator.lt,
-    ast.LtE: operator.le,
-    ast.Gt: operator.gt,
-    ast.GtE: operator.ge,
-    ast.In: lambda left, right: left in right,
-    ast.NotIn: lambda left, right: left not in right,
-}
 
 
 class TriageError(ValueError):
@@ -92,59 +83,7 @@ def head_labels_from_model(model: Path) -> dict[str, list[str]] | None:
     return labels
 
 
-# --- parsing ---------------------------------------------------------------------------------------------------
-def _constant(node: ast.AST) -> Any:
-    """A number or string literal (``-1`` included), else raise ``ValueError``."""
-    if (isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str))
-            and not isinstance(node.value, bool)):
-        return node.value
-    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
-            and isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float)):
-        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
-    raise ValueError(f"only numbers and quoted strings may be compared, not {ast.unparse(node)!r}")
-
-
-def _check(node: ast.AST, names: set[str], kinds: Mapping[str, type] | None) -> None:
-    """Walk the tree, accepting only the grammar in the module docstring; collect the names used."""
-    if isinstance(node, ast.BoolOp):
-        for value in node.values:
-            _check(value, names, kinds)
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        _check(node.operand, names, kinds)
-    elif isinstance(node, ast.Compare):
-        operands = [node.left, *node.comparators]
-        for op, left, right in zip(node.ops, operands, operands[1:]):
-            if type(op) not in _COMPARISONS:
-                raise ValueError(f"operator {type(op).__name__} is not allowed")
-            if isinstance(op, (ast.In, ast.NotIn)):
-                if not isinstance(right, (ast.Tuple, ast.List, ast.Set)) or not isinstance(left, ast.Name):
-                    raise ValueError("'in' needs a name on the left and a list of constants on the right")
-                constants = [_constant(element) for element in right.elts]
-                _check_operand(left, constants, names, kinds)
-                continue
-            for side, other in ((left, right), (right, left)):
-                if isinstance(side, ast.Name):
-                    other_values = [_constant(other)] if not isinstance(other, ast.Name) else []
-                    _check_operand(side, other_values, names, kinds)
-                else:
-                    _constant(side)
-    else:
-        raise ValueError(
-            f"{ast.unparse(node)!r} is not allowed: use comparisons (== != < <= > >= in) joined by and / or / not"
-        )
-
-
-def _check_operand(name: ast.Name, constants: list[Any], names: set[str], kinds: Mapping[str, type] | None) -> None:
-    names.add(name.id)
-    if kinds is None or name.id not in kinds:
-        return
-    for constant in constants:
-        expected = kinds[name.id]
-        if (expected is str) != isinstance(constant, str):
-            wanted = "a quoted string" if expected is str else "a number"
-            raise ValueError(f"{name.id} is compared with {constant!r}, but it is {wanted}")
-
-
+# --- compiling ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CompiledRule:
     index: int
@@ -164,44 +103,7 @@ class CompiledRule:
         return self.names <= QUEUE_TIME_NAMES
 
     def matches(self, values: Mapping[str, Any]) -> bool:
-        return bool(_evaluate(self.tree.body, values))
-
-
-def _operand(node: ast.AST, values: Mapping[str, Any]) -> Any:
-    if isinstance(node, ast.Name):
-        return values.get(node.id)
-    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        return tuple(_constant(element) for element in node.elts)
-    return _constant(node)
-
-
-def _evaluate(node: ast.AST, values: Mapping[str, Any]) -> bool:
-    if isinstance(node, ast.BoolOp):
-        results = (_evaluate(value, values) for value in node.values)
-        return all(results) if isinstance(node.op, ast.And) else any(results)
-    if isinstance(node, ast.UnaryOp):
-        return not _evaluate(node.operand, values)
-    assert isinstance(node, ast.Compare)
-    operands = [node.left, *node.comparators]
-    for op, left, right in zip(node.ops, operands, operands[1:]):
-        a, b = _operand(left, values), _operand(right, values)
-        if a is None or b is None:
-            return False  # a missing value never matches
-        try:
-            if not _COMPARISONS[type(op)](a, b):
-                return False
-        except TypeError:  # e.g. a class compared with a number: validated away, but never crash the worker
-            return False
-    return True
-
-
-def check_expression(source: str) -> None:
-    """Raise ``ValueError`` if ``source`` is outside the rule grammar (names are checked later, per model)."""
-    try:
-        tree = ast.parse(source.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"not a valid expression ({exc.msg})") from None
-    _check(tree.body, set(), None)
+        return bool(evaluate(self.tree.body, values))
 
 
 def compile_rules(settings: TriageSettings, kinds: Mapping[str, type] | None) -> list[CompiledRule]:
@@ -217,14 +119,10 @@ def compile_rules(settings: TriageSettings, kinds: Mapping[str, type] | None) ->
         if rule.name in seen:
             problems.append(f"{key}.name: duplicate rule name {rule.name!r} (also triage.rules[{seen[rule.name]}])")
         seen.setdefault(rule.name, index)
-        try:
-            tree = ast.parse(rule.when.strip(), mode="eval")
-        except SyntaxError as exc:
-            problems.append(f"{key}.when: not a valid expression ({exc.msg})")
-            continue
         names: set[str] = set()
         try:
-            _check(tree.body, names, kinds)
+            tree = parse(rule.when)
+            check(tree.body, names, kinds)
         except ValueError as exc:
             problems.append(f"{key}.when: {exc}")
             continue
@@ -242,9 +140,11 @@ def compile_rules(settings: TriageSettings, kinds: Mapping[str, type] | None) ->
 
 # --- deciding --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Decision:
+class PriorityDecision:
+    """A study's priority and why: the rule's name, "peer default", a queue-time rule's name, or "default"."""
+
     rank: int
-    reason: str  # the rule's name, "peer default", a queue-time rule's name, or "default"
+    reason: str
     rule: CompiledRule | None = None
 
     @property
@@ -253,33 +153,85 @@ class Decision:
 
 
 class Triage:
-    """The compiled rules of one configuration; :meth:`starting` before analysis, :meth:`decide` after."""
+    """The one place that decides a study's priority, from the compiled rules of one configuration.
+
+    :meth:`starting` when a study is queued (the scheduler), :meth:`final` after analysis (the worker),
+    :meth:`as_queued` when no result could be built. Callers pass the values in and store what it decided;
+    storage never computes a priority.
+    """
 
     def __init__(self, settings: TriageSettings, head_labels: Mapping[str, Sequence[str]] | None) -> None:
         self.settings = settings
         self.kinds = value_kinds(head_labels) if head_labels is not None else None
         self.rules = compile_rules(settings, self.kinds)
 
-    def starting(self, calling_ae: str | None, peer_name: str | None, peer_priority: str | None) -> Decision:
+    def starting(self, calling_ae: str | None, peer_name: str | None, peer_priority: str | None) -> PriorityDecision:
         """Priority when a study is queued: the peer's, or the first matching queue-time rule's if higher."""
-        best = Decision(priority_rank(peer_priority or "routine"), "peer default")
+        best = PriorityDecision(priority_rank(peer_priority or "routine"), "peer default")
         values = {"calling_ae": calling_ae, "peer": peer_name}
         for rule in self.rules:
             if rule.queue_time and rule.matches(values):
                 if rule.rank > best.rank:
-                    best = Decision(rule.rank, rule.name, rule)
+                    best = PriorityDecision(rule.rank, rule.name, rule)
                 break
         return best
 
-    def decide(self, values: Mapping[str, Any], starting: Decision) -> Decision:
+    def decide(self, values: Mapping[str, Any], starting: PriorityDecision) -> PriorityDecision:
         """First matching rule (else ``triage.default``), never below the starting priority."""
         for rule in self.rules:
             if rule.matches(values):
-                found = Decision(rule.rank, rule.name, rule)
+                found = PriorityDecision(rule.rank, rule.name, rule)
                 break
         else:
-            found = Decision(priority_rank(self.settings.default), "default")
+            found = PriorityDecision(priority_rank(self.settings.default), "default")
         return starting if starting.rank > found.rank else found
+
+    def final(self, queued_rank: int, calling_ae: str | None, peer_name: str | None, peer_priority: str | None,
+              values: Mapping[str, Any] | None) -> PriorityDecision:
+        """Priority after analysis: the whole list over the study's ``values`` (:func:`study_values`).
+
+        Never below the starting priority, which is the queue-time decision again, or the rank the job was
+        queued with if that is higher (a "peer default"). ``values`` None (nothing analysed): the starting
+        priority.
+        """
+        starting = self.starting(calling_ae, peer_name, peer_priority)
+        if queued_rank > starting.rank:
+            starting = PriorityDecision(queued_rank, "peer default")
+        return starting if values is None else self.decide(values, starting)
+
+    @staticmethod
+    def as_queued(queued_rank: int) -> PriorityDecision:
+        """Priority of a study whose results could not be built: the rank its job was queued with."""
+        return PriorityDecision(queued_rank, "peer default")
+
+
+def header_text(header: Any, keyword: str) -> str | None:
+    """A header attribute (a pydicom Dataset's) as stripped text, None when absent or empty."""
+    value = header.get(keyword) if header is not None else None
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def requested_priority(header: Any) -> str | None:
+    """Requested Procedure Priority (0040,1003), top level or in the Request Attributes Sequence, upper case."""
+    found = header_text(header, "RequestedProcedurePriority")
+    if found is None and header is not None:
+        for item in header.get("RequestAttributesSequence") or []:
+            found = header_text(item, "RequestedProcedurePriority")
+            if found:
+                break
+    return found.upper() if found else None
+
+
+def study_attributes(header: Any, calling_ae: str | None, peer_name: str | None) -> dict[str, str | None]:
+    """The study attributes a rule may name (``STRING_ATTRIBUTES``), from a received header and its sender."""
+    return {
+        "calling_ae": calling_ae,
+        "peer": peer_name,
+        "modality": header_text(header, "Modality"),
+        "body_part": header_text(header, "BodyPartExamined"),
+        "requested_priority": requested_priority(header),
+    }
 
 
 def study_values(
@@ -315,7 +267,7 @@ def _keep_max(values: dict[str, Any], name: str, value: float | None) -> None:
     values[name] = float(value) if current is None else max(current, float(value))
 
 
-def summarise(values: Mapping[str, Any], decision: Decision, heads: Iterable[str] = ()) -> dict[str, Any]:
+def summarise(values: Mapping[str, Any], decision: PriorityDecision, heads: Iterable[str] = ()) -> dict[str, Any]:
     """The findings part of a notification: the rule, the values it named, the scores and each head's value."""
     shown = set(SCORE_NAMES) | set(heads)
     if decision.rule is not None:

@@ -30,13 +30,13 @@ from pydicom.dataset import Dataset
 from node.pipeline.eligibility import ineligibility_reason
 from node.runtime.faults import fault_point
 from node.delivery.notifier import build_payload, entries_for
-from node.pipeline.triage import Decision, Triage, study_values, summarise
+from node.pipeline.triage import PriorityDecision, Triage, header_text, study_attributes, study_values, summarise
 from storage.notifications import NotificationEntry
 from node.settings import PRIORITIES, PeerSettings, Settings
 from storage.counters import Counters
 from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
 from storage.spool import Spool
-from storage.worklist import JobInput, Worklist
+from storage.job_inputs import JobInput, JobInputs
 
 log = logging.getLogger("msknode.worker")
 
@@ -68,24 +68,6 @@ def _priority_name(rank: int) -> str:
     return PRIORITIES[max(0, min(rank, len(PRIORITIES) - 1))].upper()
 
 
-def _text(header: Dataset | None, keyword: str) -> str | None:
-    """A header attribute as stripped text, None when absent or empty."""
-    value = header.get(keyword) if header is not None else None
-    text = str(value).strip() if value is not None else ""
-    return text or None
-
-
-def _requested_priority(header: Dataset | None) -> str | None:
-    """Requested Procedure Priority (0040,1003), top level or in the Request Attributes Sequence."""
-    found = _text(header, "RequestedProcedurePriority")
-    if found is None and header is not None:
-        for item in header.get("RequestAttributesSequence") or []:
-            found = _text(item, "RequestedProcedurePriority")
-            if found:
-                break
-    return found.upper() if found else None
-
-
 def _resize(map224: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     tensor = torch.as_tensor(map224, dtype=torch.float32)[None, None]
     out = torch.nn.functional.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)
@@ -99,7 +81,7 @@ def _dataset_bytes(dataset: Dataset) -> bytes:
 
 
 class Worker:
-    def __init__(self, settings: Settings, queue: JobQueue, worklist: Worklist, spool: Spool, encoder: Any,
+    def __init__(self, settings: Settings, queue: JobQueue, job_inputs: JobInputs, spool: Spool, encoder: Any,
                  calibration: Any = None, owner: str | None = None,
                  peers: Callable[[], Sequence[PeerSettings]] | None = None, counters: Counters | None = None) -> None:
         self.settings = settings
@@ -107,7 +89,7 @@ class Worker:
         self.peers = peers or (lambda: settings.peers)
         self.counters = counters  # inference_seconds histogram for /metrics
         self.queue = queue
-        self.worklist = worklist
+        self.job_inputs = job_inputs
         self.spool = spool
         self.encoder = encoder
         self.calibration = calibration
@@ -192,7 +174,7 @@ class Worker:
 
         work = JobWork(job)
         try:
-            inputs = self.worklist.inputs(job.study_instance_uid)
+            inputs = self.job_inputs.inputs(job.study_instance_uid)
         except Exception as exc:  # database hiccup: the job is retried after its lease
             work.error = f"cannot list instances: {exc}"
             return work
@@ -270,7 +252,7 @@ class Worker:
         if work.error is not None:
             self.queue.release(job.id, self.owner, work.error)
             return
-        decision, notifications = Decision(job.priority, "peer default"), []
+        decision, notifications = Triage.as_queued(job.priority), []
         try:
             state, reason, outbox, outcomes, (decision, notifications) = self._build_results(work)
         except Exception as exc:
@@ -278,8 +260,9 @@ class Worker:
             state, reason, outbox = "failed", f"building results failed: {type(exc).__name__}: {exc}", []
             outcomes = work.outcomes
         fault_point("worker.before_finish")
-        if not self.queue.finish(job.id, self.owner, state, outcomes, outbox, reason=reason, priority=decision.rank,
-                                 priority_reason=decision.reason, notifications=notifications):
+        if not self.queue.record_results(job.id, self.owner, state, outcomes, outbox, reason=reason,
+                                         priority=decision.rank, priority_reason=decision.reason,
+                                         notifications=notifications):
             log.warning("job %d finished after losing its lease; results dropped", job.id)
             return
         log.info("job %d (study %s): %s, %d object(s) queued", job.id, job.study_instance_uid, state, len(outbox))
@@ -291,42 +274,35 @@ class Worker:
         return Triage(self.settings.triage, labels)
 
     def _triage_study(self, work: JobWork, images: list[Any], state: str, created: datetime,
-                      model_name: str) -> tuple[Decision, list[NotificationEntry]]:
-        """Priority of the study (first matching rule, never below the peer's) and its notifications."""
+                      model_name: str) -> tuple[PriorityDecision, list[NotificationEntry]]:
+        """The study's priority as triage decides it (self.triage.final) and its notifications.
+
+        The worker only gathers the values (sender, header attributes, the images' results) and passes them in.
+        """
         job, settings = work.job, self.settings
         header = work.frames[0].header if work.frames else (work.not_analysed[0][0] if work.not_analysed else None)
         calling_ae = work.frames[0].input.calling_ae_title if work.frames else None
         peer = next((p for p in self.peers() if calling_ae and p.ae_title == calling_ae.strip()), None)
-        triage = self.triage
-        starting = triage.starting(calling_ae, peer.name if peer else None, peer.priority if peer else None)
-        if job.priority > starting.rank:
-            starting = Decision(job.priority, "peer default")
-        if state != "done":
-            return starting, []
-        attributes = {
-            "calling_ae": calling_ae,
-            "peer": peer.name if peer else None,
-            "modality": _text(header, "Modality"),
-            "body_part": _text(header, "BodyPartExamined"),
-            "requested_priority": _requested_priority(header),
-        }
+        peer_name, peer_priority = (peer.name, peer.priority) if peer else (None, None)
         labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
-        values = study_values(
+        values = None if state != "done" else study_values(
             ((image.score, image.percentile, {h.name: h.probabilities for h in image.heads}) for image in images),
-            labels, attributes,
+            labels, study_attributes(header, calling_ae, peer_name),
         )
-        decision = triage.decide(values, starting)
+        decision = self.triage.final(job.priority, calling_ae, peer_name, peer_priority, values)
+        if values is None:
+            return decision, []
         payload = build_payload(
             settings.notifications, study_id=job.study_id, study_instance_uid=job.study_instance_uid,
-            accession_number=_text(header, "AccessionNumber"), priority=decision.priority,
+            accession_number=header_text(header, "AccessionNumber"), priority=decision.priority,
             findings=summarise(values, decision, labels), created_at=created, model=model_name,
-            patient={"name": _text(header, "PatientName"), "id": _text(header, "PatientID")},
+            patient={"name": header_text(header, "PatientName"), "id": header_text(header, "PatientID")},
         )
         return decision, entries_for(settings.notifications, decision.rank, payload)
 
     def _build_results(
         self, work: JobWork
-    ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], tuple[Decision, list[NotificationEntry]]]:
+    ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], tuple[PriorityDecision, list[NotificationEntry]]]:
         from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
         from node.results.sc import build_sc
         from node.results.sr import build_not_analysed_sr, build_sr
@@ -366,14 +342,14 @@ class Worker:
                              "region": None if out["region"] is None else np.asarray(out["region"]).round(1).tolist()},
                 )
             )
-        created = self.worklist.job_created_at(job.id) or datetime.now(timezone.utc)
+        created = self.job_inputs.job_created_at(job.id) or datetime.now(timezone.utc)
         triaged = self._triage_study(work, images, "done" if images else "not_analysed", created,
                                      f"{model.name} {model.version}")
         study = StudyResult(
             study_instance_uid=job.study_instance_uid, images=images, not_analysed=work.not_analysed,
             priority=_priority_name(triaged[0].rank), model=model, created_at=created, node_name=settings.node.ae_title,
         )
-        previous_path = self.worklist.previous_sr_path(job.study_instance_uid, job.id)
+        previous_path = self.job_inputs.previous_sr_path(job.study_instance_uid, job.id)
         previous = None
         if previous_path:
             try:

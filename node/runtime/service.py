@@ -21,7 +21,7 @@ from node.peers import PeerDirectory
 from node.dicom.receiver import Receiver
 from node.settings import Settings
 from storage.db import Database
-from storage.index import Index
+from storage.intake import IntakeRepository
 from storage.migrate import upgrade
 from storage.spool import Spool
 
@@ -36,7 +36,7 @@ class Runtime:
 
     settings: Settings
     database: Database
-    index: Index
+    intake: IntakeRepository
     spool: Spool
     peers: PeerDirectory  # the file's [[peers]] plus the database overlay (msknode peers ...)
     detail: dict = field(default_factory=dict)  # reported in this role's heartbeat (msknode status)
@@ -48,7 +48,7 @@ def open_runtime(settings: Settings) -> Runtime:
     log.info("database at revision %s", revision)
     database = Database(settings.storage.database_url)
     spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
-    return Runtime(settings, database, Index(database), spool, PeerDirectory(settings, database))
+    return Runtime(settings, database, IntakeRepository(database), spool, PeerDirectory(settings, database))
 
 
 def build_receiver(runtime: Runtime) -> Receiver:
@@ -56,7 +56,7 @@ def build_receiver(runtime: Runtime) -> Receiver:
     return Receiver(
         node=settings.node,
         peers=runtime.peers.effective_peers,
-        index=runtime.index,
+        index=runtime.intake,
         spool=runtime.spool,
         min_free_disk_mb=settings.storage.min_free_disk_mb,
     )
@@ -99,7 +99,7 @@ def _skip_pydicom_value_warnings() -> None:
 
 
 def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
-    interrupted = runtime.index.close_interrupted_associations()
+    interrupted = runtime.intake.close_interrupted_associations()
     if interrupted:
         log.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
     swept = runtime.spool.sweep_incoming()
@@ -159,7 +159,7 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     from engines.training.fit import load_calibration
     from node.pipeline.worker import Worker
     from storage.queue import JobQueue
-    from storage.worklist import Worklist
+    from storage.job_inputs import JobInputs
 
     from storage.counters import Counters
 
@@ -170,7 +170,7 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     encoder = engines.load(engine.model, backend=engine.backend, precision=precision)
     calibration = load_calibration(engine.model, encoder.encoder_hash) if Path(engine.model).is_dir() else None
     runtime.detail.update(engine_loaded=True, engine={**encoder.describe(), "model": str(engine.model)})
-    worker = Worker(runtime.settings, JobQueue(runtime.database), Worklist(runtime.database), runtime.spool,
+    worker = Worker(runtime.settings, JobQueue(runtime.database), JobInputs(runtime.database), runtime.spool,
                     encoder, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database))
     worker.run(stop)
 

@@ -15,9 +15,9 @@ from sqlalchemy import func, select
 
 from node.settings import PRIORITIES
 from storage.db import Database, as_utc
-from storage.index import latest_job, studies_with_instance_counts
-from storage.models import Association, ImageResult, Instance, Job, OutboxItem, Series, Study
+from storage.models import Association, ImageResultRow, Instance, Job, OutboxItem, Series, Study
 from storage.status import attention_items, queue_depths
+from storage.studies import latest_job, studies_with_instance_counts
 
 
 def priority_name(value: int | None) -> str:
@@ -130,10 +130,10 @@ class DashboardData:
                 select(func.max(Job.id).label("job_id")).where(Job.study_id.in_(ids)).group_by(Job.study_id).subquery()
             )
             jobs = {job.study_id: job for job in session.scalars(select(Job).where(Job.id.in_(select(latest.c.job_id))))}
-            results: dict[int, list[ImageResult]] = {}
+            results: dict[int, list[ImageResultRow]] = {}
             for result in session.scalars(
-                select(ImageResult).where(ImageResult.job_id.in_([job.id for job in jobs.values()]),
-                                          ImageResult.state == "analysed")
+                select(ImageResultRow).where(ImageResultRow.job_id.in_([job.id for job in jobs.values()]),
+                                             ImageResultRow.state == "analysed")
             ):
                 results.setdefault(result.job_id, []).append(result)
             return [
@@ -143,7 +143,7 @@ class DashboardData:
             ]
 
     def _study_row(self, study: Study, instances: int, series: list[tuple[str | None, str | None]],
-                   job: Job | None, analysed: list[ImageResult]) -> StudyRow:
+                   job: Job | None, analysed: list[ImageResultRow]) -> StudyRow:
         """A study's summary from its series, its latest job and that job's analysed images."""
         row = StudyRow(
             id=study.id, study_instance_uid=study.study_instance_uid, accession_number=study.accession_number,
@@ -173,9 +173,9 @@ class DashboardData:
                 .order_by(Instance.instance_number, Instance.id)
             ).all()
             job = latest_job(session, study.id)
-            results: dict[int, ImageResult] = {}
+            results: dict[int, ImageResultRow] = {}
             if job is not None:
-                for result in session.scalars(select(ImageResult).where(ImageResult.job_id == job.id)):
+                for result in session.scalars(select(ImageResultRow).where(ImageResultRow.job_id == job.id)):
                     results.setdefault(result.instance_id, result)
             series = session.execute(
                 select(Series.modality, Series.body_part_examined).where(Series.study_id == study.id)

@@ -131,11 +131,11 @@ def test_worker_sends_results_to_the_effective_peers_and_times_inference(tmp_pat
     import engines
     from node.pipeline.worker import Worker
     from storage.counters import Counters
-    from storage.index import Index
+    from storage.intake import IntakeRepository
     from storage.models import OutboxItem
     from storage.queue import JobQueue
     from storage.spool import Spool
-    from storage.worklist import Worklist
+    from storage.job_inputs import JobInputs
     from tests.helpers.models import tiny_model
     from tests.pipeline.test_worker import complete_all, phantom_datasets, receive
 
@@ -153,10 +153,10 @@ def test_worker_sends_results_to_the_effective_peers_and_times_inference(tmp_pat
     directory.remove("archive", actor="t")
     directory.add(PeerSettings(name="viewer", ae_title="VIEWER", host="127.0.0.1", receives_results=True), "t")
     encoder = engines.load(tiny_model(tmp_path / "model", width=32, layers=1), backend="cpu")
-    worker = Worker(settings, JobQueue(database), Worklist(database), spool, encoder, owner="test-worker",
+    worker = Worker(settings, JobQueue(database), JobInputs(database), spool, encoder, owner="test-worker",
                     peers=directory.effective_peers, counters=Counters(database))
     try:
-        association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+        association = IntakeRepository(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
         for dataset in phantom_datasets("overlay", 2):
             receive(database, spool, dataset, tmp_path, association)
         complete_all(database)

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from node.settings import ConfigError, TriageSettings, parse_settings
-from node.pipeline.triage import Decision, Triage, TriageError, head_labels_from_model, study_values
+from node.pipeline.triage import PriorityDecision, Triage, TriageError, head_labels_from_model, study_values
 
 HEADS = {"fracture": ["fracture"], "lesion": ["none", "lytic", "sclerotic"]}
 
@@ -50,26 +50,27 @@ ISSUE_RULES = rules(
 )
 def test_first_matching_rule_decides(study, priority: str, reason: str) -> None:
     triage = Triage(ISSUE_RULES, HEADS)
-    decision = triage.decide(study, Decision(0, "peer default"))
+    decision = triage.decide(study, PriorityDecision(0, "peer default"))
     assert (decision.priority, decision.reason) == (priority, reason)
 
 
 def test_order_of_rules_matters() -> None:
     first_high = rules(("p99", "abnormality_percentile >= 99", "high"), ("fracture", "fracture >= 0.85", "urgent"))
-    decision = Triage(first_high, HEADS).decide(values(fracture=0.9, abnormality_percentile=99.5), Decision(0, "x"))
+    decision = Triage(first_high, HEADS).decide(values(fracture=0.9, abnormality_percentile=99.5),
+                                                PriorityDecision(0, "x"))
     assert (decision.priority, decision.reason) == ("high", "p99")
 
 
 def test_peer_priority_is_the_floor_and_queue_time_rules_raise_it() -> None:
     triage = Triage(rules(("emergency department", "peer == 'ed' or calling_ae == 'ED_CR'", "urgent"),
                           ("fracture", "fracture >= 0.85", "high")), HEADS)
-    assert triage.starting("PACS", "pacs", "high") == Decision(1, "peer default")
+    assert triage.starting("PACS", "pacs", "high") == PriorityDecision(1, "peer default")
     started = triage.starting("ED_CR", None, None)
     assert (started.priority, started.reason) == ("urgent", "emergency department")
     assert triage.rules[0].queue_time and not triage.rules[1].queue_time
     # Results never lower the starting priority; they can raise it.
-    assert triage.decide(values(), Decision(1, "peer default")) == Decision(1, "peer default")
-    assert triage.decide(values(fracture=0.95), Decision(0, "peer default")).reason == "fracture"
+    assert triage.decide(values(), PriorityDecision(1, "peer default")) == PriorityDecision(1, "peer default")
+    assert triage.decide(values(fracture=0.95), PriorityDecision(0, "peer default")).reason == "fracture"
 
 
 @pytest.mark.parametrize(
@@ -171,12 +172,12 @@ def test_worker_stores_priority_writes_it_into_results_and_queues_one_notificati
     from node.pipeline.worker import Worker
     from storage import completion
     from storage.db import Database
-    from storage.index import Index, InstanceRecord
+    from storage.intake import InstanceRecord, IntakeRepository
     from storage.migrate import upgrade
     from storage.models import Job, Notification, OutboxItem, Study
     from storage.queue import JobQueue
     from storage.spool import Spool
-    from storage.worklist import Worklist
+    from storage.job_inputs import JobInputs
     from tests.helpers.dicomdata import small_instance
 
     url = f"sqlite:///{tmp_path}/t.db"
@@ -194,8 +195,8 @@ def test_worker_stores_priority_writes_it_into_results_and_queues_one_notificati
                           "smtp": {"host": "127.0.0.1", "from_address": "node@example.org", "to": ["a@example.org"]},
                           "dashboard_url": "https://node.example.org/"},
     })
-    worker = Worker(settings, JobQueue(database), Worklist(database), spool, model_with_heads, owner="w")
-    index = Index(database)
+    worker = Worker(settings, JobQueue(database), JobInputs(database), spool, model_with_heads, owner="w")
+    index = IntakeRepository(database)
     association = index.association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
     source = small_instance(seed=3)
     source.PatientName, source.PatientID, source.AccessionNumber = "Doe^Jane", "PID-4711", "ACC-77"

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from storage.models import ImageResult, Instance, OutboxItem
+from storage.models import ImageResultRow, Instance, OutboxItem
 from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeConfig, NodeProcess, Peer, free_port, wait_for
 from tests.helpers.orthanc import ORTHANC_AE, Orthanc
@@ -119,7 +119,7 @@ def test_study_from_orthanc_comes_back_with_sr_and_sc_once(loop, tmp_path: Path)
     assert report.AccessionNumber == source.AccessionNumber
 
     with node.database() as db, db.session() as session:
-        scores = [r.score for r in session.scalars(select(ImageResult).where(ImageResult.state == "analysed"))]
+        scores = [r.score for r in session.scalars(select(ImageResultRow).where(ImageResultRow.state == "analysed"))]
         delivered = session.scalars(select(OutboxItem.state)).all()
     assert len(scores) == 2 and set(delivered) == {"delivered"}
     reported = num_values(report)

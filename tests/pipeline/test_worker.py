@@ -15,12 +15,13 @@ from node.settings import parse_settings
 from node.pipeline.worker import Worker
 from storage import completion
 from storage.db import Database
-from storage.index import Index, InstanceRecord
+from storage.intake import InstanceRecord, IntakeRepository
+from storage.job_inputs import JobInputs
 from storage.migrate import upgrade
-from storage.models import ImageResult, Job, OutboxItem, Study
+from storage.models import ImageResultRow, Job, OutboxItem, Study
 from storage.queue import JobQueue
 from storage.spool import Spool
-from storage.worklist import Worklist
+from storage.studies import studies_summary
 from tests.helpers.models import tiny_model
 
 
@@ -43,7 +44,7 @@ def env(tmp_path: Path, tiny_encoder):
         "engine": {"batch_size": 4, "passes": 4},
         "results": {"report_not_analysed": True},
     })
-    worker = Worker(settings, JobQueue(database), Worklist(database), spool, tiny_encoder, owner="test-worker")
+    worker = Worker(settings, JobQueue(database), JobInputs(database), spool, tiny_encoder, owner="test-worker")
     yield database, spool, worker, settings, tmp_path
     database.dispose()
 
@@ -54,7 +55,7 @@ def receive(database: Database, spool: Spool, dataset: pydicom.Dataset, tmp: Pat
     staged = spool.incoming / "rx.dcm"
     shutil.copyfile(path, staged)
     stored = spool.commit_file(staged, dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
-    Index(database).index_instance(InstanceRecord(
+    IntakeRepository(database).index_instance(InstanceRecord(
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID, dataset.SOPClassUID,
         dataset.file_meta.TransferSyntaxUID, dataset.get("AccessionNumber"), None, dataset.Modality,
         dataset.get("BodyPartExamined"), None, None, stored.relative_path, stored.size, stored.sha256, "PACS",
@@ -77,7 +78,7 @@ def phantom_datasets(study_key: str, count: int, **kwargs) -> list[pydicom.Datas
 
 def test_study_is_analysed_with_valid_results_and_a_corrupt_image_fails_alone(env) -> None:
     database, spool, worker, _, tmp = env
-    association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    association = IntakeRepository(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
     datasets = phantom_datasets("w1", 3)
     datasets[2].PixelData = datasets[2].PixelData[:100]  # truncated pixel data: decode must fail
     for ds in datasets:
@@ -85,7 +86,7 @@ def test_study_is_analysed_with_valid_results_and_a_corrupt_image_fails_alone(en
     complete_all(database)
     assert worker.run_once() == 1
     with database.session() as session:
-        results = session.scalars(select(ImageResult)).all()
+        results = session.scalars(select(ImageResultRow)).all()
         states = sorted(r.state for r in results)
         outbox = session.scalars(select(OutboxItem)).all()
         study = session.scalar(select(Study))
@@ -105,7 +106,7 @@ def test_study_is_analysed_with_valid_results_and_a_corrupt_image_fails_alone(en
 
 def test_retry_rebuilds_identical_objects(env) -> None:
     database, spool, worker, _, tmp = env
-    association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    association = IntakeRepository(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
     for ds in phantom_datasets("w2", 2):
         receive(database, spool, ds, tmp, association)
     complete_all(database)
@@ -115,7 +116,7 @@ def test_retry_rebuilds_identical_objects(env) -> None:
         job = session.scalar(select(Job))
         job.state, job.lease_owner = "queued", None  # as if the worker had died before finishing
         session.query(OutboxItem).delete()
-        session.query(ImageResult).delete()
+        session.query(ImageResultRow).delete()
     worker.run_once()
     with database.session() as session:
         second = {item.sop_instance_uid: spool.absolute(item.path).read_bytes() for item in session.scalars(select(OutboxItem))}
@@ -125,7 +126,7 @@ def test_retry_rebuilds_identical_objects(env) -> None:
 
 def test_study_with_nothing_eligible_gets_a_not_analysed_sr_with_reasons(env) -> None:
     database, spool, worker, _, tmp = env
-    association = Index(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    association = IntakeRepository(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
     for ds in phantom_datasets("w3", 1):
         ds.BodyPartExamined = "CHEST"
         receive(database, spool, ds, tmp, association)
@@ -133,10 +134,10 @@ def test_study_with_nothing_eligible_gets_a_not_analysed_sr_with_reasons(env) ->
     worker.run_once()
     with database.session() as session:
         study = session.scalar(select(Study))
-        [result] = session.scalars(select(ImageResult)).all()
+        [result] = session.scalars(select(ImageResultRow)).all()
         [item] = session.scalars(select(OutboxItem)).all()
     assert study.status == "not_analysed" and "CHEST" in study.status_reason
     assert result.state == "ineligible" and result.reason == "body part CHEST not musculoskeletal"
     assert item.kind == "SR"
-    summary = Index(database).studies_summary()[0]
+    summary = studies_summary(database)[0]
     assert summary["status"] == "not_analysed" and summary["images"][0]["reason"] == result.reason

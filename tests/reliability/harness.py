@@ -35,7 +35,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from storage.models import ImageResult, Instance, Job, OutboxItem, Study
+from storage.models import ImageResultRow, Instance, Job, OutboxItem, Study
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.node import MSKNODE, REPO_ROOT, NodeConfig, Peer, free_port
 from tests.helpers.orthanc import ORTHANC_AE, Orthanc
@@ -455,8 +455,8 @@ class CrashRun:
                                    .join(Study, Study.id == Job.study_id)).all()
             outbox = session.execute(select(OutboxItem.job_id, OutboxItem.study_instance_uid,
                                             OutboxItem.sop_instance_uid, OutboxItem.kind, OutboxItem.state)).all()
-            analysed = dict(session.execute(select(ImageResult.job_id, func.count()).where(
-                ImageResult.state == "analysed").group_by(ImageResult.job_id)).all())
+            analysed = dict(session.execute(select(ImageResultRow.job_id, func.count()).where(
+                ImageResultRow.state == "analysed").group_by(ImageResultRow.job_id)).all())
             return jobs, outbox, analysed
 
         jobs, outbox, analysed = self._query(pipeline_rows)

@@ -17,7 +17,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select
 
-from storage.models import ImageResult, Job
+from storage.models import ImageResultRow, Job
 from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeProcess, Peer, wait_for
 from tests.intake.test_resources import small_filesystem  # noqa: F401  (the 6 MB tmpfs fixture, root only)
@@ -97,8 +97,8 @@ def test_disk_fills_mid_study_then_space_returns_and_the_study_is_analysed(
                 if job is None:
                     return None
                 assert job.state == "done", job.last_error
-                return len(session.scalars(select(ImageResult).where(
-                    ImageResult.job_id == job.id, ImageResult.state == "analysed")).all())
+                return len(session.scalars(select(ImageResultRow).where(
+                    ImageResultRow.job_id == job.id, ImageResultRow.state == "analysed")).all())
 
         assert wait_for(analysed, 120, "the study to be analysed", 0.5) == len(sent)
     finally:

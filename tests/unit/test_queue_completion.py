@@ -8,14 +8,14 @@ from sqlalchemy import select
 
 from storage import completion
 from storage.db import Database
-from storage.index import Index, InstanceRecord
+from storage.intake import InstanceRecord, IntakeRepository
 from storage.models import Job, Study
 from storage.queue import ImageOutcome, JobQueue, OutboxEntry
 
 STUDY = "1.2.826.0.1.3680043.10.1.1"
 
 
-def receive(index: Index, association_id: str, sop: str, study: str = STUDY, sha: str = "a") -> None:
+def receive(index: IntakeRepository, association_id: str, sop: str, study: str = STUDY, sha: str = "a") -> None:
     index.index_instance(
         InstanceRecord(
             study_instance_uid=study, series_instance_uid=study + ".1", sop_instance_uid=sop,
@@ -27,7 +27,7 @@ def receive(index: Index, association_id: str, sop: str, study: str = STUDY, sha
     )
 
 
-def open_association(index: Index) -> str:
+def open_association(index: IntakeRepository) -> str:
     return index.association_requested("PACS", "MSKNODE", "127.0.0.1", 1234, "pacs", None)
 
 
@@ -37,7 +37,7 @@ def decide(db: Database, seconds_later: float, settle: float = 10, force: float 
 
 
 def test_released_and_quiet_study_completes(db: Database) -> None:
-    index = Index(db)
+    index = IntakeRepository(db)
     assoc = open_association(index)
     receive(index, assoc, STUDY + ".1.1")
     assert decide(db, 60)[0].waiting_reason == "association still open"
@@ -48,7 +48,7 @@ def test_released_and_quiet_study_completes(db: Database) -> None:
 
 
 def test_aborted_association_does_not_complete_until_forced(db: Database) -> None:
-    index = Index(db)
+    index = IntakeRepository(db)
     assoc = open_association(index)
     receive(index, assoc, STUDY + ".1.1")
     index.association_ended(assoc, "aborted", 1)
@@ -59,13 +59,13 @@ def test_aborted_association_does_not_complete_until_forced(db: Database) -> Non
 
 
 def test_late_instance_requeues_a_processed_study(db: Database) -> None:
-    index, queue = Index(db), JobQueue(db)
+    index, queue = IntakeRepository(db), JobQueue(db)
     assoc = open_association(index)
     receive(index, assoc, STUDY + ".1.1")
     index.association_ended(assoc, "released", 1)
     completion.tick(db, queue, lambda _ae: 0, 600)
     [job] = queue.claim("w1", lease_seconds=60)
-    assert queue.finish(job.id, "w1", "done", [], [])
+    assert queue.record_results(job.id, "w1", "done", [], [], priority=job.priority, priority_reason="peer default")
     assert decide(db, 60) == []  # nothing new
     late = open_association(index)
     receive(index, late, STUDY + ".1.2")
@@ -75,7 +75,7 @@ def test_late_instance_requeues_a_processed_study(db: Database) -> None:
     assert again.study_revision == 2
 
 
-def make_study(db: Database, index: Index, queue: JobQueue, n: int, priority: int) -> int:
+def make_study(db: Database, index: IntakeRepository, queue: JobQueue, n: int, priority: int) -> int:
     study = f"{STUDY}.{n}"
     assoc = open_association(index)
     receive(index, assoc, study + ".1", study=study)
@@ -87,7 +87,7 @@ def make_study(db: Database, index: Index, queue: JobQueue, n: int, priority: in
 
 
 def test_urgent_is_claimed_before_older_routine_work(db: Database) -> None:
-    index, queue = Index(db), JobQueue(db)
+    index, queue = IntakeRepository(db), JobQueue(db)
     routine = [make_study(db, index, queue, n, 0) for n in range(5)]
     urgent = make_study(db, index, queue, 99, 2)
     claimed = queue.claim("w1", lease_seconds=60, limit=2)
@@ -95,7 +95,7 @@ def test_urgent_is_claimed_before_older_routine_work(db: Database) -> None:
 
 
 def test_expired_lease_is_reclaimed_and_attempts_are_bounded(db: Database) -> None:
-    index, queue = Index(db), JobQueue(db)
+    index, queue = IntakeRepository(db), JobQueue(db)
     job_id = make_study(db, index, queue, 1, 0)
     for attempt in range(1, 4):
         [job] = queue.claim(f"w{attempt}", lease_seconds=-1, max_attempts=3)  # lease already expired
@@ -108,21 +108,22 @@ def test_expired_lease_is_reclaimed_and_attempts_are_bounded(db: Database) -> No
 
 
 def test_a_worker_that_lost_its_lease_cannot_finish(db: Database) -> None:
-    index, queue = Index(db), JobQueue(db)
+    index, queue = IntakeRepository(db), JobQueue(db)
     make_study(db, index, queue, 1, 0)
     [job] = queue.claim("old", lease_seconds=-1)
     [same] = queue.claim("new", lease_seconds=60)
     assert same.id == job.id
     assert queue.heartbeat("old", [job.id], 60) == [job.id]
     entry = OutboxEntry("1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "SR", "out/sr.dcm", "pacs")
-    assert not queue.finish(job.id, "old", "done", [ImageOutcome(1, "analysed", score=0.1)], [entry])
-    assert queue.finish(job.id, "new", "done", [ImageOutcome(1, "analysed", score=0.1)], [entry])
+    images = [ImageOutcome(1, "analysed", score=0.1)]
+    assert not queue.record_results(job.id, "old", "done", images, [entry], priority=0, priority_reason="peer default")
+    assert queue.record_results(job.id, "new", "done", images, [entry], priority=0, priority_reason="peer default")
 
 
 def test_concurrent_workers_never_claim_the_same_job(db: Database) -> None:
     import threading
 
-    index, queue = Index(db), JobQueue(db)
+    index, queue = IntakeRepository(db), JobQueue(db)
     jobs = {make_study(db, index, queue, n, 0) for n in range(24)}
     claimed: list[int] = []
     lock = threading.Lock()

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select, update
 
 from storage.db import Database
-from storage.index import Index, InstanceRecord
+from storage.intake import InstanceRecord, IntakeRepository
 from storage.migrate import upgrade
 from storage.models import OutboxItem, Study
 from storage.queue import JobQueue, OutboxEntry
@@ -27,7 +27,7 @@ def env(tmp_path: Path):
 
 
 def finished_study(database: Database, spool: Spool, n: int, delivered: bool) -> str:
-    index, queue = Index(database), JobQueue(database)
+    index, queue = IntakeRepository(database), JobQueue(database)
     study = f"1.2.3.{n}"
     incoming = spool.incoming / f"rx{n}"
     incoming.write_bytes(b"dicom" * n)
@@ -44,7 +44,8 @@ def finished_study(database: Database, spool: Spool, n: int, delivered: bool) ->
     queue.enqueue(study_id, revision, 0)
     [job] = queue.claim("w", 60)
     result_path = spool.write_result(study, "2.25.1", f"2.25.{n}", b"sr")
-    queue.finish(job.id, "w", "done", [], [OutboxEntry(f"2.25.{n}", "1.2.840.10008.5.1.4.1.1.88.34", "SR", result_path, "pacs")])
+    queue.record_results(job.id, "w", "done", [], [OutboxEntry(f"2.25.{n}", "1.2.840.10008.5.1.4.1.1.88.34", "SR", result_path, "pacs")],
+                         priority=job.priority, priority_reason="peer default")
     with database.session() as session:
         session.execute(update(OutboxItem).where(OutboxItem.study_instance_uid == study)
                         .values(state="delivered" if delivered else "dead"))

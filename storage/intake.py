@@ -1,6 +1,7 @@
-"""Database side of intake: index received instances and keep the association audit log.
+"""The intake repository: index received instances and keep the association audit log.
 
-Called by the receiver (which speaks DIMSE) so that the receiver itself never touches SQL.
+Called by the receiver (which speaks DIMSE) so that the receiver itself never touches SQL. Reading the
+studies back (``msknode studies``, the dashboard) is storage/studies.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from sqlalchemy.orm import Session
 from storage.counters import increment
 from storage.db import Database, utcnow
 from storage.group_commit import GroupCommitter
-from storage.models import Association, ImageResult, Instance, InstanceReplacement, Job, OutboxItem, Series, Study
-
+from storage.models import Association, Instance, InstanceReplacement, Series, Study
 
 
 @dataclass(frozen=True)
@@ -68,29 +68,6 @@ def _count_instances(session: Session, records: Sequence[InstanceRecord], result
     increment(session, "received_bytes", None, sum(record.size_bytes for record in records))
 
 
-def studies_with_instance_counts(session: Session, order_by: Sequence[Any], limit: int) -> list[tuple[Study, int]]:
-    """Studies with how many instances each holds, in ``order_by`` order (the CLI's and the dashboard's lists)."""
-    counts = (
-        select(Instance.study_instance_uid, func.count(Instance.id).label("instances"))
-        .group_by(Instance.study_instance_uid)
-        .subquery()
-    )
-    rows = session.execute(
-        select(Study, func.coalesce(counts.c.instances, 0))
-        .outerjoin(counts, counts.c.study_instance_uid == Study.study_instance_uid)
-        .order_by(*order_by)
-        .limit(limit)
-    ).all()
-    return [(study, int(instances)) for study, instances in rows]
-
-
-def latest_job(session: Session, study_id: int) -> Job | None:
-    """The study's most recent job (its results are the current ones)."""
-    return session.scalar(
-        select(Job).where(Job.study_id == study_id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
-    )
-
-
 # The instances columns copied as they are from the receiver's record.
 _INSTANCE_COLUMNS_FROM_RECORD = (
     "sop_class_uid", "transfer_syntax_uid", "study_instance_uid", "accession_number", "modality",
@@ -126,12 +103,12 @@ class _Intake:
         replaced_count=func.coalesce(_INSTANCES.c.replaced_count, 0) + 1)
 
 
-class Index:
-    """Intake's view of the database."""
+class IntakeRepository:
+    """Intake's view of the database: the association audit and the instances' rows (the receiver's only way in)."""
 
     def __init__(self, database: Database) -> None:
         self.db = database
-        # The receiver's association threads write through one Index. SQLite has one writer at a time and its
+        # The receiver's association threads write through one IntakeRepository. SQLite has one writer at a time and its
         # busy handler makes a waiting connection sleep in steps of up to 100 ms: with eight concurrent
         # senders that gave C-STORE responses a multi-second tail (benchmarks/load.py). The threads queue on
         # this lock instead, so only other processes' writes meet the busy handler. PostgreSQL locks rows.
@@ -297,72 +274,3 @@ class Index:
         )
         connection.execute(_Intake.replace_instance, {"key": existing.id, **values})
         return IndexResult(IndexOutcome.REPLACED, previous_spool_path=existing.spool_path)
-
-    # -- queries -----------------------------------------------------------------------------
-    def studies_summary(self, limit: int = 1000) -> list[dict[str, object]]:
-        """One entry per study, newest first (used by ``msknode studies``)."""
-        with self.db.session() as session:
-            result: list[dict[str, object]] = []
-            for study, instances in studies_with_instance_counts(session, [Study.last_received_at.desc()], limit):
-                modalities = session.scalars(
-                    select(Series.modality).where(Series.study_id == study.id).distinct()
-                ).all()
-                result.append(
-                    {
-                        "study_instance_uid": study.study_instance_uid,
-                        "accession_number": study.accession_number,
-                        "instances": instances,
-                        "series": len(study.series),
-                        "modalities": sorted(m for m in modalities if m),
-                        "status": study.status,
-                        "reason": study.status_reason,
-                        "priority": ("routine", "high", "urgent")[max(0, min(study.priority or 0, 2))],
-                        "first_received": study.first_received_at.isoformat(),
-                        "last_received": study.last_received_at.isoformat(),
-                        **self._processing_summary(session, study),
-                    }
-                )
-            return result
-
-    @staticmethod
-    def _processing_summary(session, study: Study) -> dict[str, object]:  # type: ignore[no-untyped-def]
-        """The latest job's per-image outcomes and the delivery state per destination."""
-        job = latest_job(session, study.id)
-        images: list[dict[str, object]] = []
-        if job is not None:
-            rows = session.execute(
-                select(ImageResult, Instance.sop_instance_uid)
-                .join(Instance, Instance.id == ImageResult.instance_id)
-                .where(ImageResult.job_id == job.id)
-                .order_by(ImageResult.id)
-            ).all()
-            images = [
-                {"sop_instance_uid": uid, "frame": r.frame_index, "state": r.state, "reason": r.reason, "score": r.score}
-                for r, uid in rows
-            ]
-        deliveries: dict[str, dict[str, int]] = {}
-        for destination, state, count in session.execute(
-            select(OutboxItem.destination, OutboxItem.state, func.count())
-            .where(OutboxItem.study_instance_uid == study.study_instance_uid)
-            .group_by(OutboxItem.destination, OutboxItem.state)
-        ).all():
-            deliveries.setdefault(destination, {})[state] = int(count)
-        return {
-            "job": None if job is None else {"id": job.id, "state": job.state, "attempts": job.attempts, "error": job.last_error},
-            "images": images,
-            "deliveries": deliveries,
-        }
-
-    def instance_paths(self, study_instance_uid: str) -> list[str]:
-        with self.db.session() as session:
-            return list(
-                session.scalars(
-                    select(Instance.spool_path).where(Instance.study_instance_uid == study_instance_uid)
-                )
-            )
-
-    def associations(self, limit: int = 100) -> list[Association]:
-        with self.db.session() as session:
-            return list(
-                session.scalars(select(Association).order_by(Association.started_at.desc()).limit(limit))
-            )

@@ -1,4 +1,4 @@
-"""storage.index: one group-commit transaction indexes several instances exactly as one-by-one indexing would."""
+"""storage.intake: one group-commit transaction indexes several instances exactly as one-by-one indexing would."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage.db import Database
-from storage.index import Index, IndexOutcome, IndexResult, InstanceRecord
+from storage.intake import IndexOutcome, IndexResult, InstanceRecord, IntakeRepository
 from storage.models import Counter, Instance, InstanceReplacement, Series, Study
 
 STUDY = "1.2.826.0.1.3680043.10.2.1"
@@ -19,9 +19,9 @@ ASSOCIATION: dict[str, str] = {}
 
 
 @pytest.fixture
-def index(db: Database) -> Index:
-    """An Index with one open association (instances reference it)."""
-    index = Index(db)
+def index(db: Database) -> IntakeRepository:
+    """An IntakeRepository with one open association (instances reference it)."""
+    index = IntakeRepository(db)
     ASSOCIATION["id"] = index.association_requested("PACS", "MSKNODE", "127.0.0.1", 104, "pacs", None)
     return index
 
@@ -36,7 +36,7 @@ def record(sop: str, sha: str = "a", study: str = STUDY, accession: str | None =
     )
 
 
-def test_one_batch_new_duplicate_and_replaced_in_order(db: Database, index: Index) -> None:
+def test_one_batch_new_duplicate_and_replaced_in_order(db: Database, index: IntakeRepository) -> None:
     results = index._index_batch([record("1.1", "a"), record("1.1", "a"), record("1.2", "b"), record("1.2", "c")])
     assert results == [
         IndexResult(IndexOutcome.NEW), IndexResult(IndexOutcome.DUPLICATE),
@@ -58,14 +58,14 @@ def test_one_batch_new_duplicate_and_replaced_in_order(db: Database, index: Inde
     assert counters[("received_bytes", "")] == 400
 
 
-def test_a_missing_accession_is_filled_by_a_later_instance(db: Database, index: Index) -> None:
+def test_a_missing_accession_is_filled_by_a_later_instance(db: Database, index: IntakeRepository) -> None:
     index.index_instance(record("2.1", accession=None))
     index.index_instance(record("2.2", accession="LATER"))
     with db.session() as session:
         assert session.scalars(select(Study)).one().accession_number == "LATER"
 
 
-def test_a_bad_record_fails_alone(db: Database, index: Index) -> None:
+def test_a_bad_record_fails_alone(db: Database, index: IntakeRepository) -> None:
     bad = dataclasses.replace(record("3.2"), sop_class_uid=None)  # type: ignore[arg-type]  # NOT NULL column
     results = index._index_batch([record("3.1"), bad, record("3.3")])
     assert results[0] == IndexResult(IndexOutcome.NEW) and results[2] == IndexResult(IndexOutcome.NEW)
@@ -74,7 +74,7 @@ def test_a_bad_record_fails_alone(db: Database, index: Index) -> None:
         assert sorted(session.scalars(select(Instance.sop_instance_uid))) == ["3.1", "3.3"]
 
 
-def test_concurrent_associations_each_get_their_own_committed_row(db: Database, index: Index) -> None:
+def test_concurrent_associations_each_get_their_own_committed_row(db: Database, index: IntakeRepository) -> None:
     outcomes: dict[str, IndexOutcome] = {}
 
     def receive(n: int) -> None:

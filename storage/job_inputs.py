@@ -1,4 +1,5 @@
-"""What a worker needs from the database about a claimed job: its instances, who sent them, earlier SRs."""
+"""A claimed job's inputs: what a worker reads about it from the database (its instances and who sent them,
+the job's creation time, the study's earlier SR). Not a DICOM Modality Worklist."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from storage.db import Database
-from storage.models import Instance, Job, OutboxItem, Study
+from storage.models import Instance, Job, OutboxItem
 
 
 @dataclass(frozen=True)
 class JobInput:
+    """One stored instance of the job's study."""
+
     instance_id: int
     sop_instance_uid: str
     spool_path: str
@@ -19,7 +22,9 @@ class JobInput:
     calling_ae_title: str
 
 
-class Worklist:
+class JobInputs:
+    """Reads a job's inputs (the worker's only way to the study's rows)."""
+
     def __init__(self, database: Database) -> None:
         self.db = database
 
@@ -51,9 +56,3 @@ class Worklist:
                 .order_by(OutboxItem.created_at.desc(), OutboxItem.id.desc())
                 .limit(1)
             )
-
-    def study_priority(self, study_instance_uid: str) -> int:
-        with self.db.session() as session:
-            return session.scalar(
-                select(Study.priority).where(Study.study_instance_uid == study_instance_uid)
-            ) or 0
