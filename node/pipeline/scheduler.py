@@ -14,8 +14,8 @@ import threading
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.peers import PeerDirectory
-from node.settings import Settings
 from node.pipeline.triage import Triage
+from node.settings import Settings
 from storage import completion
 from storage.db import Database
 from storage.queue import JobQueue
@@ -35,6 +35,7 @@ class Scheduler:
         self.peers = PeerDirectory(settings, database)  # file + database overlay, so CLI edits apply
 
     def _initial_priority(self, calling_ae_title: str | None) -> int:
+        """The rank a new job is queued with, as triage decides it (Triage.starting); the queue stores it as given."""
         peer = self.peers.by_ae_title(calling_ae_title)
         # The peer's priority, or a higher one from a triage rule that names only the sender (node/pipeline/triage.py).
         return self.triage.starting(calling_ae_title, peer.name if peer else None, peer.priority if peer else None).rank

@@ -27,18 +27,23 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
-from node.pipeline.eligibility import ineligibility_reason
-from node.runtime.faults import fault_point
 from node.delivery.notifier import build_payload, entries_for
+from node.pipeline.eligibility import ineligibility_reason
 from node.pipeline.triage import PriorityDecision, Triage, header_text, study_attributes, study_values, summarise
-from storage.notifications import NotificationEntry
+from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
+from node.results.sc import build_sc
+from node.results.sr import build_not_analysed_sr, build_sr
+from node.runtime.faults import fault_point
 from node.settings import PRIORITIES, PeerSettings, Settings
 from storage.counters import Counters
+from storage.job_inputs import JobInput, JobInputs
+from storage.notifications import NotificationEntry
 from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
 from storage.spool import Spool
-from storage.job_inputs import JobInput, JobInputs
 
 log = logging.getLogger("msknode.worker")
+
+Triaged = tuple[PriorityDecision, list[NotificationEntry]]  # the study's priority and its notifications
 
 
 @dataclass
@@ -274,7 +279,7 @@ class Worker:
         return Triage(self.settings.triage, labels)
 
     def _triage_study(self, work: JobWork, images: list[Any], state: str, created: datetime,
-                      model_name: str) -> tuple[PriorityDecision, list[NotificationEntry]]:
+                      model_name: str) -> Triaged:
         """The study's priority as triage decides it (self.triage.final) and its notifications.
 
         The worker only gathers the values (sender, header attributes, the images' results) and passes them in.
@@ -302,11 +307,7 @@ class Worker:
 
     def _build_results(
         self, work: JobWork
-    ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], tuple[PriorityDecision, list[NotificationEntry]]]:
-        from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
-        from node.results.sc import build_sc
-        from node.results.sr import build_not_analysed_sr, build_sr
-
+    ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], Triaged]:
         job, settings = work.job, self.settings
         encoder = self.encoder
         model = ModelInfo(
