@@ -33,16 +33,11 @@ if str(ROOT) not in sys.path:
 
 from engines.training.evaluation import evaluate_localisation, phantom_input  # noqa: E402
 from engines.training.phantoms import KINDS, generate  # noqa: E402
-from engines.training.fit import (  # noqa: E402
-    DEMO_CONFIG,
-    Calibration,
-    PretrainSettings,
-    fit_linear_probe,
-    pretrain_mae,
-    probe_to_head,
-    to_uint8_224,
-)
-from engines.mae.model import MAEConfig, MaskedAutoencoderViT  # noqa: E402
+from engines.calibration import Calibration  # noqa: E402
+from engines.training.inputs import to_uint8_224  # noqa: E402
+from engines.training.pretrain import DEMO_CONFIG, PretrainSettings, pretrain_mae  # noqa: E402
+from engines.training.probes import fit_linear_probe, probe_to_head  # noqa: E402
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT  # noqa: E402
 
 log = logging.getLogger("demo_model")
 

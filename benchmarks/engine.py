@@ -2,7 +2,7 @@
 
 ViT-L/16 shapes with random weights (throughput does not depend on the values). The reference is what
 ``zero_shot_heatmap.py`` does per image: transformers ``ViTMAEForPreTraining``, one extra masked forward plus
-10 sequential masked forwards, each image alone. Ours: ``Encoder.error_map`` with all passes of several images
+10 sequential masked forwards, each image alone. Ours: ``MAEModel.error_map`` with all passes of several images
 in one batch, the patch projection once per image, fused qkv + SDPA, no extra pass.
 
 Both runs use the same masks (the reference gets each pass's noise), so the maps are compared directly
@@ -25,11 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engines.imaging.preprocessor_config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tests.engines.reference_models import random_vitl_pair  # noqa: E402
 
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 1, 3)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 1, 3)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 1, 1, 3)
+STD = torch.tensor(IMAGENET_STD).view(1, 1, 1, 3)
 
 
 @torch.inference_mode()
@@ -80,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from engines.backends.torch_backend import TorchBackend, cpu_supports_bf16
-    from engines.mae.encoder import Encoder
+    from engines.mae.family import MAEModel
     from engines.mae.errormap import noise_from_seed
 
     print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
@@ -90,8 +91,8 @@ def main() -> None:
     ours = {"fp32": fp32}
     for precision in args.precision:
         if precision != "fp32":
-            backend = TorchBackend(fp32.model, "cpu", precision)
-            ours[precision] = Encoder(fp32.model, name=f"vit-l-{precision}", backend=backend)
+            backend = TorchBackend(fp32.network, "cpu", precision)
+            ours[precision] = MAEModel(fp32.network, name=f"vit-l-{precision}", backend=backend)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(max(args.images, args.ref_images), 3, 224, 224, generator=generator)
     noise = noise_from_seed(0, args.passes, 196)

@@ -2,25 +2,29 @@
 
 The choice and the precision are logged and kept on the backend (``name``, ``precision``), so the worker can
 show them in /healthz.
+
+Backends know no model family: the torch backends run a module that offers the graphs of
+:class:`~engines.backends.base.TorchGraphs`, and a family that can run under TensorRT passes a factory that
+exports its own ONNX graphs (``engines.mae.backend``). So this package imports nothing from a family.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
-from engines.backends.base import Backend
-from engines.mae.model import MaskedAutoencoderViT
+from engines.backends import torch_backend
+from engines.backends.base import Backend, TorchGraphs
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16", "tensorrt": "fp16"}
 
-__all__ = ["Backend", "BACKENDS", "select_backend", "resolve_backend_name", "tensorrt_available"]
+__all__ = ["Backend", "BACKENDS", "TorchGraphs", "select_backend", "resolve_backend_name", "tensorrt_available"]
 
 
 def tensorrt_available() -> bool:
@@ -50,23 +54,25 @@ def resolve_backend_name(backend: str | None = None, device: str = "cpu") -> str
 
 
 def select_backend(
-    model: MaskedAutoencoderViT,
+    graphs: TorchGraphs,
     backend: str | None = None,
     device: str = "cpu",
     precision: str | None = None,
-    source: Path | None = None,
-    plan_cache_dir: Path | None = None,
+    tensorrt: Callable[[str], Backend] | None = None,
 ) -> Backend:
-    """Build the backend for ``model``; an explicit choice that cannot run raises, auto falls back and says so."""
-    from engines.backends.torch_backend import TorchBackend
+    """Build the backend that runs ``graphs``; an explicit choice that cannot run raises, auto falls back and says so.
 
+    ``tensorrt(precision)`` builds the TensorRT backend (the family exports its graphs); None: the family has no
+    TensorRT graphs, so ``tensorrt`` is refused (explicit) or skipped (auto).
+    """
+    TorchBackend = torch_backend.TorchBackend  # looked up at call time, so tests can stand in for CUDA
     name = resolve_backend_name(backend, device)
     chosen: Backend
     if name == "tensorrt":
         try:
-            from engines.backends.tensorrt_backend import TensorRTBackend
-
-            chosen = TensorRTBackend.from_model(model, precision=precision or "fp16", cache_dir=plan_cache_dir)
+            if tensorrt is None:
+                raise RuntimeError("this model family has no TensorRT graphs")
+            chosen = tensorrt(precision or DEFAULT_PRECISION["tensorrt"])
         except Exception as exc:
             if backend == "tensorrt":
                 raise  # asked for explicitly: say why it cannot run
@@ -74,8 +80,8 @@ def select_backend(
             name = "cuda"
     if name == "cuda":
         cuda_device = device if device.startswith("cuda") else "cuda"
-        chosen = TorchBackend(model, device=cuda_device, precision=precision or DEFAULT_PRECISION["cuda"])
+        chosen = TorchBackend(graphs, device=cuda_device, precision=precision or DEFAULT_PRECISION["cuda"])
     elif name == "cpu":
-        chosen = TorchBackend(model, device="cpu", precision=precision or DEFAULT_PRECISION["cpu"])
+        chosen = TorchBackend(graphs, device="cpu", precision=precision or DEFAULT_PRECISION["cpu"])
     log.info("engine backend: %s (%s) on %s", chosen.name, chosen.precision, chosen.device)
     return chosen

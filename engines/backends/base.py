@@ -1,10 +1,28 @@
-"""The one interface every backend offers the :class:`~engines.mae.encoder.Encoder`."""
+"""What a backend offers a model family (:class:`Backend`), and what the torch backends need from a module.
+
+Tensors in, tensors out: a backend never imports a family's model code.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
+
+
+class TorchGraphs(Protocol):
+    """A ``torch.nn.Module`` offering the three graphs the torch backends run (``MaskedAutoencoderViT`` does).
+
+    ``has_decoder`` False: only ``embed`` exists (no reconstructions, so no error map).
+    """
+
+    has_decoder: bool
+
+    def embed(self, x: Tensor) -> Tensor: ...
+
+    def forward_encoder_masked(self, x: Tensor, ids_keep: Tensor) -> Tensor: ...
+
+    def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor: ...
 
 
 @runtime_checkable

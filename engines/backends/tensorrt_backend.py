@@ -29,8 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.mae.model import MaskedAutoencoderViT
-
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MSKNODE_ENGINE_CACHE", Path.home() / ".cache" / "msknode" / "engines"))
@@ -55,23 +53,6 @@ class BatchProfile:
     max_images: int = 16
     passes: int = 10
 
-    def shapes(
-        self, graph: str, keep: int, tokens: int, dim: int, patches: int, image: int
-    ) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """input name -> (min, opt, max) shapes for one graph."""
-        imgs = (self.min_images, self.opt_images, self.max_images)
-        rows = tuple(n * self.passes for n in imgs)
-        if graph == "encoder_full":
-            return {"pixels": tuple((n, 3, image, image) for n in imgs)}
-        if graph == "encoder_masked":
-            return {
-                "pixels": tuple((n, 3, image, image) for n in imgs),
-                "ids_keep": tuple((n, self.passes, keep) for n in imgs),
-            }
-        if graph == "decoder":
-            return {"latent": tuple((r, tokens, dim) for r in rows), "ids_restore": tuple((r, patches) for r in rows)}
-        raise ValueError(f"unknown graph {graph!r}")
-
 
 @dataclass(frozen=True)
 class PlanKey:
@@ -87,6 +68,14 @@ class PlanKey:
     def file_name(self, graph: str) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
         return f"{graph}-{digest}.plan"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def current_gpu() -> tuple[str, str]:
@@ -232,40 +221,30 @@ class TensorRTBackend:
         self.profile = profile
 
     @classmethod
-    def from_model(
+    def from_onnx(
         cls,
-        model: MaskedAutoencoderViT,
+        graphs: dict[str, tuple[Path, dict[str, tuple[tuple[int, ...], ...]]]],
         precision: str = "fp16",
         cache_dir: Path | None = None,
         profile: BatchProfile | None = None,
         trt: ModuleType | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> TensorRTBackend:
-        """Export ONNX (cached by encoder hash), then load or build one plan per graph."""
-        from engines.mae.encoder import encoder_sha256
-        from engines.backends.onnx_export import GRAPH_NAMES, export_onnx, file_sha256
+        """Load or build one plan per graph: ``graphs`` maps a graph name to (ONNX file, input -> (min, opt, max)).
 
+        The family exports the ONNX files and computes the shapes for ``profile`` (``engines.mae.backend``).
+        """
         trt = trt or import_tensorrt()
         if not torch.cuda.is_available():
             raise RuntimeError("TensorRT needs a CUDA device")
         cache = PlanCache(cache_dir or DEFAULT_CACHE_DIR)
         profile = profile or BatchProfile()
-        graphs = GRAPH_NAMES if model.has_decoder else ("encoder_full",)
-        full_hash = hashlib.sha256(json.dumps([encoder_sha256(model), model.has_decoder]).encode()).hexdigest()
-        onnx_dir = cache.directory / "onnx" / full_hash[:24]
-        if not all((onnx_dir / f"{g}.onnx").is_file() for g in graphs):
-            if progress:
-                progress("exporting ONNX")
-            export_onnx(model.cpu(), onnx_dir, graphs=graphs, passes=profile.passes)
         gpu_name, capability = current_gpu()
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        c = model.config
         runners, keys = {}, {}
-        for graph in graphs:
-            onnx_path = onnx_dir / f"{graph}.onnx"
+        for graph, (onnx_path, shapes) in graphs.items():
             key = PlanKey(file_sha256(onnx_path), gpu_name, capability, trt.__version__, precision, repr(profile))
-            shapes = profile.shapes(graph, c.len_keep, c.len_keep + 1, c.hidden_size, c.num_patches, c.image_size)
 
             def build(onnx_path: Path = onnx_path, shapes=shapes, key: PlanKey = key, graph: str = graph) -> bytes:
                 if progress:

@@ -1,18 +1,20 @@
 """torch backends: CPU (fp32 default, bf16 on request) and CUDA (fp16/bf16, optional torch.compile).
 
-The backend keeps its own copy of the model in the run precision, so the Encoder's fp32 weights (and their
-hash) never change. Outputs are returned as fp32 so error-map arithmetic is the same on every backend.
+The backend keeps its own copy of the model in the run precision, so the loaded model's fp32 weights (and
+their hash) never change. Outputs are returned as fp32 so error-map arithmetic is the same on every backend.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.ao.quantization import quantize_dynamic
 
-from engines.mae.model import MaskedAutoencoderViT
+from engines.backends.base import TorchGraphs
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class TorchBackend:
 
     def __init__(
         self,
-        model: MaskedAutoencoderViT,
+        model: TorchGraphs,
         device: str = "cpu",
         precision: str = "fp32",
         compile: bool = False,
@@ -90,16 +92,12 @@ class TorchBackend:
         return {"backend": self.name, "precision": self.precision, "device": self.device}
 
 
-def quantize_linear_int8(model: MaskedAutoencoderViT) -> MaskedAutoencoderViT:
+def quantize_linear_int8(model: nn.Module) -> nn.Module:
     """Dynamic int8 quantisation of every ``nn.Linear`` (fbgemm: int8 weights, per-batch activation scales).
 
     About 2x the fp32 GEMM throughput on an AVX2 CPU; outputs stay fp32. Opt-in only: maps must be checked
     against fp32 (Pearson) before a site uses it, and heads were trained on fp32 embeddings.
     """
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao eager quantisation announces its move to torchao
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -11,6 +11,10 @@ Order (policy and reasons in ``docs/preprocessing.md``):
 6. SKELEX's path exactly: per-image global min-max to uint8 (float32, truncating cast), grey -> 3
    channels, PIL bilinear resize to 224 x 224 without crop (PIL antialiases on downscale, like HF's
    ViTImageProcessor with resample=2), /255, ImageNet mean / std.
+
+Size, filter, rescale factor and mean / std of step 6 come from the model's ``preprocessor_config.json``
+(``preprocessing=``, a :class:`~engines.imaging.preprocessor_config.PreprocessorConfig`); the default is
+SKELEX's (224, bilinear, ImageNet).
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from engines.imaging.decode import (
     require_attributes,
 )
 from engines.imaging.geometry import MODEL_SIZE, SourceGeometry
+from engines.imaging.preprocessor_config import IMAGENET_224, IMAGENET_MEAN, IMAGENET_STD, PreprocessorConfig
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IMAGENET_224",
     "Preprocessed",
+    "PreprocessorConfig",
     "PreprocessError",
     "VOIPolicy",
     "preprocess",
@@ -47,8 +54,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VOIPolicy = Literal["auto", "window", "lut", "none"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DISPLAY_SIZE = 2048
 #: Smallest decoded side a reduced-resolution decode may leave for the model path: 2 x 224, so that the
 #: final PIL resize still antialiases as it does from the full image. Measured on a 2500 x 2048 radiograph,
@@ -63,7 +68,7 @@ _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL
 class Preprocessed(NamedTuple):
     """Model input plus what is needed to map results back onto the source image."""
 
-    tensor: torch.Tensor  # [F, 3, 224, 224] float32, ImageNet-normalised
+    tensor: torch.Tensor  # [F, 3, H, W] float32 (224 x 224 ImageNet-normalised by default)
     geometry: SourceGeometry
     display: list[np.ndarray]  # per frame, uint8 grey after LUTs, long side <= display_size
 
@@ -84,40 +89,42 @@ def to_uint8_minmax(array: np.ndarray) -> np.ndarray:
     return np.clip(values, 0, 255, out=values).astype(np.uint8)
 
 
-def _normalise(rgb8: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 [3, H, W]: /255 then ImageNet mean / std (HF's rescale + normalize)."""
-    scaled = rgb8.astype(np.float32) * np.float32(1 / 255)
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+def _normalise(rgb8: np.ndarray, preprocessing: PreprocessorConfig = IMAGENET_224) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 [3, H, W]: x rescale factor (1/255) then mean / std (HF's rescale + normalize)."""
+    scaled = rgb8.astype(np.float32) * np.float32(preprocessing.rescale_factor)
+    mean = np.asarray(preprocessing.image_mean, dtype=np.float32)
+    std = np.asarray(preprocessing.image_std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1)))
 
 
-def _model_tensor_from_uint8(image8: np.ndarray) -> torch.Tensor:
-    """uint8 grey (H, W) or RGB (H, W, 3) -> [3, 224, 224] via PIL bilinear (antialiased) resize.
+def _model_tensor_from_uint8(image8: np.ndarray, preprocessing: PreprocessorConfig = IMAGENET_224) -> torch.Tensor:
+    """uint8 grey (H, W) or RGB (H, W, 3) -> [3, height, width] via PIL resize (bilinear, antialiased, by default).
 
     Resizing the grey image and then copying it to three channels equals resizing the RGB copy, because
     PIL resizes each channel with the same integer kernel.
     """
     resized = np.asarray(
-        Image.fromarray(image8).resize((MODEL_SIZE, MODEL_SIZE), resample=Image.Resampling.BILINEAR)
+        Image.fromarray(image8).resize(
+            (preprocessing.width, preprocessing.height), resample=Image.Resampling(preprocessing.resample)
+        )
     )
     if resized.ndim == 2:
         resized = np.repeat(resized[:, :, None], 3, axis=2)
-    return _normalise(resized)
+    return _normalise(resized, preprocessing)
 
 
-def prepare_array(pixels: np.ndarray) -> torch.Tensor:
+def prepare_array(pixels: np.ndarray, preprocessing: PreprocessorConfig = IMAGENET_224) -> torch.Tensor:
     """SKELEX's path from an array: min-max to uint8, grey -> RGB, bilinear 224 x 224, /255, ImageNet.
 
     Accepts a 2-D grey array of any numeric dtype (or an (H, W, 3) RGB array, min-maxed over all
-    channels as SKELEX does). Returns float32 [3, 224, 224].
+    channels as SKELEX does). Returns float32 [3, 224, 224] (size and normalisation from ``preprocessing``).
     """
     array = np.asarray(pixels)
     if array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
         raise ValueError(f"expected a (H, W) grey or (H, W, 3) RGB array, got shape {array.shape}")
-    return _model_tensor_from_uint8(to_uint8_minmax(array))
+    return _model_tensor_from_uint8(to_uint8_minmax(array), preprocessing)
 
 
 def _display_image(image8: np.ndarray, display_size: int | None) -> np.ndarray:
@@ -207,8 +214,12 @@ def preprocess(
     display_size: int | None = DEFAULT_DISPLAY_SIZE,
     reduced_decode: bool = True,
     min_decoded_side: int = DEFAULT_MIN_DECODED_SIDE,
+    preprocessing: PreprocessorConfig = IMAGENET_224,
 ) -> Preprocessed:
     """Turn a pydicom dataset into ``Preprocessed(tensor [F,3,224,224], geometry, display)``.
+
+    ``preprocessing`` is the model's ``preprocessor_config.json`` (``model.preprocessing``): size, filter,
+    mean / std; the default is SKELEX's 224 x 224 bilinear ImageNet input.
 
     ``display_size`` bounds the overlay image's long side (None: no display needed, which lets JPEG 2000
     / HTJ2K decode at the smallest resolution whose both sides stay >= ``min_decoded_side``; 224 is the
@@ -226,7 +237,7 @@ def preprocess(
         decoded = decode_frame(
             dataset,
             index,
-            model_size=max(MODEL_SIZE, min_decoded_side),
+            model_size=max(preprocessing.height, preprocessing.width, min_decoded_side),
             display_size=display_size,
             allow_reduced=reduced_decode,
         )
@@ -238,10 +249,11 @@ def preprocess(
             raise PreprocessError(f"cannot apply LUTs to frame {index}: {exc}") from exc
         image8 = to_uint8_minmax(grey)
         decoded_shape = image8.shape
-        tensors.append(_model_tensor_from_uint8(image8))
+        tensors.append(_model_tensor_from_uint8(image8, preprocessing))
         display.append(_display_image(image8, display_size))
     assert decoded_shape is not None
     geometry = SourceGeometry(
+        model_size=(preprocessing.height, preprocessing.width),
         rows=int(dataset.Rows),
         columns=int(dataset.Columns),
         frame_count=frames,

@@ -1,4 +1,5 @@
-"""SKELEX's zero-shot reconstruction-error map, seeded and batched, plus its mapping back to the source image.
+"""SKELEX's zero-shot reconstruction-error map, seeded and batched (its mapping back to the source image is
+``engines.imaging.regions``).
 
 The method (``zero_shot_heatmap.py`` in skhoha/SKELEX) for each image: K random masks at ratio 0.75; for each,
 the squared error between reconstruction and input on de-normalised, clamped [0, 1] RGB, averaged over the
@@ -15,15 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from engines.imaging.geometry import MODEL_SIZE, SourceGeometry
-from engines.mae.model import random_masking_ids
+from engines.imaging.preprocessor_config import IMAGENET_MEAN, IMAGENET_STD
+from engines.mae.network import random_masking_ids
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SEED = 0  # used when neither noise nor seed is given, so a map is always reproducible
 
 
@@ -119,8 +117,13 @@ def compute_error_map(
     noise: Tensor | None = None,
     seed: int | None = None,
     passes: int = 10,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
 ) -> ErrorMapResult:
-    """Draw the masks (noise or seed), run ``reconstruct(x, ids_keep, ids_restore)`` once for all passes."""
+    """Draw the masks (noise or seed), run ``reconstruct(x, ids_keep, ids_restore)`` once for all passes.
+
+    ``mean`` / ``std`` are the model's input normalisation (its ``preprocessor_config.json``), undone before
+    pixels are compared."""
     batch = x.shape[0]
     if noise is not None:
         full_noise = expand_noise(noise.to(x.device), batch)
@@ -132,66 +135,5 @@ def compute_error_map(
         raise ValueError(f"noise has {full_noise.shape[-1]} patches, the model has {num_patches}")
     ids_keep, ids_restore, mask = masks_from_noise(full_noise, mask_ratio)
     pred = reconstruct(x, ids_keep, ids_restore)
-    maps, scores = error_map_from_reconstruction(x, pred, mask, patch_size)
+    maps, scores = error_map_from_reconstruction(x, pred, mask, patch_size, mean, std)
     return ErrorMapResult(maps, scores, full_noise.cpu(), used_seed, passes)
-
-
-# ------------------------------------------------------------------------------------------- source geometry
-def resample_to_source(error_map: np.ndarray | Tensor, geometry: SourceGeometry) -> np.ndarray:
-    """Stretch a 224 x 224 map to the source's rows x columns (bilinear, per axis, no crop), float32."""
-    m = torch.as_tensor(np.asarray(error_map, dtype=np.float32))[None, None]
-    size = (geometry.rows, geometry.columns)
-    out = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
-
-
-@dataclass
-class Region:
-    """The highest-error region: a closed polygon in source pixel coordinates (column, row) and its statistics."""
-
-    polygon: np.ndarray  # [N, 2] (column, row) in source pixels, first point repeated at the end
-    polygon_model: np.ndarray  # the same outline in 224-px model space
-    area_fraction: float  # share of the image inside the component (model space)
-    mean_error: float
-    threshold: float
-    centroid: np.ndarray  # (column, row) source pixels
-
-
-def highest_error_region(
-    error_map: np.ndarray | Tensor, geometry: SourceGeometry, percentile: float = 98.0
-) -> Region | None:
-    """Top-percentile pixels, their largest connected component (by summed error), its convex outline.
-
-    The convex hull of the component's pixel corners is the "simplified outline": few vertices, always a valid
-    simple polygon for an SR SCOORD POLYGON. Returns None for a flat (all-equal) map.
-    """
-    from scipy import ndimage
-    from scipy.spatial import ConvexHull
-
-    m = np.asarray(error_map, dtype=np.float64)
-    if m.shape != (MODEL_SIZE, MODEL_SIZE):
-        raise ValueError(f"expected a {MODEL_SIZE} x {MODEL_SIZE} map, got {m.shape}")
-    if not np.isfinite(m).all() or m.max() <= m.min():
-        return None
-    threshold = float(np.percentile(m, percentile))
-    # A mostly-flat map puts the percentile on its floor: then take everything above the floor.
-    selected = m > threshold if threshold <= m.min() else m >= threshold
-    labels, count = ndimage.label(selected, structure=np.ones((3, 3)))
-    sums = ndimage.sum(m, labels, index=np.arange(1, count + 1))
-    best = int(np.argmax(sums)) + 1
-    rows, cols = np.nonzero(labels == best)
-    corners = np.concatenate(
-        [np.stack([cols + dc, rows + dr], axis=1) for dc in (0, 1) for dr in (0, 1)], axis=0
-    ).astype(np.float64)
-    hull = ConvexHull(corners)
-    outline = corners[hull.vertices]  # counter-clockwise
-    outline = np.concatenate([outline, outline[:1]], axis=0)
-    centroid = np.array([cols.mean() + 0.5, rows.mean() + 0.5])
-    return Region(
-        polygon=geometry.model_to_source(outline),
-        polygon_model=outline,
-        area_fraction=float(rows.size) / m.size,
-        mean_error=float(m[rows, cols].mean()),
-        threshold=threshold,
-        centroid=geometry.model_to_source(centroid[None])[0],
-    )

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.mae.model import MAEConfig, MaskedAutoencoderViT, expected_shapes, is_encoder_key
+from engines.imaging.preprocessor_config import (
+    PreprocessorConfig,
+    PreprocessorConfigError,
+    read_preprocessor_config,
+    write_preprocessor_config,
+)
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT, expected_shapes, is_encoder_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    """What a loader produces before an :class:`~engines.mae.encoder.Encoder` is built around it."""
+    """What a loader produces before an :class:`~engines.mae.family.MAEModel` is built around it."""
 
     format: str
     config: MAEConfig
@@ -55,6 +61,11 @@ class LoadedCheckpoint:
     source: Path
     classifier: dict[str, Any] | None = None  # HF classification head: weight, bias, labels, activation
     notes: list[str] = field(default_factory=list)
+    preprocessing: PreprocessorConfig | None = None  # None: ImageNet at config.image_size (no preprocessor file)
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = PreprocessorConfig.square(self.config.image_size)
 
 
 # ------------------------------------------------------------------------------------------- raw reading
@@ -312,13 +323,29 @@ def _fp32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
+def folder_preprocessing(folder: Path, config: MAEConfig) -> PreprocessorConfig:
+    """The folder's ``preprocessor_config.json`` (ImageNet at the model's size if absent); it must fit the model."""
+    try:
+        preprocessing = read_preprocessor_config(folder, default=PreprocessorConfig.square(config.image_size))
+    except PreprocessorConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    if (preprocessing.height, preprocessing.width) != (config.image_size, config.image_size):
+        raise CheckpointError(
+            f"{folder}: preprocessor_config.json resizes to {preprocessing.height} x {preprocessing.width}, "
+            f"the model takes {config.image_size} x {config.image_size}"
+        )
+    return preprocessing
+
+
 # ------------------------------------------------------------------------------------------- loaders
 def load_hf_vitmae(folder: Path) -> LoadedCheckpoint:
     config = MAEConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
     state = _fp32(hf_filter_fn(read_folder_weights(folder)))
     has_decoder = _split_decoder(state)
     check_shapes(state, config, has_decoder, folder)
-    return LoadedCheckpoint("hf-vitmae", config, state, has_decoder, folder)
+    return LoadedCheckpoint(
+        "hf-vitmae", config, state, has_decoder, folder, preprocessing=folder_preprocessing(folder, config)
+    )
 
 
 def classifier_activation(hf_config: dict[str, Any], num_labels: int) -> str:
@@ -354,7 +381,10 @@ def load_hf_vit_classification(folder: Path) -> LoadedCheckpoint:
             "labels": labels,
             "activation": classifier_activation(hf_config, weight.shape[0]),
         }
-    return LoadedCheckpoint("hf-vit-classification", config, state, False, folder, classifier=classifier)
+    return LoadedCheckpoint(
+        "hf-vit-classification", config, state, False, folder, classifier=classifier,
+        preprocessing=folder_preprocessing(folder, config),
+    )
 
 
 def load_mae_or_timm(path: Path, fmt: str) -> LoadedCheckpoint:
@@ -375,7 +405,8 @@ def load_mae_or_timm(path: Path, fmt: str) -> LoadedCheckpoint:
         config = MAEConfig.from_hf_dict({**config.to_hf_dict(), **sidecar})
     check_shapes(state, config, has_decoder, path)
     notes = [] if has_decoder else ["encoder only: embeddings work, error maps need a decoder"]
-    return LoadedCheckpoint(fmt, config, state, has_decoder, path, notes=notes)
+    preprocessing = folder_preprocessing(path, config) if path.is_dir() else None
+    return LoadedCheckpoint(fmt, config, state, has_decoder, path, notes=notes, preprocessing=preprocessing)
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -401,49 +432,14 @@ def build_model(checkpoint: LoadedCheckpoint) -> MaskedAutoencoderViT:
     return model.eval()
 
 
-def load(
-    path: str | Path,
-    device: str = "cpu",
-    backend: str | None = None,
-    precision: str | None = None,
-    load_heads: bool = True,
-):
-    """Load any supported checkpoint as an :class:`~engines.mae.encoder.Encoder` (the public entry point).
-
-    ``backend=None`` follows ``device`` (default CPU); ``backend="auto"`` picks tensorrt -> cuda -> cpu;
-    ``"cpu"``/``"cuda"``/``"tensorrt"`` force one. ``precision`` defaults per backend (cpu fp32, GPU fp16).
-    """
-    from engines.mae.encoder import Encoder
-
-    checkpoint = load_checkpoint(path)
-    log.info(
-        "loaded %s checkpoint: %d layers x %d wide, decoder=%s",
-        checkpoint.format,
-        checkpoint.config.num_hidden_layers,
-        checkpoint.config.hidden_size,
-        checkpoint.has_decoder,
-    )
-    return Encoder.from_checkpoint(
-        checkpoint, device=device, backend=backend, precision=precision, load_heads=load_heads
-    )
-
-
 # ------------------------------------------------------------------------------------------- writing
-IMAGENET_PREPROCESSOR = {
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "image_processor_type": "ViTImageProcessor",
-    "resample": 2,
-    "rescale_factor": 1 / 255,
-    "size": {"height": 224, "width": 224},
-}
+def save_hf_vitmae(
+    model: MaskedAutoencoderViT, folder: str | Path, preprocessing: PreprocessorConfig | None = None
+) -> Path:
+    """Write ``model`` as a HF ``ViTMAEForPreTraining`` folder (transformers 4.x tensor names, like SKELEX).
 
-
-def save_hf_vitmae(model: MaskedAutoencoderViT, folder: str | Path) -> Path:
-    """Write ``model`` as a HF ``ViTMAEForPreTraining`` folder (transformers 4.x tensor names, like SKELEX)."""
+    ``preprocessor_config.json`` gets ``preprocessing`` (default: ImageNet, bilinear, at the model's size).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -454,7 +450,5 @@ def save_hf_vitmae(model: MaskedAutoencoderViT, folder: str | Path) -> Path:
     if not model.has_decoder:
         config["architectures"] = ["ViTMAEModel"]
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    side = model.config.image_size
-    preprocessor = dict(IMAGENET_PREPROCESSOR, size={"height": side, "width": side})
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    write_preprocessor_config(folder, preprocessing or PreprocessorConfig.square(model.config.image_size))
     return folder

@@ -22,10 +22,11 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from engines.imaging.geometry import MODEL_SIZE
 from engines.training.phantoms import KINDS, Phantom, generate
-from engines.training.fit import auroc, normalise_uint8, to_uint8_224
+from engines.training.inputs import normalise_uint8, to_uint8_224
+from engines.training.metrics import auroc, macro_auroc
 
-MODEL_SIZE = 224
 
 
 def mask_to_model(mask: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
@@ -91,7 +92,7 @@ def evaluate_localisation(
 ) -> tuple[LocalisationReport, list[float]]:
     """Plant ``finding`` in phantoms of each kind and seed; returns the report and the normal twins' scores.
 
-    ``error_map(x [B,3,224,224]) -> (maps [B,224,224], scores [B])`` (e.g. ``Encoder.error_map`` with a seed).
+    ``error_map(x [B,3,224,224]) -> (maps [B,224,224], scores [B])`` (e.g. ``MAEModel.error_map`` with a seed).
     """
     cases: list[tuple[str, Phantom, Phantom]] = []
     for seed in seeds:
@@ -136,8 +137,6 @@ def evaluate_localisation(
 
 def head_metrics(probabilities: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """AUROC / accuracy for a sigmoid head ([N] or [N, 1]) or a softmax head ([N, K])."""
-    from engines.training.fit import macro_auroc
-
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.asarray(targets)
     if probabilities.ndim == 1 or probabilities.shape[1] == 1:

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from engines.family import ExportsGraphs  # light: no torch
+
 model_app = typer.Typer(help="Inspect, export and build model checkpoints.", no_args_is_help=True)
 console = Console()
 
@@ -18,49 +20,34 @@ def _progress() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
 
 
+def _load(path: Path, load_heads: bool = True):
+    """The checkpoint at ``path`` as a loaded model (any family), on the CPU; exits 1 with the reason if it cannot."""
+    import engines  # here, not at the top: torch stays out of the CLI's start-up
+
+    try:
+        with console.status(f"reading {path.name}"):
+            return engines.load(path, device="cpu", backend="cpu", load_heads=load_heads)
+    except (FileNotFoundError, ValueError) as exc:  # a loader's CheckpointError is a ValueError
+        console.print(f"[red]cannot load {path}: {exc}")
+        raise typer.Exit(code=1) from None
+
+
+def _graphs(path: Path):
+    """A loaded model that can export its graphs (``engines.family.ExportsGraphs``), or exit 1."""
+    model = _load(path, load_heads=False)
+    if not isinstance(model, ExportsGraphs):
+        console.print(f"[red]{path}: the {model.family} family has no ONNX / TensorRT graphs")
+        raise typer.Exit(code=1)
+    return model
+
+
 @model_app.command("info")
 def model_info(
     path: Path,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Show a checkpoint's format, sizes, parameters, encoder hash and heads."""
-    from engines.mae.encoder import Encoder
-    from engines.mae.loaders import CheckpointError, load_checkpoint
-    from engines.mae.model import count_parameters
-
-    try:
-        with console.status(f"reading {path.name}"):
-            checkpoint = load_checkpoint(path)
-            encoder = Encoder.from_checkpoint(checkpoint, device="cpu", backend="cpu")
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]cannot load {path}: {exc}")
-        raise typer.Exit(code=1) from None
-    c = checkpoint.config
-    info = {
-        "path": str(path),
-        "format": checkpoint.format,
-        "name": encoder.name,
-        "version": encoder.version,
-        "image_size": c.image_size,
-        "patch_size": c.patch_size,
-        "hidden_size": c.hidden_size,
-        "layers": c.num_hidden_layers,
-        "heads": c.num_attention_heads,
-        "mlp_size": c.intermediate_size,
-        "layer_norm_eps": c.layer_norm_eps,
-        "has_decoder": checkpoint.has_decoder,
-        "decoder": (
-            f"{c.decoder_hidden_size} x {c.decoder_num_hidden_layers} layers, {c.decoder_num_attention_heads} heads, "
-            f"MLP {c.decoder_intermediate_size}" if checkpoint.has_decoder else None
-        ),
-        "mask_ratio": c.mask_ratio,
-        "encoder_parameters": count_parameters(c, with_decoder=False),
-        "parameters": count_parameters(c, with_decoder=checkpoint.has_decoder),
-        "encoder_sha256": encoder.encoder_hash,
-        "model_heads": {
-            name: {"labels": head.labels, "activation": head.activation} for name, head in sorted(encoder.heads.items())
-        },
-    }
+    info = {"path": str(path), **_load(path).inspect()}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -81,23 +68,15 @@ def export_onnx_command(
     passes: int = typer.Option(10, help="Masked passes per image used for the example inputs."),
 ) -> None:
     """Export the ONNX graphs a TensorRT build needs (dynamic batch), fp32."""
-    from engines.mae.loaders import CheckpointError, build_model, load_checkpoint
-    from engines.backends.onnx_export import GRAPH_NAMES, export_onnx
-
-    try:
-        checkpoint = load_checkpoint(path)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]cannot load {path}: {exc}")
-        raise typer.Exit(code=1) from None
-    model = build_model(checkpoint)
-    graphs = GRAPH_NAMES if checkpoint.has_decoder else ("encoder_full",)
-    if not checkpoint.has_decoder:
+    model = _graphs(path)
+    graphs = model.graph_names()
+    if not model.supports_error_map:
         console.print("[yellow]encoder-only checkpoint: exporting encoder_full only")
     with _progress() as progress:
         task = progress.add_task("exporting", total=len(graphs))
         for graph in graphs:
             progress.update(task, description=f"exporting {graph}")
-            result = export_onnx(model, out, graphs=(graph,), passes=passes)
+            result = model.export_onnx(out, graphs=(graph,), passes=passes)
             progress.advance(task)
             console.print(f"{result.paths[graph]}  sha256 {result.sha256[graph][:16]}...")
 
@@ -113,22 +92,17 @@ def build_engine_command(
 ) -> None:
     """Build (or find in the cache) the TensorRT plans for this GPU; needs the 'tensorrt' extra and CUDA."""
     from engines.backends import tensorrt_available
-    from engines.backends.tensorrt_backend import BatchProfile, TensorRTBackend
-    from engines.mae.loaders import CheckpointError, build_model, load_checkpoint
+    from engines.backends.tensorrt_backend import BatchProfile
 
     if not tensorrt_available():
         console.print("[red]TensorRT needs the 'tensorrt' extra (pip install 'msknode[tensorrt]') and a CUDA GPU")
         raise typer.Exit(code=1)
-    try:
-        model = build_model(load_checkpoint(path))
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]cannot load {path}: {exc}")
-        raise typer.Exit(code=1) from None
+    model = _graphs(path)
     profile = BatchProfile(min_images=1, opt_images=opt_images, max_images=max_images, passes=passes)
     with _progress() as progress:
         task = progress.add_task("preparing", total=None)
-        backend = TensorRTBackend.from_model(
-            model, precision=precision, cache_dir=cache_dir, profile=profile,
+        backend = model.build_tensorrt(
+            cache_dir=cache_dir, precision=precision, profile=profile,
             progress=lambda message: progress.update(task, description=message),
         )
         progress.update(task, description="plans ready")

@@ -49,8 +49,9 @@ def _dicom_files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def _load_encoder(model: Path, load_heads: bool = True):
-    import engines
+def _load_model(model: Path, load_heads: bool = True):
+    """The checkpoint as a loaded model (``engines.family.ModelFamily``), or exit 2 with the reason."""
+    import engines  # here, not at the top: torch stays out of the CLI's start-up
 
     try:
         return engines.load(model, load_heads=load_heads)
@@ -81,7 +82,8 @@ def heads_train(
     import torch
 
     from engines.heads import save_head
-    from engines.training.fit import dicom_inputs, fit_linear_probe, probe_to_head
+    from engines.training.inputs import dicom_inputs
+    from engines.training.probes import fit_linear_probe, probe_to_head
 
     column = column or name
     with labels.open(newline="") as handle:
@@ -97,19 +99,19 @@ def heads_train(
     class_names = [c.strip() for c in classes.split(",")] if classes else [name]
     if not classes and set(targets) - {0, 1}:
         class_names = [f"{name}{k}" for k in range(max(targets) + 1)]
-    encoder = _load_encoder(model, load_heads=False)
+    loaded = _load_model(model, load_heads=False)
     embeddings: list[torch.Tensor] = []
     kept: list[int] = []
     with _progress() as bar:
         task = bar.add_task("embedding", total=len(rows))
         for row, target in zip(rows, targets):
             try:
-                x, _, _ = dicom_inputs(data / row["file"])
+                x, _, _ = dicom_inputs(data / row["file"], loaded.preprocessing)
             except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the fit
                 log.warning("skipping %s: %s", row["file"], exc)
                 bar.advance(task)
                 continue
-            embeddings.append(encoder.embed(x[:1]))
+            embeddings.append(loaded.embed(x[:1]))
             kept.append(target)
             bar.advance(task)
     if len(set(kept)) < 2:
@@ -119,7 +121,7 @@ def heads_train(
     head = probe_to_head(
         fit,
         name,
-        encoder.encoder_hash,
+        loaded.encoder_hash,
         provenance={"data": str(data), "labels": str(labels), "column": column, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
     weights, meta = save_head(head, out or (Path(model) / "heads"))
@@ -141,21 +143,22 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", help="where to write calibration.json (default: the model folder)"),
 ) -> None:
     """Store the distribution of abnormality scores over normal studies, for percentiles in results."""
-    from engines.training.fit import CALIBRATION_FILE, Calibration, dicom_inputs
+    from engines.calibration import CALIBRATION_FILE, Calibration
+    from engines.training.inputs import dicom_inputs
 
-    encoder = _load_encoder(model, load_heads=False)
+    loaded = _load_model(model, load_heads=False)
     files = _dicom_files([data])
     scores: list[float] = []
     with _progress() as bar:
         task = bar.add_task("error maps", total=len(files))
         for path in files:
             try:
-                x, _, _ = dicom_inputs(path)
+                x, _, _ = dicom_inputs(path, loaded.preprocessing)
             except Exception as exc:  # noqa: BLE001
                 log.warning("skipping %s: %s", path.name, exc)
                 bar.advance(task)
                 continue
-            _, frame_scores = encoder.error_map(x, seed=seed, passes=passes)
+            _, frame_scores = loaded.error_map(x, seed=seed, passes=passes)
             scores.extend(float(s) for s in frame_scores)
             bar.advance(task)
     if not scores:
@@ -163,7 +166,7 @@ def calibrate(
         raise typer.Exit(code=2)
     calibration = Calibration.from_scores(
         scores,
-        encoder_sha256=encoder.encoder_hash,
+        encoder_sha256=loaded.encoder_hash,
         passes=passes,
         seed=seed,
         source=str(data),
@@ -191,12 +194,13 @@ def infer(
     """Run preprocessing, the error map and the heads on DICOM files without a PACS."""
     import numpy as np
 
-    from engines.mae.errormap import highest_error_region
+    from engines.calibration import load_calibration
     from engines.imaging.overlay import save_overlay_png
-    from engines.training.fit import dicom_inputs, load_calibration
+    from engines.imaging.regions import highest_error_region
+    from engines.training.inputs import dicom_inputs
 
-    encoder = _load_encoder(model)
-    calibration = load_calibration(model if Path(model).is_dir() else Path(model).parent, encoder.encoder_hash)
+    loaded = _load_model(model)
+    calibration = load_calibration(model if Path(model).is_dir() else Path(model).parent, loaded.encoder_hash)
     out.mkdir(parents=True, exist_ok=True)
     paths = _dicom_files(files)
     failures = 0
@@ -204,14 +208,14 @@ def infer(
         task = bar.add_task("infer", total=len(paths))
         for index, path in enumerate(paths):
             try:
-                x, geometry, display = dicom_inputs(path)
+                x, geometry, display = dicom_inputs(path, loaded.preprocessing)
             except Exception as exc:  # noqa: BLE001
                 typer.echo(f"{path.name}: cannot use ({exc})", err=True)
                 failures += 1
                 bar.advance(task)
                 continue
-            maps, scores = encoder.error_map(x, seed=seed, passes=passes)
-            predictions = encoder.predict(x)
+            maps, scores = loaded.error_map(x, seed=seed, passes=passes)
+            predictions = loaded.predict(x)
             for frame in range(x.shape[0]):
                 stem = f"{index:04d}_{path.stem}" + (f"_f{frame + 1}" if x.shape[0] > 1 else "")
                 error_map = maps[frame].numpy()
@@ -220,14 +224,14 @@ def infer(
                 result: dict[str, Any] = {
                     "file": str(path),
                     "frame": frame + 1,
-                    "model": {"name": encoder.name, "version": encoder.version, "encoder_sha256": encoder.encoder_hash},
+                    "model": {"name": loaded.name, "version": loaded.version, "encoder_sha256": loaded.encoder_hash},
                     "error_map": {"passes": passes, "seed": seed},
                     "score": score,
                     "percentile": calibration.percentile(score) if calibration else None,
                     "heads": {
                         name: {
-                            "labels": encoder.heads[name].labels,
-                            "activation": encoder.heads[name].activation,
+                            "labels": loaded.heads[name].labels,
+                            "activation": loaded.heads[name].activation,
                             "probabilities": [float(p) for p in probs[frame]],
                         }
                         for name, probs in predictions.items()

@@ -1,6 +1,6 @@
 """The worker role: claim study jobs, run the engine on the eligible images, build the results, queue them.
 
-One encoder per process, loaded once. Images of several queued studies are batched together up to
+One model per process, loaded once. Images of several queued studies are batched together up to
 ``engine.batch_size`` frames. Each image ends as *analysed* (with its outputs), *ineligible* (with the rule
 that excluded it) or *failed* (with the decode/preprocess error); one bad image never fails its study.
 A watchdog enforces ``pipeline.job_timeout_seconds``: past it the jobs are handed back and the process exits
@@ -27,6 +27,7 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
+from engines.family import ModelFamily
 from node.delivery.notifier import build_payload, entries_for
 from node.pipeline.eligibility import ineligibility_reason
 from node.pipeline.triage import PriorityDecision, Triage, header_text, study_attributes, study_values, summarise
@@ -86,7 +87,7 @@ def _dataset_bytes(dataset: Dataset) -> bytes:
 
 
 class Worker:
-    def __init__(self, settings: Settings, queue: JobQueue, job_inputs: JobInputs, spool: Spool, encoder: Any,
+    def __init__(self, settings: Settings, queue: JobQueue, job_inputs: JobInputs, spool: Spool, model: ModelFamily,
                  calibration: Any = None, owner: str | None = None,
                  peers: Callable[[], Sequence[PeerSettings]] | None = None, counters: Counters | None = None) -> None:
         self.settings = settings
@@ -96,7 +97,7 @@ class Worker:
         self.queue = queue
         self.job_inputs = job_inputs
         self.spool = spool
-        self.encoder = encoder
+        self.model = model  # the loaded model (engines.family.ModelFamily), one per process
         self.calibration = calibration
         self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
         self._held: list[int] = []
@@ -197,7 +198,7 @@ class Worker:
                 work.not_analysed.append((dataset, reason))
                 continue
             try:
-                prepared = preprocess(dataset, voi=self.settings.engine.voi)
+                prepared = preprocess(dataset, voi=self.settings.engine.voi, preprocessing=self.model.preprocessing)
             except PreprocessError as exc:
                 reason = f"cannot decode or preprocess: {exc}"
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
@@ -219,16 +220,16 @@ class Worker:
 
     def _infer(self, frames: list[Frame]) -> None:
         """Embedding, heads and error map for all frames, in batches of ``engine.batch_size``."""
-        from engines.mae.errormap import highest_error_region
+        from engines.imaging.regions import highest_error_region
 
         engine = self.settings.engine
         for start in range(0, len(frames), engine.batch_size):
             chunk = frames[start : start + engine.batch_size]
             x = torch.stack([frame.tensor for frame in chunk])
             started = time.perf_counter()
-            embedding = self.encoder.embed(x)
-            heads = self.encoder.predict(x, embedding=embedding)
-            result = self.encoder.error_map_result(x, seed=engine.seed, passes=engine.passes)
+            embedding = self.model.embed(x)
+            heads = self.model.predict(x, embedding=embedding)
+            result = self.model.error_map_result(x, seed=engine.seed, passes=engine.passes)
             seconds = time.perf_counter() - started
             log.info("inference: %d frame(s) in %.2f s", len(chunk), seconds)
             self._record_inference_seconds(seconds)
@@ -275,7 +276,7 @@ class Worker:
     @functools.cached_property
     def triage(self) -> Triage:
         """The compiled ``[triage]`` rules, checked against this model's head names (once per process)."""
-        labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
+        labels = {name: list(head.labels) for name, head in self.model.heads.items()}
         return Triage(self.settings.triage, labels)
 
     def _triage_study(self, work: JobWork, images: list[Any], state: str, created: datetime,
@@ -289,7 +290,7 @@ class Worker:
         calling_ae = work.frames[0].input.calling_ae_title if work.frames else None
         peer = next((p for p in self.peers() if calling_ae and p.ae_title == calling_ae.strip()), None)
         peer_name, peer_priority = (peer.name, peer.priority) if peer else (None, None)
-        labels = {name: list(head.labels) for name, head in self.encoder.heads.items()}
+        labels = {name: list(head.labels) for name, head in self.model.heads.items()}
         values = None if state != "done" else study_values(
             ((image.score, image.percentile, {h.name: h.probabilities for h in image.heads}) for image in images),
             labels, study_attributes(header, calling_ae, peer_name),
@@ -309,11 +310,11 @@ class Worker:
         self, work: JobWork
     ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], Triaged]:
         job, settings = work.job, self.settings
-        encoder = self.encoder
+        loaded = self.model
         model = ModelInfo(
-            name=encoder.name, version=str(encoder.version), encoder_sha256=encoder.encoder_hash,
-            passes=settings.engine.passes, mask_ratio=float(encoder.config.mask_ratio), seed=settings.engine.seed,
-            backend=f"{encoder.backend_name}/{encoder.precision}", manufacturer=settings.results.manufacturer,
+            name=loaded.name, version=str(loaded.version), encoder_sha256=loaded.encoder_hash,
+            passes=settings.engine.passes, mask_ratio=float(loaded.error_map_spec.mask_ratio), seed=settings.engine.seed,
+            backend=f"{loaded.backend_name}/{loaded.precision}", manufacturer=settings.results.manufacturer,
         )
         outcomes = list(work.outcomes)
         images = []
@@ -321,12 +322,12 @@ class Worker:
             out = frame.outputs
             percentile = None
             if self.calibration is not None:
-                from engines.training.fit import percentile as score_percentile
+                from engines.calibration import percentile as score_percentile
 
                 percentile = float(score_percentile(out["score"], self.calibration))
             head_outputs = []
             for name, probs in out["heads"].items():
-                head = encoder.heads[name]
+                head = loaded.heads[name]
                 head_outputs.append(HeadOutput(name, list(head.labels), [float(p) for p in probs], head.activation))
             display = frame.display
             images.append(

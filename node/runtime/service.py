@@ -156,7 +156,7 @@ def _yield_cpu_to_intake(idle_priority: bool, niceness: int) -> None:
 
 def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     import engines
-    from engines.training.fit import load_calibration
+    from engines.calibration import load_calibration
     from node.pipeline.worker import Worker
     from storage.queue import JobQueue
     from storage.job_inputs import JobInputs
@@ -167,11 +167,11 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     _yield_cpu_to_intake(engine.idle_priority, engine.nice)
     precision = None if engine.precision == "auto" else engine.precision
     runtime.detail.update(engine_loaded=False, model=str(engine.model))
-    encoder = engines.load(engine.model, backend=engine.backend, precision=precision)
-    calibration = load_calibration(engine.model, encoder.encoder_hash) if Path(engine.model).is_dir() else None
-    runtime.detail.update(engine_loaded=True, engine={**encoder.describe(), "model": str(engine.model)})
+    model = engines.load(engine.model, backend=engine.backend, precision=precision)
+    calibration = load_calibration(engine.model, model.encoder_hash) if Path(engine.model).is_dir() else None
+    runtime.detail.update(engine_loaded=True, engine={**model.describe(), "model": str(engine.model)})
     worker = Worker(runtime.settings, JobQueue(runtime.database), JobInputs(runtime.database), runtime.spool,
-                    encoder, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database))
+                    model, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database))
     worker.run(stop)
 
 

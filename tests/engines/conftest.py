@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.mae.model import MAEConfig, MaskedAutoencoderViT
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT
 
 TINY_CONFIGS = {
     "tiny": dict(
@@ -66,7 +66,7 @@ def make_hf_mae(config: MAEConfig, seed: int = 0):
     """
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    from engines.mae.model import sincos_pos_embed_2d
+    from engines.mae.network import sincos_pos_embed_2d
 
     hf = ViTMAEForPreTraining(ViTMAEConfig(**config.to_hf_dict()))
     randomize_(hf, seed)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from engines.mae.encoder import Encoder
+from engines.mae.family import MAEModel
 from engines.mae.loaders import LoadedCheckpoint, build_model, check_shapes, hf_filter_fn
-from engines.mae.model import MAEConfig, sincos_pos_embed_2d
+from engines.mae.network import MAEConfig, sincos_pos_embed_2d
 
 
 def random_vitl_pair(seed: int = 0, name: str = "vit-l"):
-    """A ViT-L/16 MAE with SKELEX's sizes and random weights: transformers' model and our Encoder, same tensors.
+    """A ViT-L/16 MAE with SKELEX's sizes and random weights: transformers' model and our MAEModel, same tensors.
 
     Built on the meta device and filled here, which skips transformers' slow random initialisation.
     """
@@ -35,4 +35,4 @@ def random_vitl_pair(seed: int = 0, name: str = "vit-l"):
     check_shapes(state, config, True, source=Path(name))
     checkpoint = LoadedCheckpoint("hf-vitmae", config, {k: v.clone() for k, v in state.items()}, True, Path(name))
     del state
-    return hf, Encoder(build_model(checkpoint).eval(), name=name)
+    return hf, MAEModel(build_model(checkpoint).eval(), name=name)

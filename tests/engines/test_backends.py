@@ -9,9 +9,12 @@ import torch
 
 from engines.backends import resolve_backend_name, select_backend
 from engines.backends.tensorrt_backend import BatchProfile, PlanCache, PlanKey
+from engines.mae.backend import build_backend
 from engines.backends.torch_backend import TorchBackend
-from engines.mae.encoder import Encoder
+from engines.mae.family import MAEModel
 from engines.mae.errormap import noise_from_seed
+from engines.mae.network import MAEConfig
+from engines.mae.onnx_export import graph_shapes
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,9 +44,11 @@ def test_auto_resolution(monkeypatch):
 def test_explicit_unavailable_backends_raise(tiny_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA"):
-        select_backend(tiny_model, backend="cuda")
+        build_backend(tiny_model, backend="cuda")
     with pytest.raises((ImportError, RuntimeError)):
-        select_backend(tiny_model, backend="tensorrt")
+        build_backend(tiny_model, backend="tensorrt")
+    with pytest.raises(RuntimeError, match="no TensorRT graphs"):  # a family without TensorRT graphs
+        select_backend(tiny_model, backend="tensorrt", tensorrt=None)
 
 
 def test_auto_falls_back_to_cuda_when_tensorrt_fails(tiny_model, monkeypatch):
@@ -58,18 +63,20 @@ def test_auto_falls_back_to_cuda_when_tensorrt_fails(tiny_model, monkeypatch):
 
     monkeypatch.setattr("engines.backends.torch_backend.TorchBackend", FakeTorchBackend)
     monkeypatch.setattr(
-        "engines.backends.tensorrt_backend.TensorRTBackend.from_model",
+        "engines.backends.tensorrt_backend.TensorRTBackend.from_onnx",
         classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(ImportError("no tensorrt"))),
     )
-    backend = select_backend(tiny_model, backend="auto")
+    monkeypatch.setattr("engines.mae.backend.import_tensorrt", lambda: types.SimpleNamespace())  # export skipped:
+    monkeypatch.setattr("engines.mae.backend.export_onnx", lambda *a, **k: None)  # the build fails after it
+    backend = build_backend(tiny_model, backend="auto")
     assert backend.name == "cuda" and built == {"device": "cuda", "precision": "fp16"}
 
 
 def test_cpu_precisions_and_description(tiny_model, images):
-    fp32 = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "fp32"))
-    bf16 = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "bf16"))
+    fp32 = MAEModel(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "fp32"))
+    bf16 = MAEModel(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "bf16"))
     assert bf16.describe()["precision"] == "bf16" and fp32.describe()["backend"] == "cpu"
-    assert next(fp32.model.parameters()).dtype == torch.float32  # bf16 runs on its own copy
+    assert next(fp32.network.parameters()).dtype == torch.float32  # bf16 runs on its own copy
     noise = noise_from_seed(0, 4, 196)
     maps32, _ = fp32.error_map(images, noise=noise)
     maps16, _ = bf16.error_map(images, noise=noise)
@@ -81,8 +88,8 @@ def test_cpu_precisions_and_description(tiny_model, images):
 
 
 def test_cpu_int8_maps_agree_with_fp32(tiny_model, images):
-    fp32 = Encoder(tiny_model, name="t")
-    int8 = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "int8"))
+    fp32 = MAEModel(tiny_model, name="t")
+    int8 = MAEModel(tiny_model, name="t", backend=TorchBackend(tiny_model, "cpu", "int8"))
     assert int8.precision == "int8" and int8.encoder_hash == fp32.encoder_hash
     noise = noise_from_seed(2, 4, 196)
     maps32, _ = fp32.error_map(images, noise=noise)
@@ -96,8 +103,8 @@ def test_cpu_int8_maps_agree_with_fp32(tiny_model, images):
 
 def test_chunked_reconstruction_equals_one_batch(tiny_model, images):
     noise = noise_from_seed(1, 3, 196)
-    small = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=2))
-    large = Encoder(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=64))
+    small = MAEModel(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=2))
+    large = MAEModel(tiny_model, name="t", backend=TorchBackend(tiny_model, max_batch=64))
     assert torch.allclose(small.error_map(images, noise=noise)[0], large.error_map(images, noise=noise)[0], atol=1e-6)
 
 
@@ -154,7 +161,12 @@ def test_timing_cache_is_per_gpu_and_tensorrt_version(tmp_path):
 
 
 def test_profile_shapes_cover_the_worker_batches():
-    shapes = BatchProfile(min_images=1, opt_images=4, max_images=8, passes=10).shapes("decoder", 49, 50, 1024, 196, 224)
+    vitl = MAEConfig(hidden_size=1024)  # ViT-L/16 widths at 224 px: 196 patches, 49 kept
+    shapes = graph_shapes(BatchProfile(min_images=1, opt_images=4, max_images=8, passes=10), vitl, "decoder")
     assert shapes["latent"] == ((10, 50, 1024), (40, 50, 1024), (80, 50, 1024))
-    masked = BatchProfile().shapes("encoder_masked", 49, 50, 1024, 196, 224)
+    assert shapes["ids_restore"] == ((10, 196), (40, 196), (80, 196))
+    masked = graph_shapes(BatchProfile(), vitl, "encoder_masked")
     assert masked["ids_keep"][0] == (1, 10, 49)
+    assert masked["pixels"][2] == (16, 3, 224, 224)
+    with pytest.raises(ValueError, match="graph"):
+        graph_shapes(BatchProfile(), vitl, "unknown")

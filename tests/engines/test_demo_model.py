@@ -45,7 +45,7 @@ def test_transformers_loads_it_and_agrees(encoder):
     x = torch.stack([phantom_input(generate("knee", 1))])
     noise = torch.rand(1, encoder.config.num_patches, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = encoder.model(x, noise=noise)[1]
+        ours = encoder.network(x, noise=noise)[1]
         theirs = hf(pixel_values=x, noise=noise).logits
     assert torch.allclose(ours, theirs, atol=1e-4)
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from engines.mae.encoder import Encoder
-from engines.mae.errormap import highest_error_region, noise_from_seed, resample_to_source
+from engines.mae.family import MAEModel
+from engines.imaging.regions import highest_error_region, resample_to_source
+from engines.mae.errormap import noise_from_seed
 from engines.imaging.geometry import SourceGeometry
 from engines.mae.loaders import hf_filter_fn
-from engines.mae.model import MAEConfig, MaskedAutoencoderViT
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 1, 3)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 1, 3)
@@ -38,10 +39,10 @@ def skelex_reference_map(hf_model, image: torch.Tensor, noise: torch.Tensor) -> 
 
 
 @pytest.fixture
-def encoder(hf_mae) -> Encoder:
+def encoder(hf_mae) -> MAEModel:
     model = MaskedAutoencoderViT(MAEConfig.from_hf_dict(hf_mae.config.to_dict()))
     model.load_state_dict(hf_filter_fn(hf_mae.state_dict()))
-    return Encoder(model, name="test")
+    return MAEModel(model, name="test")
 
 
 def test_map_equals_skelex_reference_on_same_masks(encoder, hf_mae, images):

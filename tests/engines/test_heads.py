@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import engines
-from engines.mae.encoder import Encoder
+from engines.mae.family import MAEModel
 from engines.heads import HeadEncoderMismatch, LinearHead, load_head, load_heads_dir, save_head
 from engines.mae.loaders import save_hf_vitmae
 
@@ -23,7 +23,7 @@ def make_head(name, dim, labels, activation, encoder_hash, seed=0):
 
 
 def test_save_load_round_trip(tmp_path, tiny_model):
-    encoder = Encoder(tiny_model, name="t")
+    encoder = MAEModel(tiny_model, name="t")
     labels = [f"KL{i}" for i in range(5)]
     head = make_head("kl_grade", tiny_model.config.hidden_size, labels, "softmax", encoder.encoder_hash)
     weights, meta = save_head(head, tmp_path)
@@ -41,9 +41,9 @@ def test_head_refuses_another_encoder(tmp_path, tiny_model):
     head = make_head("fracture", tiny_model.config.hidden_size, ["fracture"], "sigmoid", "0" * 64)
     save_head(head, tmp_path)
     with pytest.raises(HeadEncoderMismatch, match="fracture"):
-        load_head(tmp_path / "fracture.json", Encoder(tiny_model, name="t").encoder_hash)
+        load_head(tmp_path / "fracture.json", MAEModel(tiny_model, name="t").encoder_hash)
     with pytest.raises(HeadEncoderMismatch):
-        Encoder(tiny_model, name="t").add_head(head)
+        MAEModel(tiny_model, name="t").add_head(head)
 
 
 def test_invalid_heads_are_refused(tiny_model):
@@ -57,7 +57,7 @@ def test_invalid_heads_are_refused(tiny_model):
 
 def test_model_folder_heads_run_on_one_embedding(tmp_path, tiny_model, images, monkeypatch):
     folder = save_hf_vitmae(tiny_model, tmp_path / "demo")
-    encoder_hash = Encoder(tiny_model, name="t").encoder_hash
+    encoder_hash = MAEModel(tiny_model, name="t").encoder_hash
     dim = tiny_model.config.hidden_size
     specs = [("fracture", ["fracture"], "sigmoid"), ("tumour", ["malignant", "benign", "none"], "softmax"),
              ("kl_grade", [f"KL{i}" for i in range(5)], "softmax"), ("abnormal", ["abnormal"], "sigmoid")]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from engines.mae.model import MAEConfig, MaskedAutoencoderViT
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT
 from node.cli import app
 
 TINY = MAEConfig(

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import engines
-from engines.mae.encoder import encoder_sha256
+from engines.mae.network import encoder_sha256
 from engines.mae.loaders import CheckpointError, detect_format, hf_filter_fn, to_hf_state_dict
-from engines.mae.model import random_masking_ids
+from engines.mae.network import random_masking_ids
 
 TOL = 1e-4
 

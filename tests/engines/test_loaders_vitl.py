@@ -43,10 +43,10 @@ def test_vitl_reconstruction_and_error_map_parity(vitl_pair, image):
     noise = noise_from_seed(0, 2, 196)
     with torch.no_grad():
         reference = hf(pixel_values=image.expand(2, -1, -1, -1), noise=noise)
-    from engines.mae.model import random_masking_ids
+    from engines.mae.network import random_masking_ids
 
     ids_keep, ids_restore, mask = random_masking_ids(noise, 0.75)
     ours = encoder.backend.reconstruct(image, ids_keep, ids_restore)
     assert torch.equal(mask, reference.mask)
     assert (ours - reference.logits).abs().max() < TOL
-    assert encoder.model.num_parameters() == 329_541_888
+    assert encoder.network.num_parameters() == 329_541_888

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engines.mae.errormap import masks_from_noise
-from engines.backends.onnx_export import GRAPH_NAMES, export_onnx
-from engines.mae.model import MaskedAutoencoderViT
+from engines.mae.onnx_export import GRAPH_NAMES, export_onnx
+from engines.mae.network import MaskedAutoencoderViT
 
 TOL = 1e-4
 

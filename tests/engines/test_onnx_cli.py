@@ -7,7 +7,7 @@ import json
 import onnx
 from typer.testing import CliRunner
 
-from engines.mae.encoder import Encoder
+from engines.mae.family import MAEModel
 from engines.heads import LinearHead, save_head
 from engines.mae.loaders import save_hf_vitmae
 from node.cli import app
@@ -17,7 +17,7 @@ runner = CliRunner()
 
 def test_model_info_reports_format_sizes_hash_and_heads(tmp_path, tiny_model):
     folder = save_hf_vitmae(tiny_model, tmp_path / "m")
-    encoder_hash = Encoder(tiny_model, name="t").encoder_hash
+    encoder_hash = MAEModel(tiny_model, name="t").encoder_hash
     head = LinearHead("fracture", tiny_model.config.hidden_size, ["fracture"], "sigmoid", encoder_hash)
     save_head(head, folder / "heads")
     result = runner.invoke(app, ["model", "info", str(folder), "--json"])

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engines.training.fit import (
-    Calibration,
-    PretrainSettings,
-    auroc,
-    fit_linear_probe,
-    load_calibration,
-    percentile,
-    pretrain_mae,
-    probe_to_head,
-)
-from engines.mae.model import MAEConfig, MaskedAutoencoderViT
+from engines.calibration import Calibration, load_calibration, percentile
+from engines.training.metrics import auroc
+from engines.training.pretrain import PretrainSettings, pretrain_mae
+from engines.training.probes import fit_linear_probe, probe_to_head
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT
 
 TINY = MAEConfig(
     hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engines.mae.loaders import hf_filter_fn
-from engines.mae.model import (
+from engines.mae.network import (
     MAEConfig,
     MaskedAutoencoderViT,
     count_parameters,

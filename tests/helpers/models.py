@@ -9,7 +9,7 @@ def tiny_model(directory: Path, width: int = 64, layers: int = 2) -> Path:
     import torch
 
     from engines.mae.loaders import save_hf_vitmae
-    from engines.mae.model import MAEConfig, MaskedAutoencoderViT
+    from engines.mae.network import MAEConfig, MaskedAutoencoderViT
 
     torch.manual_seed(0)
     config = MAEConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,

@@ -18,6 +18,7 @@ masked passes of an error map share one patch projection (``forward_encoder_mask
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -363,6 +364,22 @@ DECODER_PREFIXES = ("decoder_", "mask_token")
 def is_encoder_key(name: str) -> bool:
     """Whether a canonical key belongs to the encoder (everything but ``decoder_*`` and ``mask_token``)."""
     return not name.startswith(DECODER_PREFIXES)
+
+
+def encoder_sha256(model_or_state: nn.Module | dict[str, Tensor]) -> str:
+    """sha256 over the encoder tensors: canonical names sorted, each name then its fp32 little-endian bytes.
+
+    Decoder tensors are excluded, so the same encoder weights give the same hash from any format and with or
+    without a decoder (heads depend on the encoder only).
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state if is_encoder_key(k)):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
 
 
 def expected_shapes(config: MAEConfig, with_decoder: bool = True) -> dict[str, tuple[int, ...]]:

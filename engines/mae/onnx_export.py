@@ -12,7 +12,6 @@ no extra packages; the dynamo exporter would need ``onnxscript``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from engines.mae.model import MaskedAutoencoderViT
+from engines.backends.tensorrt_backend import BatchProfile, file_sha256
+from engines.mae.network import MAEConfig, MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,22 @@ class ExportedGraphs:
     sha256: dict[str, str]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def graph_shapes(profile: BatchProfile, config: MAEConfig, graph: str) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """input name -> (min, opt, max) shapes of one graph for the worker's batches (a TensorRT profile)."""
+    imgs = (profile.min_images, profile.opt_images, profile.max_images)
+    rows = tuple(n * profile.passes for n in imgs)
+    image, keep = config.image_size, config.len_keep
+    if graph == "encoder_full":
+        return {"pixels": tuple((n, 3, image, image) for n in imgs)}
+    if graph == "encoder_masked":
+        return {
+            "pixels": tuple((n, 3, image, image) for n in imgs),
+            "ids_keep": tuple((n, profile.passes, keep) for n in imgs),
+        }
+    if graph == "decoder":
+        tokens, dim, patches = keep + 1, config.hidden_size, config.num_patches
+        return {"latent": tuple((r, tokens, dim) for r in rows), "ids_restore": tuple((r, patches) for r in rows)}
+    raise ValueError(f"unknown graph {graph!r}")
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],

@@ -1,0 +1,38 @@
+"""``engines.load``: detect a checkpoint's model family on disk and load it as a :class:`~engines.family.ModelFamily`.
+
+One family today (``mae``: HF ViT-MAE / ViT folders, MAE ``.pth``, timm). A new family adds its loader to
+:data:`LOADERS` and its recognition to :func:`detect_family`; everything not claimed by another family goes to
+the MAE loaders, whose errors name what they could not read (unsupported ``model_type``, unknown tensors...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from engines.family import ModelFamily
+from engines.mae.family import FAMILY as MAE, load_mae
+
+#: family name -> loader(path, device=, backend=, precision=, load_heads=)
+LOADERS: dict[str, Callable[..., ModelFamily]] = {MAE: load_mae}
+
+
+def detect_family(path: str | Path) -> str:
+    """The model family of the checkpoint at ``path`` (only ``mae`` so far)."""
+    return MAE
+
+
+def load(
+    path: str | Path,
+    device: str = "cpu",
+    backend: str | None = None,
+    precision: str | None = None,
+    load_heads: bool = True,
+) -> ModelFamily:
+    """Load any supported checkpoint (family and format detected from what is on disk); the public entry point.
+
+    ``backend=None`` follows ``device`` (default CPU); ``backend="auto"`` picks tensorrt -> cuda -> cpu;
+    ``"cpu"``/``"cuda"``/``"tensorrt"`` force one. ``precision`` defaults per backend (cpu fp32, GPU fp16).
+    """
+    loader = LOADERS[detect_family(path)]
+    return loader(path, device=device, backend=backend, precision=precision, load_heads=load_heads)
