@@ -9,10 +9,7 @@ to the audit table. Logs name AE titles and UIDs, never patient names or IDs.
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,14 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.dicom.header_checks import HeaderError, read_header
 from node.dicom.policy import decide
-from node.dicom.reactors import make_quiet
+from node.dicom.pynetdicom_patches import (
+    copy_contexts_cheaply,
+    discard_partial_transfer,
+    enable_chunked_storage,
+    make_quiet,
+)
 from node.settings import NodeSettings, PeerSettings
 from node.dicom.tls import server_context
 from storage.intake import IndexOutcome, InstanceRecord, IntakeRepository
@@ -60,42 +62,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
-
-_incoming_dir_lock = threading.Lock()
-
-
-def _route_chunked_writes_to(directory: Path) -> None:
-    """Make pynetdicom write received datasets inside the spool's filesystem.
-
-    pynetdicom creates the chunked-receive file with ``NamedTemporaryFile`` in the system temporary
-    directory; writing it under the spool instead turns the final move into an atomic rename rather than
-    a second copy of every byte. (If anything else ends up elsewhere, the spool falls back to copying.)
-    """
-    with _incoming_dir_lock:
-        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
-            tempfile.NamedTemporaryFile, dir=str(directory), prefix="rx-"
-        )
-
-
-class _CheaplyCopiedContexts(list):  # type: ignore[type-arg]
-    """The server's supported presentation contexts, deep-copied for each association in ~1 ms, not ~45.
-
-    pynetdicom gives every accepted association ``deepcopy(server.contexts)``; with every storage SOP class
-    times every accepted transfer syntax (170 contexts here) the generic deepcopy cost about 45 ms of CPU per
-    association. A context holds only UIDs (immutable strings), ints, bools and one list of UIDs, so copying
-    each object and its lists gives the same independent copies.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        copies = []
-        for context in self:
-            duplicate = copy.copy(context)
-            for name, value in vars(duplicate).items():
-                if isinstance(value, list):
-                    setattr(duplicate, name, list(value))
-            copies.append(duplicate)
-        return copies
-
 
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
@@ -133,9 +99,8 @@ class Receiver:
 
     # -- set-up ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.UNRESTRICTED_STORAGE_SERVICE = True  # unknown and private storage SOP classes too
-        _route_chunked_writes_to(self.spool.incoming)
+        # Chunked receive into the spool's .incoming; unknown and private storage SOP classes too.
+        enable_chunked_storage(self.spool.incoming)
         ae = AE(ae_title=self.node.ae_title)
         ae.maximum_pdu_size = self.node.max_pdu_size
         # Our own policy enforces the limit (with an audit row); pynetdicom's check is a backstop.
@@ -145,8 +110,8 @@ class Receiver:
         ae.network_timeout = self.node.network_timeout_seconds
         ae.require_called_aet = False  # decided (and audited) by node.dicom.policy
         ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:4])
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:  # every storage SOP class pynetdicom knows
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     @property
@@ -168,7 +133,7 @@ class Receiver:
         self._server = self.ae.start_server(
             (self.node.host, self.node.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context
         )
-        self._server.contexts = _CheaplyCopiedContexts(self._server.contexts)
+        copy_contexts_cheaply(self._server)
         self.index.start_writer()
         self._reaper_stop.clear()
         self._reaper = threading.Thread(target=self._reap_loop, name="msknode-reaper", daemon=True)
@@ -191,7 +156,7 @@ class Receiver:
         with self._lock:
             dead = [assoc for assoc in self._assocs.values() if not assoc.is_alive()]
         for assoc in dead:
-            self._discard_partial_transfer(assoc)
+            discard_partial_transfer(assoc)
             self._finish(assoc, "aborted")
 
     def stop(self, grace_seconds: float = 10.0) -> None:
@@ -283,7 +248,7 @@ class Receiver:
         self._finish(event.assoc, "released")
 
     def _on_aborted(self, event: evt.Event) -> None:
-        self._discard_partial_transfer(event.assoc)
+        discard_partial_transfer(event.assoc)
         self._finish(event.assoc, "aborted")
 
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -305,25 +270,8 @@ class Receiver:
         if event.assoc.is_released:
             self._finish(event.assoc, "released")
             return
-        self._discard_partial_transfer(event.assoc)
+        discard_partial_transfer(event.assoc)
         self._finish(event.assoc, "aborted")
-
-    @staticmethod
-    def _discard_partial_transfer(assoc: Any) -> None:
-        """Remove the temporary file of a C-STORE cut short (abort, closed connection, disk full).
-
-        pynetdicom leaves it in ``.incoming`` (its chunked file is ``delete=False``) until the next
-        start's sweep; on a full disk that is exactly the space needed to recover.
-        """
-        message = getattr(getattr(assoc, "dimse", None), "message", None)
-        handle = getattr(message, "_data_set_file", None)
-        if handle is None:
-            return
-        try:
-            handle.close()
-        except OSError:
-            pass  # flushing the rest may fail again on a full disk; the file goes anyway
-        Path(handle.name).unlink(missing_ok=True)
 
     def _on_c_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS

@@ -1,4 +1,42 @@
-"""Event-driven reactors for accepted pynetdicom associations: wake on work instead of every millisecond.
+"""Every use of pynetdicom internals in msknode, in this one module (pynetdicom 3.0.x).
+
+Outside this module, msknode uses pynetdicom's public API only. Each patch here exists for speed or for
+durability, and each relies on pynetdicom internals that a release may change without notice. The
+contract test, ``tests/intake/test_pynetdicom_contract.py``, checks everything listed under *Relies on*
+(names, signatures, attributes, and the SHA-256 of the source of each upstream function a patch overrides,
+copies or depends on, recorded in :data:`UPSTREAM_SOURCES` for pynetdicom 3.0.4): after a pynetdicom
+upgrade it fails, naming what changed. Then re-read the changed upstream code, adapt the patch (or drop
+it, if upstream now does the same), and record the new hashes; ``pyproject.toml`` pins ``pynetdicom<3.1``.
+
+Patches
+-------
+
+1. :func:`enable_chunked_storage` — C-STORE datasets written in chunks to a file, never held in memory
+   (``_config.STORE_RECV_CHUNKED_DATASET``; ``_config.UNRESTRICTED_STORAGE_SERVICE`` so that private
+   storage SOP classes are accepted too), and that file created in the spool's ``.incoming`` directory,
+   so its final move is a rename rather than a copy: the module global ``NamedTemporaryFile`` that
+   ``pynetdicom.dimse_messages.DIMSEMessage.decode_msg`` calls is replaced by one bound to that directory.
+   *Relies on*: ``pynetdicom._config`` having both flags; ``dimse_messages.NamedTemporaryFile`` being the
+   name ``decode_msg`` calls (with ``delete=False, mode="wb", suffix=".dcm"``).
+2. :func:`discard_partial_transfer` — removes the chunked file of a C-STORE cut short (pynetdicom leaves
+   it). *Relies on*: ``assoc.dimse.message._data_set_file`` being the open ``NamedTemporaryFile``
+   while a dataset is being received.
+3. :func:`copy_contexts_cheaply` — the SCP's presentation contexts deep-copied per association in ~1 ms
+   rather than ~45. *Relies on*: ``RequestHandler._create_association`` giving each association
+   ``deepcopy(server.contexts)``, and a ``PresentationContext`` holding only immutable values and lists.
+4. :func:`make_quiet` — event-driven reactors (below) for every accepted association, switched in from
+   ``EVT_CONN_OPEN``. *Relies on*: ``RequestHandler.handle`` triggering ``EVT_CONN_OPEN`` after building the
+   association and before ``assoc.start()``; ``DULServiceProvider`` being a ``Thread`` whose ``run`` is
+   ``Thread.run`` (target ``run_reactor``), with ``_kill_thread``, ``_idle_timer``, ``artim_timer``,
+   ``event_queue``, ``to_provider_queue``, ``to_user_queue``, ``state_machine``, ``socket``,
+   ``_process_recv_primitive()``, ``_is_transport_event()``, ``kill_dul()``, ``stop_dul()``,
+   ``idle_timer_expired()``, ``receive_pdu(wait=False)``; ``Association`` with ``_run_reactor()``,
+   ``kill()``, ``_kill``, ``_is_paused``, ``_reactor_checkpoint``, ``_dul_ready``, ``_serve_request()``,
+   ``dimse.get_msg(block=False)`` and ``dimse.msg_queue``; ``AssociationSocket.recv(nr_bytes)`` being the
+   one read ``DULServiceProvider._read_pdu_data`` uses, on ``AssociationSocket.socket``.
+
+Event-driven reactors
+---------------------
 
 pynetdicom runs two threads per association, and both poll: the DUL thread sleeps 1 ms whenever its socket
 and queues are empty (``DULServiceProvider._run_loop_delay``; its source says "TODO: try and make this event
@@ -18,26 +56,29 @@ Both still wake at least every ``IDLE_WAIT_SECONDS`` to check pynetdicom's timer
 timeout) and kill flags, which only ever needed second resolution. Everything else — the state machine,
 PDU decoding, DIMSE services, event handlers — is pynetdicom's own code, unchanged; the loops below follow
 pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` step for step apart from
-how they wait. Only the receiver's accepted associations use them (:func:`make_quiet`, called from
-``EVT_CONN_OPEN`` before the association's threads start).
+how they wait. A PDU is read in large chunks (:class:`BulkReadSocket`) rather than 4096 bytes per ``recv``.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import queue
 import select
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
-from pynetdicom import evt
+from pynetdicom import _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationServer, AssociationSocket
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +86,118 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 0.05
 # Most bytes one recv() call asks the kernel for when reading a PDU (pynetdicom asks for 4096 at a time).
 READ_CHUNK_BYTES = 1 << 20
+
+# The pynetdicom release series these patches were written for (tests/intake/test_pynetdicom_contract.py).
+PYNETDICOM_SERIES = "3.0"
+
+# SHA-256 of ``inspect.getsource`` of each upstream function a patch overrides, copies or depends on, as in
+# pynetdicom 3.0.4. A different hash means upstream changed that code: re-read it and adapt the patch before
+# recording the new value.
+UPSTREAM_SOURCES: dict[str, str] = {
+    # 4: the DUL reactor copied by QuietDUL (run_reactor), the methods it calls or overrides, and the attributes
+    # it relies on (__init__); _read_pdu_data is the caller of BulkReadSocket.recv
+    "pynetdicom.dul.DULServiceProvider.__init__": "c82dafa9438ddf70685917cb15d2bfbc814aa0ad5233ffb0ae650faedc7570f0",
+    "pynetdicom.dul.DULServiceProvider.run_reactor": "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "pynetdicom.dul.DULServiceProvider.kill_dul": "5ceccf8dd01c2072c377d18bb1be284941a345bd40f03bd1e03a864ab0817842",
+    "pynetdicom.dul.DULServiceProvider.stop_dul": "28a7e0be126e7b306369cc1b131daec8e907d21d0f5692930133b6599b8c6e5f",
+    "pynetdicom.dul.DULServiceProvider._process_recv_primitive":
+        "4c0ebbb3e646e35e8e5bbc27ee2f1e6b2c82bbf619232f47639a6cbae092ed39",
+    "pynetdicom.dul.DULServiceProvider._is_transport_event":
+        "8725ed03bb8fbdefef249d5d9888c120e6277d7b6aa2c4f537e23027186e1253",
+    "pynetdicom.dul.DULServiceProvider._read_pdu_data":
+        "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+    # 4: the association reactor copied by QuietAssociation, its caller, and kill (overridden)
+    "pynetdicom.association.Association.__init__": "eb07516b8009ad8fa338201dea39578380fbf9f2c59fa5e368e20250eb97c4ea",
+    "pynetdicom.association.Association.run_reactor":
+        "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
+    "pynetdicom.association.Association._run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    "pynetdicom.association.Association.kill": "8f9713666a7f4cffd840899f023090e9786668945a7c844f99d7a834077c3972",
+    # 4: the DIMSE queue the association reactor waits on
+    "pynetdicom.dimse.DIMSEServiceProvider.get_msg": "890e3e04283f5aeb756236f1a4dd35d3a10bbdd52f3efa3f3950c01f47bd2b34",
+    "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive":
+        "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+    # 1, 2: the chunked file (NamedTemporaryFile, _data_set_file)
+    "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
+        "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    # 4: BulkReadSocket.recv replaces this
+    "pynetdicom.transport.AssociationSocket.recv": "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
+    # 3, 4: EVT_CONN_OPEN before assoc.start(); deepcopy(server.contexts)
+    "pynetdicom.transport.RequestHandler.handle": "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd",
+    "pynetdicom.transport.RequestHandler._create_association":
+        "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
+    # 3: what a presentation context holds
+    "pynetdicom.presentation.PresentationContext.__init__":
+        "37a8842ac07cd8f364dba03f5f7a59c23a0068341873edd81d367ad0c75596d9",
+}
+
+
+# -- 1. chunked storage into the spool ---------------------------------------------------------------------
+_incoming_dir_lock = threading.Lock()
+
+
+def enable_chunked_storage(incoming: Path) -> None:
+    """Make pynetdicom write each received dataset in chunks to a file in ``incoming`` (process-wide).
+
+    ``STORE_RECV_CHUNKED_DATASET``: the handler gets ``event.dataset_path`` and the dataset never sits in
+    memory. ``UNRESTRICTED_STORAGE_SERVICE``: unknown and private storage SOP classes are accepted too.
+    pynetdicom creates the file with ``NamedTemporaryFile`` in the system temporary directory; creating it
+    under the spool instead turns the final move into an atomic rename rather than a second copy of every
+    byte. (If anything else ends up elsewhere, the spool falls back to copying.)
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    with _incoming_dir_lock:
+        dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
+            tempfile.NamedTemporaryFile, dir=str(incoming), prefix="rx-"
+        )
+
+
+# -- 2. the file of a transfer cut short -------------------------------------------------------------------
+def discard_partial_transfer(assoc: Any) -> None:
+    """Remove the chunked file of a C-STORE cut short (abort, closed connection, disk full).
+
+    pynetdicom leaves it in ``.incoming`` (its chunked file is ``delete=False``) until the next start's
+    sweep; on a full disk that is exactly the space needed to recover.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    if handle is None:
+        return
+    try:
+        handle.close()
+    except OSError:
+        pass  # flushing the rest may fail again on a full disk; the file goes anyway
+    Path(handle.name).unlink(missing_ok=True)
+
+
+# -- 3. cheap per-association copies of the presentation contexts ------------------------------------------
+class CheaplyCopiedContexts(list):  # type: ignore[type-arg]
+    """The server's supported presentation contexts, deep-copied for each association in ~1 ms, not ~45.
+
+    pynetdicom gives every accepted association ``deepcopy(server.contexts)``; with every storage SOP class
+    times every accepted transfer syntax (170 contexts here) the generic deepcopy cost about 45 ms of CPU per
+    association. A context holds only UIDs (immutable strings), ints, bools and one list of UIDs, so copying
+    each object and its lists gives the same independent copies.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            for name, value in vars(duplicate).items():
+                if isinstance(value, list):
+                    setattr(duplicate, name, list(value))
+            copies.append(duplicate)
+        return copies
+
+
+def copy_contexts_cheaply(server: AssociationServer) -> None:
+    """Switch a started server's presentation contexts to :class:`CheaplyCopiedContexts`."""
+    server.contexts = CheaplyCopiedContexts(server.contexts)
+
+
+# -- 4. event-driven reactors ------------------------------------------------------------------------------
 
 
 class _NotifyingQueue(queue.Queue):  # type: ignore[type-arg]

@@ -1,4 +1,5 @@
-"""node.dicom.reactors: accepted associations wait for work instead of polling, and behave as pynetdicom's own.
+"""node.dicom.pynetdicom_patches, event-driven reactors: accepted associations wait for work instead of polling,
+and behave as pynetdicom's own.
 
 An in-process Storage SCP with the receiver's EVT_CONN_OPEN switch, driven by a pynetdicom SCU.
 """
@@ -17,8 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-import node.dicom.reactors
-from node.dicom.reactors import BulkReadSocket, QuietAssociation, QuietDUL, make_quiet
+import node.dicom.pynetdicom_patches
+from node.dicom.pynetdicom_patches import BulkReadSocket, QuietAssociation, QuietDUL, make_quiet
 
 
 class Scp:
@@ -178,7 +179,7 @@ def test_many_concurrent_associations(scp: Scp) -> None:
 
 def test_large_pdus_are_read_whole_and_intact(scp: Scp, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small chunks, so one instance's PDU takes many reads and several buffer growths.
-    monkeypatch.setattr(node.dicom.reactors, "READ_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(node.dicom.pynetdicom_patches, "READ_CHUNK_BYTES", 64 * 1024)
     assoc = scu_association(scp.port)
     assert isinstance(scp.associations[0].dul.socket, BulkReadSocket)  # type: ignore[attr-defined]
     sent = []
