@@ -102,7 +102,11 @@ def tick(
     initial_priority: Callable[[str | None], int] = lambda _ae: 0,
     now: datetime | None = None,
 ) -> list[CompletionDecision]:
-    """One scheduler pass: queue the complete studies, mark the others waiting with the reason."""
+    """One scheduler pass: queue the complete studies, mark the others waiting with the reason.
+
+    ``initial_priority`` gives the rank a study's job is queued with, as triage decided it for the sender
+    (node/pipeline/scheduler.py); it is stored as given (routine when none is passed).
+    """
     now = now or utcnow()
     decisions = evaluate(database, now, settle_seconds, force_complete_seconds)
     for decision in decisions:
