@@ -27,7 +27,17 @@ if TYPE_CHECKING:  # pragma: no cover - types only; importing them would pull to
 
     from engines.heads import LinearHead
     from engines.imaging.preprocessor_config import PreprocessorConfig
-    from engines.mae.errormap import ErrorMapResult
+
+
+@dataclass
+class ErrorMapResult:
+    """Maps [B, H, W] (224 x 224 for SKELEX's input), scores [B], and what reproduces them (seed or the noise)."""
+
+    maps: Tensor
+    scores: Tensor
+    noise: Tensor  # [B, passes, L]
+    seed: int | None
+    passes: int
 
 
 @dataclass(frozen=True)

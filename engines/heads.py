@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 HEAD_FORMAT = "msknode-head/1"
@@ -94,8 +95,6 @@ class LinearHead(nn.Module):
 
 def save_head(head: LinearHead, folder: str | Path) -> tuple[Path, Path]:
     """Write ``<folder>/<name>.safetensors`` and ``<folder>/<name>.json``; returns both paths."""
-    from safetensors.torch import save_file
-
     if not head.encoder_sha256:
         raise ValueError(f"head {head.name!r} has no encoder_sha256: record the encoder it was trained on")
     folder = Path(folder)
@@ -113,8 +112,6 @@ def save_head(head: LinearHead, folder: str | Path) -> tuple[Path, Path]:
 
 def load_head(path: str | Path, encoder_sha256: str | None = None) -> LinearHead:
     """Load a 3e head from its ``.json``, its ``.safetensors`` or the common stem; refuse a foreign encoder."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
     meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")

@@ -14,26 +14,15 @@ is skipped. The arithmetic runs per patch (``patchify`` order), which is the sam
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from engines.family import ErrorMapResult
 from engines.imaging.preprocessor_config import IMAGENET_MEAN, IMAGENET_STD
 from engines.mae.network import random_masking_ids
 
 DEFAULT_SEED = 0  # used when neither noise nor seed is given, so a map is always reproducible
-
-
-@dataclass
-class ErrorMapResult:
-    """Maps [B, 224, 224], scores [B], and what reproduces them (seed or the exact noise)."""
-
-    maps: Tensor
-    scores: Tensor
-    noise: Tensor  # [B, passes, L]
-    seed: int | None
-    passes: int
 
 
 def noise_from_seed(seed: int, passes: int, num_patches: int) -> Tensor:

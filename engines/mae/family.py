@@ -19,11 +19,11 @@ from torch import Tensor
 from engines.backends import Backend
 from engines.backends.tensorrt_backend import BatchProfile, TensorRTBackend
 from engines.backends.torch_backend import TorchBackend
-from engines.family import ErrorMapSpec
+from engines.family import ErrorMapResult, ErrorMapSpec
 from engines.heads import LinearHead, head_from_classifier, load_heads_dir
 from engines.imaging.preprocessor_config import PreprocessorConfig
 from engines.mae.backend import build_backend, tensorrt_backend
-from engines.mae.errormap import ErrorMapResult, compute_error_map
+from engines.mae.errormap import compute_error_map
 from engines.mae.loaders import LoadedCheckpoint, build_model, load_checkpoint
 from engines.mae.network import MAEConfig, MaskedAutoencoderViT, count_parameters, encoder_sha256
 from engines.mae.onnx_export import GRAPH_NAMES, ExportedGraphs, export_onnx

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from engines.imaging.preprocessor_config import (
@@ -72,8 +73,6 @@ class LoadedCheckpoint:
 def read_state_file(path: Path) -> dict[str, Any]:
     """Read a state file without executing pickled code (``weights_only``; argparse args allowed for MAE)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return dict(load_file(str(path)))
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -440,8 +439,6 @@ def save_hf_vitmae(
 
     ``preprocessor_config.json`` gets ``preprocessing`` (default: ImageNet, bilinear, at the model's size).
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict({k: v.detach().float().contiguous() for k, v in model.state_dict().items()})

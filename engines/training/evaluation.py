@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
@@ -31,8 +32,6 @@ from engines.training.metrics import auroc, macro_auroc
 
 def mask_to_model(mask: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
     """A source-resolution bool mask -> 224 x 224 bool (area average >= 0.25, no crop, like the image)."""
-    from PIL import Image
-
     image = Image.fromarray(mask.astype(np.float32))
     return np.asarray(image.resize((size, size), resample=Image.Resampling.BOX)) >= 0.25
 
