@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -62,13 +63,19 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def _as_read(ds: pydicom.Dataset) -> Iterator[DataElement | RawDataElement]:
+    """The top-level elements in the order read, as read: ``keep_deferred`` stops ``get_item`` converting a raw
+    element whose value is None (an empty value of some VRs; nothing is deferred here)."""
+    return (ds.get_item(tag, keep_deferred=True) for tag in ds.keys())
+
+
 def _check_no_short_values(ds: pydicom.Dataset) -> None:
     """Refuse an element whose declared length runs past the end of the data.
 
     pydicom reads such a value short without complaint, so a corrupt length can swallow the rest of the
     dataset (UIDs, image attributes, pixel data) and still parse. Must run before elements are converted.
     """
-    for raw in ds._dict.values():
+    for raw in _as_read(ds):
         if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and isinstance(raw.value, bytes):
             if len(raw.value) != raw.length:
                 raise HeaderError(
@@ -83,7 +90,7 @@ def _check_ends_on_an_element(ds: pydicom.Dataset, offset: int) -> None:
     just there (before the image attributes) would otherwise parse as a complete non-image instance.
     ``offset`` is where pydicom stopped: the end of the data, or the start of Pixel Data.
     """
-    raw_elements = [raw for raw in ds._dict.values() if isinstance(raw, RawDataElement)]
+    raw_elements = [raw for raw in _as_read(ds) if isinstance(raw, RawDataElement)]
     if not raw_elements:
         return
     last = max(raw_elements, key=lambda raw: raw.value_tell or 0)

@@ -24,7 +24,9 @@ REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 @dataclass(frozen=True)
-class Decision:
+class AssociationDecision:
+    """Accept or reject an association request (A-ASSOCIATE-RJ result, source and reason when rejected)."""
+
     accepted: bool
     peer_name: str | None = None
     result: int = 0
@@ -33,7 +35,9 @@ class Decision:
     reason: str | None = None  # short machine-readable reason for the audit log
 
     @classmethod
-    def reject(cls, result: int, source: int, diagnostic: int, reason: str, peer: str | None = None) -> Decision:
+    def reject(
+        cls, result: int, source: int, diagnostic: int, reason: str, peer: str | None = None
+    ) -> AssociationDecision:
         return cls(False, peer, result, source, diagnostic, reason)
 
 
@@ -62,7 +66,7 @@ def decide(
     peer_address: str,
     active_associations: int,
     disk_has_room: Callable[[], bool],
-) -> Decision:
+) -> AssociationDecision:
     """Accept or reject an association request.
 
     ``active_associations`` counts the associations already open, not this one.
@@ -74,7 +78,7 @@ def decide(
 
     if not node.accept_unknown_callers:
         if peer is None or not peer.may_send:
-            return Decision.reject(
+            return AssociationDecision.reject(
                 REJECTED_PERMANENT,
                 SOURCE_SERVICE_USER,
                 REASON_CALLING_AE_NOT_RECOGNISED,
@@ -82,7 +86,7 @@ def decide(
                 peer_name,
             )
         if address not in {_normalise_address(a) for a in peer.addresses}:
-            return Decision.reject(
+            return AssociationDecision.reject(
                 REJECTED_PERMANENT,
                 SOURCE_SERVICE_USER,
                 REASON_CALLING_AE_NOT_RECOGNISED,
@@ -91,7 +95,7 @@ def decide(
             )
 
     if node.require_called_ae_title and called_ae_title.strip() != node.ae_title:
-        return Decision.reject(
+        return AssociationDecision.reject(
             REJECTED_PERMANENT,
             SOURCE_SERVICE_USER,
             REASON_CALLED_AE_NOT_RECOGNISED,
@@ -100,7 +104,7 @@ def decide(
         )
 
     if active_associations >= node.max_associations:
-        return Decision.reject(
+        return AssociationDecision.reject(
             REJECTED_TRANSIENT,
             SOURCE_SERVICE_PROVIDER_PRESENTATION,
             REASON_LOCAL_LIMIT_EXCEEDED,
@@ -109,7 +113,7 @@ def decide(
         )
 
     if not disk_has_room():
-        return Decision.reject(
+        return AssociationDecision.reject(
             REJECTED_TRANSIENT,
             SOURCE_SERVICE_PROVIDER_PRESENTATION,
             REASON_TEMPORARY_CONGESTION,
@@ -117,4 +121,4 @@ def decide(
             peer_name,
         )
 
-    return Decision(True, peer_name)
+    return AssociationDecision(True, peer_name)
