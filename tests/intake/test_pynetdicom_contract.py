@@ -5,12 +5,11 @@ function a patch overrides, copies or depends on (SHA-256, recorded for pynetdic
 signatures and attributes used. After a pynetdicom upgrade a failure here names what changed: re-read that
 upstream code, adapt the patch (or drop it), then record the new values. Do not just update the hashes.
 
-It also keeps the rule that this module is the only place using private names of third-party packages.
+That no other module uses private names of third-party packages is checked in tests/test_import_rules.py.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import hashlib
 import importlib
@@ -33,10 +32,6 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.dicom import pynetdicom_patches as patches
-
-ROOT = Path(__file__).resolve().parents[2]
-PATCH_MODULE = ROOT / "node" / "dicom" / "pynetdicom_patches.py"
-
 
 def _resolve(qualified: str) -> Any:
     parts = qualified.split(".")
@@ -204,36 +199,3 @@ def test_cheap_context_copies_equal_deep_copies() -> None:
     assert [vars(c) for c in cheap] == [vars(c) for c in deep]
     cheap[0].transfer_syntax.append("1.2.840.10008.1.2.2")
     assert "1.2.840.10008.1.2.2" not in contexts[0].transfer_syntax
-
-
-# -- private names of third-party packages: only in the patch module ----------------------------------------
-FIRST_PARTY = {"node", "engines", "storage", "tests"}
-
-
-def _private_imports(path: Path) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.split(".")[0] in FIRST_PARTY or node.module == "__future__":
-                continue
-            private = [part for part in node.module.split(".") if part.startswith("_")]
-            private += [alias.name for alias in node.names
-                        if alias.name.startswith("_") and not alias.name.startswith("__")]
-            if private:
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {private}")
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] not in FIRST_PARTY and any(
-                        part.startswith("_") for part in alias.name.split(".")):
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: import {alias.name}")
-    return found
-
-
-def test_no_private_third_party_import_outside_the_patch_module() -> None:
-    found = []
-    for package in ("node", "engines", "storage"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            if path != PATCH_MODULE:
-                found += _private_imports(path)
-    assert not found, "private API of a third-party package (move it into node/dicom/pynetdicom_patches.py " \
-                      "or use a public one):\n" + "\n".join(found)
