@@ -21,6 +21,9 @@ PACKAGES = ("node", "engines", "storage")
 # The composition roots: they start the roles, so they may import any of them; nothing else imports them.
 COMPOSITION_ROOTS = ("node.__main__", "node.cli", "node.runtime.service", "node.runtime.supervisor", "node.demo")
 
+# The model-family packages of engines/ (one per published system).
+FAMILIES = ("engines.mae",)
+
 # (importer prefix, forbidden prefixes, why)
 FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("engines", ("node", "storage"), "model code knows nothing of networking or the database"),
@@ -36,10 +39,20 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
      "the dashboard reads the database and spool"),
     ("node.pipeline", ("node.web", "node.dicom.receiver", "node.delivery.sender"),
      "pipeline roles meet the other roles only through the database and the spool"),
+    ("engines.family", FAMILIES + ("engines.training",), "the protocol every family implements names none of them"),
+    ("engines.backends", FAMILIES + ("engines.training",), "backends take tensors (or graphs), never a family"),
+    ("engines.imaging", FAMILIES + ("engines.training",), "the shared image path serves every family"),
+    ("engines.heads", FAMILIES + ("engines.training",), "heads sit on any family's embedding"),
+    ("engines.calibration", FAMILIES + ("engines.training",), "calibration is family-neutral"),
+    ("engines.mae", ("engines.training",), "inference never needs the training code"),
     ("node.runtime.faults", ("node", "storage", "engines"), "fault points are importable from anywhere"),
     ("node.runtime.logs", ("node", "storage", "engines"), "logging set-up is importable from anywhere"),
 ]
 ALLOWED_INSIDE = {"node.settings": ("node.settings", "node.pipeline.triage_rules")}
+
+# Where a function-local import of a project module is allowed: composition roots pick the role to import
+# (so the receiver's process never loads torch), and engines/__init__ exports lazily for the same reason.
+LAZY_IMPORTS_ALLOWED = COMPOSITION_ROOTS + ("engines",)
 
 # Processes that must start without torch: the receiver, the sender, the scheduler, the web role.
 TORCH_FREE = ("node.dicom.receiver", "node.delivery.sender", "node.pipeline.scheduler", "node.web.app", "node.cli")
@@ -152,6 +165,24 @@ def cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
     return found
 
 
+def function_local_project_imports(path: Path) -> list[str]:
+    """Imports of node/engines/storage inside a function (``if TYPE_CHECKING:`` blocks are types, not imports)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{function.name}: {name}" for name in names if name.split(".")[0] in PACKAGES]
+    return found
+
+
 # -- the checks on the project ------------------------------------------------------------------------
 def test_no_package_imports_what_the_layout_forbids() -> None:
     assert violations(project_graph()) == []
@@ -159,6 +190,21 @@ def test_no_package_imports_what_the_layout_forbids() -> None:
 
 def test_no_import_cycles_even_through_function_local_imports() -> None:
     assert cycles(project_graph()) == []
+
+
+def test_function_local_imports_only_where_a_role_is_chosen() -> None:
+    offenders = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            name = module_name(path)
+            if "migrations" in path.parts or name in LAZY_IMPORTS_ALLOWED or any(
+                under(name, root) for root in COMPOSITION_ROOTS
+            ):
+                continue
+            found = function_local_project_imports(path)
+            if found:
+                offenders[name] = found
+    assert offenders == {}
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
@@ -210,13 +256,22 @@ def test_the_checks_catch_what_they_are_for() -> None:
         "node.pipeline.a": {"node.pipeline.b"},
         "node.pipeline.b": {"node.pipeline.a"},
         "node.web.views": {"node.runtime.service"},
+        "engines.backends.base": {"engines.mae.network"},
     }
     found = violations(graph)
     assert any(v.startswith("engines.mae.model imports storage.db") for v in found)
     assert any(v.startswith("node.dicom.receiver imports torch") for v in found)
     assert not any(v.startswith("node.settings") for v in found)
     assert any("composition root node.runtime.service" in v for v in found)
+    assert any(v.startswith("engines.backends.base imports engines.mae.network") for v in found)
     assert cycles(graph) == [["node.pipeline.a", "node.pipeline.b"]]
     assert private_third_party_imports("from highdicom._standard_utils import x\nfrom pynetdicom import _config\n"
                                        "import torch\nfrom pynetdicom.sop_class import Verification\n") == [
         "from highdicom._standard_utils import x", "from pynetdicom import _config"]
+
+
+def test_a_function_local_import_is_found(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nimport storage.db\nif TYPE_CHECKING:\n    import engines.heads\n"
+                      "def f():\n    import os\n    from node.settings import Settings\n    return Settings\n")
+    assert function_local_project_imports(source) == ["f: node.settings"]

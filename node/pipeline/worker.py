@@ -27,7 +27,10 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
+from engines.calibration import percentile as score_percentile
 from engines.family import ModelFamily
+from engines.imaging.preprocess import PreprocessError, preprocess
+from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
 from node.pipeline.eligibility import ineligibility_reason
 from node.pipeline.triage import PriorityDecision, Triage, header_text, study_attributes, study_values, summarise
@@ -176,8 +179,6 @@ class Worker:
 
     def _prepare(self, job: ClaimedJob) -> JobWork:
         """Read, check eligibility of and preprocess every instance of the study."""
-        from engines.imaging.preprocess import PreprocessError, preprocess
-
         work = JobWork(job)
         try:
             inputs = self.job_inputs.inputs(job.study_instance_uid)
@@ -220,8 +221,6 @@ class Worker:
 
     def _infer(self, frames: list[Frame]) -> None:
         """Embedding, heads and error map for all frames, in batches of ``engine.batch_size``."""
-        from engines.imaging.regions import highest_error_region
-
         engine = self.settings.engine
         for start in range(0, len(frames), engine.batch_size):
             chunk = frames[start : start + engine.batch_size]
@@ -322,8 +321,6 @@ class Worker:
             out = frame.outputs
             percentile = None
             if self.calibration is not None:
-                from engines.calibration import percentile as score_percentile
-
                 percentile = float(score_percentile(out["score"], self.calibration))
             head_outputs = []
             for name, probs in out["heads"].items():

@@ -7,7 +7,6 @@ neither node/ nor engines/.
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -115,33 +114,3 @@ def test_settings_check_rule_syntax_without_importing_triage() -> None:
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert loaded.stdout.strip() == "False"
-
-
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(module, at top level) for every import in the file."""
-    tree = ast.parse(path.read_text())
-    top = {id(node) for node in tree.body}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, id(node) in top) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.append((node.module, id(node) in top))
-    return found
-
-
-def test_storage_imports_neither_node_nor_engines_and_hides_no_import() -> None:
-    for path in sorted((REPO / "storage").glob("*.py")):
-        for module, top_level in _imports(path):
-            assert module.split(".")[0] not in ("node", "engines"), f"{path.name} imports {module}"
-            assert top_level or module == "__future__", f"{path.name}: function-local import of {module}"
-
-
-def test_the_pipeline_imports_neither_the_web_nor_the_receiver() -> None:
-    for path in sorted((REPO / "node" / "pipeline").glob("*.py")):
-        for module, top_level in _imports(path):
-            assert not module.startswith(("node.web", "node.dicom.receiver")), f"{path.name} imports {module}"
-            if module.startswith(("node.", "storage.")):
-                assert top_level, f"{path.name}: function-local import of {module}"
-    settings_imports = _imports(REPO / "node" / "settings.py")
-    assert all(top_level for _module, top_level in settings_imports)
