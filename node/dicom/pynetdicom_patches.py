@@ -2,7 +2,7 @@
 
 Outside this module, msknode uses pynetdicom's public API only. Each patch here exists for speed or for
 durability, and each relies on pynetdicom internals that a release may change without notice. The
-contract test, ``tests/intake/test_pynetdicom_contract.py``, checks everything listed under *Relies on*
+contract test, ``tests/dicom/test_pynetdicom_contract.py``, checks everything listed under *Relies on*
 (names, signatures, attributes, and the SHA-256 of the source of each upstream function a patch overrides,
 copies or depends on, recorded in :data:`UPSTREAM_SOURCES` for pynetdicom 3.0.4): after a pynetdicom
 upgrade it fails, naming what changed. Then re-read the changed upstream code, adapt the patch (or drop
@@ -87,7 +87,7 @@ IDLE_WAIT_SECONDS = 0.05
 # Most bytes one recv() call asks the kernel for when reading a PDU (pynetdicom asks for 4096 at a time).
 READ_CHUNK_BYTES = 1 << 20
 
-# The pynetdicom release series these patches were written for (tests/intake/test_pynetdicom_contract.py).
+# The pynetdicom release series these patches were written for (tests/dicom/test_pynetdicom_contract.py).
 PYNETDICOM_SERIES = "3.0"
 
 # SHA-256 of ``inspect.getsource`` of each upstream function a patch overrides, copies or depends on, as in

@@ -36,7 +36,7 @@ BIPED_LETTERS = set("APLRHF")
 # one must consist of them only and must not start with a multi-byte one (PS3.5 6.1.2.5.3). The lists are
 # those highdicom's SOP class constructor applies (0.28: ISO 2022 IR 58 is accepted only on its own, and
 # ISO 2022 IR 149 not at all, since its enum lacks that term) so that what we pass is what highdicom accepts;
-# tests/unit/test_headers.py compares the two.
+# tests/dicom/test_header_checks.py compares the two.
 _SINGLE_BYTE_CODE_EXTENSIONS = frozenset({
     "ISO 2022 IR 6", "ISO 2022 IR 100", "ISO 2022 IR 101", "ISO 2022 IR 109", "ISO 2022 IR 110", "ISO 2022 IR 144",
     "ISO 2022 IR 127", "ISO 2022 IR 126", "ISO 2022 IR 138", "ISO 2022 IR 148", "ISO 2022 IR 203", "ISO 2022 IR 13",

@@ -21,7 +21,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.node import DEFAULT_PEERS, NODE_AE, NodeConfig, NodeProcess, Peer
-from tests.intake.test_association_policy import associate_rq
+from tests.dicom.test_association_policy import associate_rq
 
 PEERS = [*DEFAULT_PEERS, Peer("ward", "WARDSCU", host="127.0.0.2")]
 KNOWN_TITLES = {peer.ae_title for peer in PEERS}

@@ -1,6 +1,6 @@
 """Disk full during a study, on a real small filesystem: the spool sits on a 6 MB tmpfs with a 1 MB watermark.
 
-What tests/intake/test_resources.py does not already cover: the disk fills *part-way through a study* on a
+What tests/dicom/test_resources.py does not already cover: the disk fills *part-way through a study* on a
 running node, the instances acknowledged before that stay intact, the refused ones leave nothing behind, a
 new association is turned away while the disk is full, and once space returns the same sender's re-sends
 succeed and the whole study is analysed.
@@ -20,7 +20,7 @@ from sqlalchemy import select
 from storage.models import ImageResultRow, Job
 from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeProcess, Peer, wait_for
-from tests.intake.test_resources import small_filesystem  # noqa: F401  (the 6 MB tmpfs fixture, root only)
+from tests.dicom.test_resources import small_filesystem  # noqa: F401  (the 6 MB tmpfs fixture, root only)
 from tests.reliability.harness import SENDER_AE, CrashConfig, plan_studies
 
 pytestmark = [pytest.mark.slow]

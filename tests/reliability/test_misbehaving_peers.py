@@ -20,7 +20,7 @@ from pynetdicom.dsutils import encode
 
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.node import NODE_AE, NodeConfig, NodeProcess
-from tests.intake.test_association_policy import associate_rq, c_store_rq, p_data, read_until_closed
+from tests.dicom.test_association_policy import associate_rq, c_store_rq, p_data, read_until_closed
 
 NETWORK_TIMEOUT = 2.0
 A_ABORT = struct.pack(">BBI", 0x07, 0, 4) + bytes(4)
@@ -290,7 +290,7 @@ def test_destination_slower_than_the_timeout_is_retried_later(tmp_path: Path) ->
     from storage.spool import Spool
     from tests.helpers.node import free_port
     from node.settings import SenderSettings
-    from tests.pipeline.test_sender import make_sender, queue_item, row
+    from tests.delivery.test_sender import make_sender, queue_item, row
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     upgrade(url)

@@ -163,7 +163,7 @@ def test_sender_delivers_to_dcmtk_storescp_over_tls(pki: Pki, tmp_path: Path) ->
     from storage.migrate import upgrade
     from storage.outbox import Outbox
     from storage.spool import Spool
-    from tests.pipeline.test_sender import queue_item, row
+    from tests.delivery.test_sender import queue_item, row
 
     require_tool("storescp")
     port = free_port()

@@ -23,7 +23,7 @@ from storage.intake import IntakeRepository
 from storage.models import Notification, OutboxItem, Study
 from storage.notifications import NotificationEntry
 from storage.queue import JobQueue, OutboxEntry
-from tests.unit.test_queue_completion import make_study
+from tests.storage.test_queue_completion import make_study
 
 REPO = Path(__file__).resolve().parents[2]
 HEADS = {"fracture": ["fracture"]}

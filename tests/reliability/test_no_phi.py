@@ -15,7 +15,7 @@ from tests.helpers.dicomdata import small_instance
 from tests.helpers.models import tiny_model
 from tests.helpers.node import NodeProcess, Peer, free_port, wait_for
 from tests.helpers.tools import require_tool, storescu, start_storescp
-from tests.operate.test_notifications import WebhookReceiver
+from tests.delivery.test_notifications import WebhookReceiver
 from tests.pipeline.test_orthanc_end_to_end import PipelineConfig
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

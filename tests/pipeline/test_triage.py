@@ -125,7 +125,7 @@ def test_head_names_come_from_the_model_folder_without_loading_weights() -> None
 
 
 def test_config_check_refuses_a_rule_naming_an_output_the_model_lacks(tmp_path: Path) -> None:
-    from tests.intake.test_cli import msknode
+    from tests.cli.test_node_commands import msknode
 
     demo = Path(__file__).resolve().parents[2] / "models" / "demo-mae"
     path = tmp_path / "msknode.toml"
