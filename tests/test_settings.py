@@ -10,7 +10,7 @@ import pytest
 
 from node.settings import ConfigError, load_settings, parse_settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, text: str) -> Path:
