@@ -9,6 +9,8 @@ The web role reads the table at scrape time. ``labels`` is stored as a canonical
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -90,3 +92,49 @@ class Counters:
         with self.db.session() as session:
             rows: Iterable[Counter] = session.scalars(select(Counter).order_by(Counter.name, Counter.labels))
             return [(row.name, decode_labels(row.labels), float(row.value)) for row in rows]
+
+
+class BeatFailures:
+    """Failures of a periodic database write (a role heartbeat, a lease renewal), reported without the database.
+
+    A failed beat is logged by the caller and recorded here: ``detail[key]`` (the role's heartbeat detail, shown
+    by ``msknode status``) says how many beats failed, the last error and since when it has been failing; once
+    a beat succeeds again the failures are added to the ``heartbeat_failures{role,kind}`` counter (``/metrics``)
+    — while the database is down there is nowhere to count them.
+    """
+
+    def __init__(self, counters: Counters | None, detail: dict[str, Any], key: str, role: str, kind: str) -> None:
+        self.counters = counters
+        self.detail = detail
+        self.key = key
+        self.labels = {"role": role, "kind": kind}
+        self.total = 0
+        self.consecutive = 0
+        self.unflushed = 0
+        self.failing_since: str | None = None
+
+    def failed(self, error: BaseException) -> None:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.total += 1
+        self.consecutive += 1
+        self.unflushed += 1
+        self.failing_since = self.failing_since or now
+        message = (str(error).strip().splitlines() or [""])[0][:200]  # first line: never the SQL parameters
+        self._publish(last_error=f"{type(error).__name__}: {message}", last_error_at=now)
+
+    def succeeded(self) -> None:
+        if self.consecutive:
+            self.consecutive = 0
+            self.failing_since = None
+            self._publish()
+        if self.unflushed and self.counters is not None:
+            try:
+                self.counters.increment("heartbeat_failures", self.labels, self.unflushed)
+                self.unflushed = 0
+            except Exception:  # counted at the next successful beat
+                pass
+
+    def _publish(self, **fields: Any) -> None:
+        report = dict(self.detail.get(self.key) or {})
+        report.update(failures=self.total, consecutive=self.consecutive, failing_since=self.failing_since, **fields)
+        self.detail[self.key] = report  # one assignment: a concurrent reader sees the old or the new report

@@ -32,14 +32,15 @@ from engines.family import ModelFamily
 from engines.imaging.preprocess import PreprocessError, preprocess
 from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
-from node.pipeline.eligibility import ineligibility_reason
+from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
+from node.pipeline.eligibility import frame_count, ineligibility_reason, job_bound_reason
 from node.pipeline.triage import PriorityDecision, Triage, header_text, study_attributes, study_values, summarise
 from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
 from node.results.sc import build_sc
 from node.results.sr import build_not_analysed_sr, build_sr
 from node.runtime.faults import fault_point
 from node.settings import PRIORITIES, PeerSettings, Settings
-from storage.counters import Counters
+from storage.counters import BeatFailures, Counters
 from storage.job_inputs import JobInput, JobInputs
 from storage.notifications import NotificationEntry
 from storage.queue import ClaimedJob, ImageOutcome, JobQueue, OutboxEntry
@@ -71,6 +72,7 @@ class JobWork:
     frames: list[Frame] = field(default_factory=list)
     not_analysed: list[tuple[Dataset, str]] = field(default_factory=list)
     error: str | None = None
+    bound_reason: str | None = None  # the job exceeded a [pipeline] bound: not analysed, nothing loaded
 
 
 def _priority_name(rank: int) -> str:
@@ -92,7 +94,8 @@ def _dataset_bytes(dataset: Dataset) -> bytes:
 class Worker:
     def __init__(self, settings: Settings, queue: JobQueue, job_inputs: JobInputs, spool: Spool, model: ModelFamily,
                  calibration: Any = None, owner: str | None = None,
-                 peers: Callable[[], Sequence[PeerSettings]] | None = None, counters: Counters | None = None) -> None:
+                 peers: Callable[[], Sequence[PeerSettings]] | None = None, counters: Counters | None = None,
+                 detail: dict[str, Any] | None = None) -> None:
         self.settings = settings
         # The effective peers (file + database overlay, node/peers.py); the file's alone when not given.
         self.peers = peers or (lambda: settings.peers)
@@ -105,6 +108,10 @@ class Worker:
         self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
         self._held: list[int] = []
         self._held_lock = threading.Lock()
+        self.recognition = ResultRecognition.from_settings(settings.intake, settings.results.manufacturer)
+        # Lease renewals that failed: in the role's heartbeat detail (msknode status) and on /metrics.
+        self.lease_failures = BeatFailures(counters, detail if detail is not None else {}, "lease_renewal",
+                                           "worker", "lease")
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -140,10 +147,18 @@ class Worker:
         while not stop.wait(interval):
             with self._held_lock:
                 held = list(self._held)
-            if held:
+            if not held:
+                continue
+            try:  # never let one error end the loop: the leases would then expire under a live worker
                 lost = self.queue.heartbeat(self.owner, held, self.settings.pipeline.lease_seconds)
-                for job_id in lost:
-                    log.warning("lease on job %d lost; its results will be discarded", job_id)
+            except Exception as exc:
+                self.lease_failures.failed(exc)
+                log.warning("cannot renew the lease of job(s) %s (%s, %d failure(s) in a row); retrying in %.0f s",
+                            held, type(exc).__name__, self.lease_failures.consecutive, interval)
+                continue
+            self.lease_failures.succeeded()
+            for job_id in lost:
+                log.warning("lease on job %d lost; its results will be discarded", job_id)
 
     def _process_with_watchdog(self, jobs: list[ClaimedJob]) -> None:
         with self._held_lock:
@@ -178,41 +193,71 @@ class Worker:
             self._finish(work)
 
     def _prepare(self, job: ClaimedJob) -> JobWork:
-        """Read, check eligibility of and preprocess every instance of the study."""
+        """Decide eligibility and the job's bounds from the headers, then read and preprocess the eligible images.
+
+        Two passes, so that pixel data is read only for instances that will be analysed: the first reads every
+        header with ``stop_before_pixels`` (eligibility, frame counts, the job bounds of ``[pipeline]``); the
+        second reads the pixel data of the eligible instances, one at a time. Ineligible instances are kept as
+        headers only (for the not-analysed SR); no pixel data of theirs is ever loaded.
+        """
         work = JobWork(job)
         try:
             inputs = self.job_inputs.inputs(job.study_instance_uid)
         except Exception as exc:  # database hiccup: the job is retried after its lease
             work.error = f"cannot list instances: {exc}"
             return work
+        pipeline = self.settings.pipeline
+        too_many = job_bound_reason(len(inputs), 0, pipeline)
+        if too_many:  # not even the headers are read
+            work.outcomes.extend(ImageOutcome(item.instance_id, "ineligible", too_many) for item in inputs)
+            work.bound_reason = too_many
+            return work
+        eligible: list[tuple[JobInput, Dataset]] = []
         for item in inputs:
             path = self.spool.absolute(item.spool_path)
             try:
-                dataset = pydicom.dcmread(path)
+                header = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception as exc:
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", f"unreadable: {type(exc).__name__}"))
                 continue
+            if classify(header, True, self.recognition)[0] in RESULT_KINDS:
+                continue  # a result indexed before intake recorded kinds (migration 0004): never an input
             peer = next((p for p in self.peers() if p.ae_title == (item.calling_ae_title or '').strip()), None)
-            reason = ineligibility_reason(dataset, peer.name if peer else None, self.settings.eligibility)
+            reason = ineligibility_reason(header, peer.name if peer else None, self.settings.eligibility)
             if reason:
                 work.outcomes.append(ImageOutcome(item.instance_id, "ineligible", reason))
-                work.not_analysed.append((dataset, reason))
+                work.not_analysed.append((header, reason))
+                continue
+            eligible.append((item, header))
+        bound = job_bound_reason(len(inputs), sum(frame_count(header) for _, header in eligible), pipeline)
+        if bound:
+            for item, header in eligible:
+                work.outcomes.append(ImageOutcome(item.instance_id, "ineligible", bound))
+                work.not_analysed.append((header, bound))
+            work.bound_reason = bound
+            return work
+        for item, header in eligible:
+            try:
+                dataset = pydicom.dcmread(self.spool.absolute(item.spool_path))
+            except Exception as exc:
+                reason = f"unreadable: {type(exc).__name__}"
+                work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
+                work.not_analysed.append((header, reason))
                 continue
             try:
                 prepared = preprocess(dataset, voi=self.settings.engine.voi, preprocessing=self.model.preprocessing)
             except PreprocessError as exc:
                 reason = f"cannot decode or preprocess: {exc}"
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
-                work.not_analysed.append((dataset, reason))
+                work.not_analysed.append((header, reason))
                 continue
             except Exception as exc:  # a decoder crashing on malformed data must not fail the study
                 reason = f"cannot decode: {type(exc).__name__}"
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
-                work.not_analysed.append((dataset, reason))
+                work.not_analysed.append((header, reason))
                 continue
-            header = dataset.copy()
-            if "PixelData" in header:
-                del header.PixelData
+            finally:
+                del dataset  # the pixel data goes now, not at the end of the job
             for index in range(prepared.tensor.shape[0]):
                 work.frames.append(
                     Frame(job.id, item, header, index, prepared.tensor[index], prepared.display[index], prepared.geometry)
@@ -372,7 +417,7 @@ class Worker:
                 state, reason = "failed", "; ".join(sorted({o.reason or "" for o in eligible_failed}))[:500]
             else:
                 state = "not_analysed"
-                reason = "; ".join(sorted({r for _, r in work.not_analysed}))[:500] or "no instances"
+                reason = work.bound_reason or "; ".join(sorted({r for _, r in work.not_analysed}))[:500] or "no instances"
             if settings.results.report_not_analysed and work.not_analysed:
                 objects.append(("SR", build_not_analysed_sr(study, base, previous)))
 

@@ -37,6 +37,7 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "received_bytes": ("received_bytes", "Bytes of instances received.", ()),
     "associations": ("associations", "Association requests, by outcome (accepted, rejected) and reject reason.", ("outcome", "reason")),
     "deliveries": ("deliveries", "Result delivery attempts, by outcome (delivered, retry, dead) and destination.", ("outcome", "destination")),
+    "heartbeat_failures": ("heartbeat_failures", "Failed heartbeats (kind role) and lease renewals (kind lease), by role; counted once the database answers again.", ("role", "kind")),
 }
 HISTOGRAMS = {"inference_seconds": "Seconds per engine pass (one batch of frames)."}
 

@@ -171,7 +171,8 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     calibration = load_calibration(engine.model, model.encoder_hash) if Path(engine.model).is_dir() else None
     runtime.detail.update(engine_loaded=True, engine={**model.describe(), "model": str(engine.model)})
     worker = Worker(runtime.settings, JobQueue(runtime.database), JobInputs(runtime.database), runtime.spool,
-                    model, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database))
+                    model, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database),
+                    detail=runtime.detail)
     worker.run(stop)
 
 

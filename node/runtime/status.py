@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.settings import Settings
+from storage.counters import BeatFailures, Counters
 from storage.db import Database, utcnow
 from storage.status import Heartbeats, oldest_pending_seconds, queue_depths
 
@@ -40,6 +41,8 @@ class HeartbeatThread:
         self.role = role
         self.owner = role_owner(role)
         self.detail = detail
+        # A failed beat is logged, counted and shown in the detail; the next beat tries again.
+        self.failures = BeatFailures(Counters(database), detail, "heartbeat", role, "role")
         self.interval = interval
         self.started_at = utcnow()
         self._stop = threading.Event()
@@ -50,10 +53,18 @@ class HeartbeatThread:
         return self
 
     def beat(self) -> None:
+        """One beat; never raises (a dead heartbeat thread would show a live role as dead)."""
         try:
             self.heartbeats.beat(self.owner, self.role, self.started_at, dict(self.detail))
-        except SQLAlchemyError:
-            log.warning("cannot record the %s heartbeat (database unavailable?)", self.role)
+        except SQLAlchemyError as exc:
+            self.failures.failed(exc)
+            log.warning("cannot record the %s heartbeat (database unavailable?); %d beat(s) failed in a row",
+                        self.role, self.failures.consecutive)
+        except Exception as exc:
+            self.failures.failed(exc)
+            log.exception("cannot record the %s heartbeat; retrying at the next beat", self.role)
+        else:
+            self.failures.succeeded()
 
     def _loop(self) -> None:
         self.beat()
