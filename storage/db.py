@@ -82,5 +82,19 @@ class Database:
         finally:
             session.close()
 
+    @contextmanager
+    def locked_session(self) -> Iterator[Session]:
+        """A session for a check-then-write that must see the latest committed rows and hold them until commit.
+
+        On SQLite it starts with ``BEGIN IMMEDIATE``: the database's write lock is taken before the first read, so
+        no other process can commit between this transaction's checks and its writes (a deferred transaction
+        would read an older snapshot first). On PostgreSQL it is an ordinary session: the caller locks the rows
+        its decision rests on with ``SELECT ... FOR UPDATE``.
+        """
+        with self.session() as session:
+            if self.engine.dialect.name == "sqlite":
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            yield session
+
     def dispose(self) -> None:
         self.engine.dispose()

@@ -5,6 +5,13 @@ whose lease has expired (its process died) can be claimed again by anyone. On Po
 rows are locked with ``FOR UPDATE SKIP LOCKED`` so concurrent workers on several machines never wait on
 each other; on SQLite (one machine) the conditional UPDATE that takes the lease is itself atomic. Either
 way the UPDATE re-checks the claim predicate, so two claimants can never both win one row.
+
+One study, one revision at a time: a job waits while another job of its study is processing under a live
+lease (the UPDATE re-checks that too; on PostgreSQL the claimant first locks the study row, skipping it when
+another claimant holds it, so two workers never take two revisions of a study at once). An older revision's
+job that comes up for a claim while a newer one exists is superseded, and ``record_results`` refuses the
+results of a revision older than one that is processing or finished: the newest revision's results are the
+last ones recorded, so the newest revision's SR is the study's current one.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import aliased
 
 from storage.db import Database, utcnow
 from storage.models import ImageResultRow, Job, OutboxItem, Study
 from storage.notifications import NotificationEntry, add_for_job
 
 JOB_ACTIVE_STATES = ("queued", "processing")
+JOB_FINISHED_STATES = ("done", "not_analysed", "failed")
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,25 @@ class JobQueue:
             and_(Job.state == "processing", Job.lease_expires_at < now),
         )
 
+    @staticmethod
+    def _study_idle(now: datetime):  # type: ignore[no-untyped-def]
+        """No other job of the job's study is processing under a live lease."""
+        other = aliased(Job)
+        return ~exists().where(
+            other.study_id == Job.study_id, other.id != Job.id, other.state == "processing",
+            other.lease_expires_at >= now,
+        )
+
+    @staticmethod
+    def _newer_job(session, study_id: int, revision: int, states: Sequence[str]):  # type: ignore[no-untyped-def]
+        """The newest job of a later revision of the study in one of ``states`` (revision, state), or None."""
+        return session.execute(
+            select(Job.study_revision, Job.state)
+            .where(Job.study_id == study_id, Job.study_revision > revision, Job.state.in_(states))
+            .order_by(Job.study_revision.desc(), Job.id.desc())
+            .limit(1)
+        ).first()
+
     def claim(self, owner: str, lease_seconds: float, limit: int = 1, max_attempts: int = 3) -> list[ClaimedJob]:
         """Claim up to ``limit`` jobs, most urgent first, then oldest.
 
@@ -101,7 +129,7 @@ class JobQueue:
         expires = now + timedelta(seconds=lease_seconds)
         with self.db.session() as session:
             query = (
-                select(Job.id, Job.attempts, Job.state)
+                select(Job.id, Job.attempts, Job.state, Job.study_id, Job.study_revision)
                 .where(self._claimable(now))
                 .order_by(Job.priority.desc(), Job.created_at, Job.id)
                 .limit(limit * 4)
@@ -109,9 +137,22 @@ class JobQueue:
             if self._postgres:
                 query = query.with_for_update(skip_locked=True)
             candidates = session.execute(query).all()
-            for job_id, attempts, _state in candidates:
+            for job_id, attempts, _state, study_id, revision in candidates:
                 if len(claimed) >= limit:
                     break
+                if self._postgres and session.scalar(
+                    select(Study.id).where(Study.id == study_id).with_for_update(skip_locked=True)
+                ) is None:
+                    continue  # another claimant (or intake) holds the study right now: next round
+                newer = self._newer_job(session, study_id, revision, JOB_ACTIVE_STATES + JOB_FINISHED_STATES)
+                if newer is not None:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == job_id, self._claimable(now))
+                        .values(state="superseded", finished_at=now, lease_owner=None,
+                                last_error=f"superseded: revision {newer.study_revision} is {newer.state}")
+                    )
+                    continue
                 if attempts >= max_attempts:
                     session.execute(
                         update(Job)
@@ -127,7 +168,7 @@ class JobQueue:
                     continue
                 result = session.execute(
                     update(Job)
-                    .where(Job.id == job_id, self._claimable(now))
+                    .where(Job.id == job_id, self._claimable(now), self._study_idle(now))
                     .values(
                         state="processing",
                         lease_owner=owner,
@@ -137,7 +178,7 @@ class JobQueue:
                     )
                 )
                 if result.rowcount != 1:
-                    continue  # somebody else won it
+                    continue  # somebody else won it, or another revision of its study is processing
                 job, study = session.execute(
                     select(Job, Study).join(Study, Study.id == Job.study_id).where(Job.id == job_id)
                 ).one()
@@ -181,16 +222,33 @@ class JobQueue:
     ) -> bool:
         """Record a job's outcome, its per-image results, its outbox rows and its notifications in one transaction.
 
-        Returns False (and records nothing) if the lease was lost meanwhile: another worker owns the job.
+        Returns False (and records nothing) if the lease was lost meanwhile: another worker owns the job. Also
+        False when a later revision of the study is processing or finished: these results are stale, the job
+        ends ``superseded`` with the reason in ``last_error`` and nothing else is written (no image results,
+        no outbox rows, the study's priority untouched). The study row is locked first (SQLite: the write
+        lock, PostgreSQL: ``FOR UPDATE``), so two revisions' results are never recorded at the same time.
         ``priority`` and ``priority_reason`` are the study's priority as triage decided it
         (node/pipeline/triage.Triage); they are stored on the study and given to the outbox rows and
         notifications as they are, never computed here. Notifications are queued once per
         (job, channel, target), so a study is never announced twice for one result revision.
         """
         now = utcnow()
-        with self.db.session() as session:
-            job = session.get(Job, job_id)
+        with self.db.locked_session() as session:
+            study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
+            if study_id is None:
+                return False
+            if self._postgres:
+                session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+            job = session.get(Job, job_id, populate_existing=True)
             if job is None or job.lease_owner != owner or job.state != "processing":
+                return False
+            newer = self._newer_job(session, job.study_id, job.study_revision, ("processing",) + JOB_FINISHED_STATES)
+            if newer is not None:
+                job.state = "superseded"
+                job.finished_at = now
+                job.lease_owner = None
+                job.last_error = (f"results of revision {job.study_revision} discarded: "
+                                  f"revision {newer.study_revision} is {newer.state}")
                 return False
             job.state = state
             job.finished_at = now
