@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from storage.db import Database
 from storage.models import Instance, Job, OutboxItem
@@ -42,17 +42,21 @@ class JobInputs:
             job = session.get(Job, job_id)
             return job.created_at if job else None
 
-    def previous_sr_path(self, study_instance_uid: str, current_job_id: int) -> str | None:
-        """The newest SR built for this study by an earlier job (delivered or not), to supersede."""
+    def previous_sr_paths(self, study_instance_uid: str, current_job_id: int) -> list[str]:
+        """Every SR built for this study by another job (delivered, on its way, dead-lettered), oldest first.
+
+        A new SR names all of them as predecessors: a pending one may be cancelled by the new results while
+        an older one already reached the PACS, and either way the new SR must be the only current one there.
+        """
         with self.db.session() as session:
-            return session.scalar(
-                select(OutboxItem.path)
+            rows = session.execute(
+                select(OutboxItem.path, func.min(OutboxItem.id))
                 .where(
                     OutboxItem.study_instance_uid == study_instance_uid,
                     OutboxItem.kind == "SR",
                     OutboxItem.job_id != current_job_id,
                     OutboxItem.state.in_(("delivered", "pending", "sending", "dead")),
                 )
-                .order_by(OutboxItem.created_at.desc(), OutboxItem.id.desc())
-                .limit(1)
-            )
+                .group_by(OutboxItem.path)
+            ).all()
+        return [path for path, _first in sorted(rows, key=lambda row: row[1])]

@@ -313,7 +313,8 @@ class Worker:
         if not self.queue.record_results(job.id, self.owner, state, outcomes, outbox, reason=reason,
                                          priority=decision.rank, priority_reason=decision.reason,
                                          notifications=notifications):
-            log.warning("job %d finished after losing its lease; results dropped", job.id)
+            log.warning("job %d: results dropped (its lease was lost, or a newer revision of study %s is "
+                        "processing or finished)", job.id, job.study_instance_uid)
             return
         log.info("job %d (study %s): %s, %d object(s) queued", job.id, job.study_instance_uid, state, len(outbox))
 
@@ -393,13 +394,12 @@ class Worker:
             study_instance_uid=job.study_instance_uid, images=images, not_analysed=work.not_analysed,
             priority=_priority_name(triaged[0].rank), model=model, created_at=created, node_name=settings.node.ae_title,
         )
-        previous_path = self.job_inputs.previous_sr_path(job.study_instance_uid, job.id)
-        previous = None
-        if previous_path:
+        previous: list[DocumentReference] = []  # every earlier SR of the study: the new one supersedes them all
+        for previous_path in self.job_inputs.previous_sr_paths(job.study_instance_uid, job.id):
             try:
-                previous = DocumentReference.from_dataset(
+                previous.append(DocumentReference.from_dataset(
                     pydicom.dcmread(self.spool.absolute(previous_path), stop_before_pixels=True)
-                )
+                ))
             except Exception:
                 log.warning("job %d: previous SR unreadable; new SR will not reference it", job.id)
 

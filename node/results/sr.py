@@ -13,7 +13,8 @@ Tree (see docs/results.md for the codes)::
       CONTAINS  Qualitative Evaluations: triage priority; "not analysed" status and reasons
 
 The not-analysed variant keeps the header, observer and procedure, and carries only the status and one
-reason per instance. Superseding goes through Predecessor Documents Sequence.
+reason per instance. Superseding goes through Predecessor Documents Sequence: it names every SR the node built
+earlier for the study (not only the newest), so whichever of them reached the PACS, the new SR supersedes it.
 """
 
 from __future__ import annotations
@@ -85,18 +86,18 @@ def series_description(kind: str, priority: str, model: ModelInfo) -> str:
 
 
 # --- public builders -------------------------------------------------------------------------------------------
-def build_sr(
-    study: StudyResult, series_number: int, previous: Dataset | DocumentReference | None = None
-) -> hd.sr.Comprehensive3DSR:
+# One earlier SR, or all of them (each a dataset or its identifiers).
+Previous = Dataset | DocumentReference | Sequence[Dataset | DocumentReference] | None
+
+
+def build_sr(study: StudyResult, series_number: int, previous: Previous = None) -> hd.sr.Comprehensive3DSR:
     """The findings SR of a study with at least one analysed image (not-analysed instances listed too)."""
     if not study.images:
         raise ValueError("no analysed image: use build_not_analysed_sr")
     return _build(study, series_number, previous, kind="sr")
 
 
-def build_not_analysed_sr(
-    study: StudyResult, series_number: int, previous: Dataset | DocumentReference | None = None
-) -> hd.sr.Comprehensive3DSR:
+def build_not_analysed_sr(study: StudyResult, series_number: int, previous: Previous = None) -> hd.sr.Comprehensive3DSR:
     """A short SR saying the study was not analysed and why (one reason per instance), no measurements."""
     if study.images:
         raise ValueError("the study has analysed images: use build_sr")
@@ -106,21 +107,19 @@ def build_not_analysed_sr(
 
 
 # --- assembly --------------------------------------------------------------------------------------------------
-def _build(
-    study: StudyResult, series_number: int, previous: Dataset | DocumentReference | None, kind: str
-) -> hd.sr.Comprehensive3DSR:
+def _build(study: StudyResult, series_number: int, previous: Previous, kind: str) -> hd.sr.Comprehensive3DSR:
     images = sorted_images(study.images)
     skipped = sorted(study.not_analysed, key=lambda pair: str(pair[0].SOPInstanceUID))
     sources = {str(im.source.SOPInstanceUID): normalised(im.source) for im in images}
     skipped_sources = [(normalised(ds), reason) for ds, reason in skipped]
     evidence = list(sources.values()) + [ds for ds, _ in skipped_sources if str(ds.SOPInstanceUID) not in sources]
     evidence, true_classes = _known_class_first(evidence)
-    previous_ref = _previous_reference(previous)
+    previous_refs = _previous_references(previous)
 
     inputs = analysed_input_set(study) if kind == "sr" else not_analysed_input_set(study)
     series = series_uid(kind, study.study_instance_uid, study.model, inputs, series_number,
                         series_description(kind, study.priority, study.model))
-    sop = instance_uid(kind, series, _digest(study, series_number, previous_ref, kind))
+    sop = instance_uid(kind, series, _digest(study, series_number, previous_refs, kind))
 
     root = ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")
     root.ContentSequence = ContentSequence()
@@ -150,7 +149,7 @@ def _build(
         instance_number=1,
         manufacturer=study.model.manufacturer,
         is_complete=True,
-        previous_versions=[previous_ref] if previous_ref is not None else None,
+        previous_versions=previous_refs or None,
         series_description=series_description(kind, study.priority, study.model),
         coding_schemes=codes.coding_schemes(),
         manufacturer_model_name=study.model.name,
@@ -192,7 +191,7 @@ def _restore_evidence_classes(sr: Dataset, true_classes: dict[str, str]) -> None
                         reference.ReferencedSOPClassUID = true_classes[uid]
 
 
-def _digest(study: StudyResult, series_number: int, previous: Dataset | None, kind: str) -> str:
+def _digest(study: StudyResult, series_number: int, previous: list[Dataset], kind: str) -> str:
     """Everything that goes into the SR's content, so different content never shares a SOP Instance UID."""
     payload = {
         "kind": kind,
@@ -204,7 +203,9 @@ def _digest(study: StudyResult, series_number: int, previous: Dataset | None, ki
         "model": study.model.identity,
         "backend": study.model.backend,
         "manufacturer": study.model.manufacturer,
-        "previous": None if previous is None else str(previous.SOPInstanceUID),
+        # One predecessor digests as before (its UID), several as the sorted list of their UIDs.
+        "previous": (None if not previous else str(previous[0].SOPInstanceUID) if len(previous) == 1
+                     else [str(ref.SOPInstanceUID) for ref in previous]),
         "images": [
             {
                 "sop": str(im.source.SOPInstanceUID),
@@ -224,17 +225,26 @@ def _digest(study: StudyResult, series_number: int, previous: Dataset | None, ki
     return content_digest(payload)
 
 
-def _previous_reference(previous: Dataset | DocumentReference | None) -> Dataset | None:
-    """The four identifiers highdicom's Predecessor Documents Sequence needs, from a dataset or a reference."""
+def _previous_references(previous: Previous) -> list[Dataset]:
+    """The four identifiers highdicom's Predecessor Documents Sequence needs, from datasets or references;
+    one per SOP Instance UID, sorted by it (so the same set always builds the same SR)."""
     if previous is None:
-        return None
-    ref = previous if isinstance(previous, DocumentReference) else DocumentReference.from_dataset(previous)
-    ds = Dataset()
-    ds.StudyInstanceUID = ref.study_instance_uid
-    ds.SeriesInstanceUID = ref.series_instance_uid
-    ds.SOPInstanceUID = ref.sop_instance_uid
-    ds.SOPClassUID = ref.sop_class_uid
-    return ds
+        return []
+    items = [previous] if isinstance(previous, (Dataset, DocumentReference)) else list(previous)
+    refs = {}
+    for item in items:
+        ref = item if isinstance(item, DocumentReference) else DocumentReference.from_dataset(item)
+        refs[ref.sop_instance_uid] = ref
+    datasets = []
+    for uid in sorted(refs):
+        ref = refs[uid]
+        ds = Dataset()
+        ds.StudyInstanceUID = ref.study_instance_uid
+        ds.SeriesInstanceUID = ref.series_instance_uid
+        ds.SOPInstanceUID = ref.sop_instance_uid
+        ds.SOPClassUID = ref.sop_class_uid
+        datasets.append(ds)
+    return datasets
 
 
 def _observation_context(study: StudyResult) -> ObservationContext:

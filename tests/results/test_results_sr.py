@@ -285,6 +285,23 @@ def test_new_sr_supersedes_the_previous_one(two_images, as_reference):
     assert new.SOPInstanceUID != old.SOPInstanceUID
 
 
+def test_new_sr_supersedes_every_earlier_sr(two_images):
+    """Two earlier SRs (one may never have reached the PACS): the new one names both, in a stable order."""
+    first = decode(encode(build_not_analysed_sr(
+        study_result([], not_analysed=[(source_header(7, sop_class=MR, modality="MR"), "modality MR")]), 9000)))
+    second = decode(encode(build_sr(study_result([two_images[0]]), 9000, previous=first)))
+    earlier = [DocumentReference.from_dataset(second), first]
+    new = decode(encode(build_sr(study_result(list(two_images)), 9000, previous=earlier)))
+    named = {(str(series.SeriesInstanceUID), str(ref.ReferencedSOPInstanceUID))
+             for item in new.PredecessorDocumentsSequence for series in item.ReferencedSeriesSequence
+             for ref in series.ReferencedSOPSequence}
+    assert named == {(str(old.SeriesInstanceUID), str(old.SOPInstanceUID)) for old in (first, second)}
+    again = encode(build_sr(study_result(list(two_images)), 9000, previous=list(reversed(earlier))))
+    assert again == encode(new)  # the order the earlier SRs are given in does not change the object
+    assert decode(again).SOPInstanceUID != decode(encode(build_sr(study_result(list(two_images)), 9000,
+                                                                  previous=second))).SOPInstanceUID
+
+
 # --- determinism and UIDs --------------------------------------------------------------------------------------
 def test_same_inputs_give_byte_identical_sr(two_images):
     first = encode(build_sr(study_result(list(two_images)), 9000))
