@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Sequence
@@ -171,6 +172,16 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(60.0, gt=1)
     poll_seconds: float = Field(1.0, gt=0)
     workers: int = Field(1, ge=1, le=32)
+    max_instances_per_job: int = Field(
+        2000, ge=1, le=1_000_000,
+        description="a study revision with more stored instances is not analysed (reason recorded); only counted, "
+                    "no header is read",
+    )
+    max_frames_per_job: int = Field(
+        64, ge=1, le=100_000,
+        description="a study revision whose eligible instances hold more frames (NumberOfFrames, from the headers) "
+                    "is not analysed (reason recorded) and no pixel data is read; bounds the worker's memory",
+    )
     roles: list[Literal["receiver", "scheduler", "worker", "sender", "web"]] = Field(
         default_factory=lambda: ["receiver", "scheduler", "worker", "sender", "web"],
         description="the roles `msknode serve` runs on this machine",
@@ -200,6 +211,61 @@ class EligibilitySettings(_Section):
     allow_unknown_body_part: bool = True
     excluded_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
     peers: list[str] = Field(default_factory=list, description="peer names whose studies are analysed; empty = all")
+    max_frames_per_instance: int = Field(
+        16, ge=1, le=100_000,
+        description="an instance with more frames (NumberOfFrames) is ineligible: a multi-frame object sent by mistake",
+    )
+
+
+# PS3.4 B.5: the SOP classes that hold results rather than acquired images (SR, SEG, SC).
+DEFAULT_RESULT_SOP_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR (ours)
+    "1.2.840.10008.5.1.4.1.1.88.35",  # Extensible SR
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (ours)
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+]
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class IntakeSettings(_Section):
+    """[intake]: received objects that are results (our own, or another AI product's): stored and acknowledged,
+    never analysed, never a new study revision (node/dicom/provenance.py). Our own SR/SC are always recognised."""
+
+    result_sop_classes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RESULT_SOP_CLASSES),
+        description="SOP classes that may hold results; only these are checked against the rules",
+    )
+    ai_manufacturers: list[str] = Field(
+        default_factory=list, description="Manufacturer values of other AI products (case-insensitive, whole value)",
+    )
+    ai_series_descriptions: list[str] = Field(
+        default_factory=list, description="Series Description prefixes of other AI products' results (case-insensitive)",
+    )
+
+    @field_validator("result_sop_classes")
+    @classmethod
+    def _uids(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            if not _UID.match(value.strip()) or len(value.strip()) > 64:
+                raise ValueError(f"item {index}: {value!r} is not a UID (digits and dots, at most 64 characters)")
+        return [value.strip() for value in values]
+
+    @field_validator("ai_manufacturers", "ai_series_descriptions")
+    @classmethod
+    def _not_blank(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            if not value.strip():
+                raise ValueError(f"item {index}: must not be blank")
+            if len(value.strip()) > 64:
+                raise ValueError(f"item {index}: at most 64 characters (LO)")
+        return [value.strip() for value in values]
 
 
 class EngineSettings(_Section):
@@ -349,6 +415,7 @@ class Settings(_Section):
     peers: list[PeerSettings] = Field(default_factory=list)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     eligibility: EligibilitySettings = Field(default_factory=EligibilitySettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     sender: SenderSettings = Field(default_factory=SenderSettings)

@@ -20,6 +20,11 @@ from storage.queue import JobQueue
 
 
 
+def starts_revision():  # type: ignore[no-untyped-def]
+    """SQL condition: the instance is an image (rows from before migration 0004 have no kind: images)."""
+    return or_(Instance.intake_kind.is_(None), Instance.intake_kind == "image")
+
+
 @dataclass(frozen=True)
 class CompletionDecision:
     study_id: int
@@ -47,13 +52,17 @@ def evaluate(
             last_job_created = session.scalar(
                 select(func.max(Job.created_at)).where(Job.study_id == study.id)
             )
-            revision_instances = select(Instance).where(Instance.study_instance_uid == study.study_instance_uid)
+            # Only instances that start a revision count (node/dicom/provenance.py): our own results echoed back
+            # and other non-image objects neither hold a revision open nor restart its settle period.
+            revision_instances = select(Instance).where(Instance.study_instance_uid == study.study_instance_uid,
+                                                        starts_revision())
             if last_job_created is not None:
                 revision_instances = revision_instances.where(Instance.received_at > last_job_created)
             rows = session.scalars(revision_instances.order_by(Instance.received_at)).all()
             if not rows:
                 rows = session.scalars(
-                    select(Instance).where(Instance.study_instance_uid == study.study_instance_uid)
+                    select(Instance).where(Instance.study_instance_uid == study.study_instance_uid,
+                                           starts_revision())
                     .order_by(Instance.received_at)
                 ).all()
             if not rows:

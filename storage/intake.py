@@ -45,6 +45,14 @@ class InstanceRecord:
     sha256: str
     calling_ae_title: str
     association_id: str
+    # What the receiver decided from the header (node/dicom/provenance.py); only "image" starts a new study
+    # revision: our own results echoed back, other AI results and non-image objects are stored, never analysed.
+    intake_kind: str = "image"
+    intake_reason: str | None = None
+
+    @property
+    def starts_revision(self) -> bool:
+        return self.intake_kind == "image"
 
 
 class IndexOutcome(enum.Enum):
@@ -72,7 +80,7 @@ def _count_instances(session: Session, records: Sequence[InstanceRecord], result
 _INSTANCE_COLUMNS_FROM_RECORD = (
     "sop_class_uid", "transfer_syntax_uid", "study_instance_uid", "accession_number", "modality",
     "body_part_examined", "instance_number", "spool_path", "size_bytes", "sha256", "calling_ae_title",
-    "association_id",
+    "association_id", "intake_kind", "intake_reason",
 )
 
 # The tables behind the ORM classes, for the intake path's Core statements.
@@ -224,7 +232,9 @@ class IntakeRepository:
                 "study_date": record.study_date,
                 "first_received_at": now,
                 "last_received_at": now,
-                "status": "received",
+                # A study that holds no image (yet) has nothing to analyse and gets no job.
+                "status": "received" if record.starts_revision else "stored",
+                "status_reason": None if record.starts_revision else "no image instances: nothing to analyse",
             }).scalar_one()
             accession_missing = False
         else:
@@ -249,8 +259,12 @@ class IntakeRepository:
             connection.execute(_Intake.touch_study, study_changes)
             return IndexResult(IndexOutcome.DUPLICATE)
 
-        # New content for this study: a (re)processing is due once the study settles again.
-        connection.execute(_Intake.revise_study, study_changes)
+        if record.starts_revision:
+            # New content for this study: a (re)processing is due once the study settles again.
+            connection.execute(_Intake.revise_study, study_changes)
+        else:
+            # Our own results echoed back, another AI's results, non-image objects: stored, never a new revision.
+            connection.execute(_Intake.touch_study, study_changes)
         values = {name: getattr(record, name) for name in _INSTANCE_COLUMNS_FROM_RECORD}
         values.update(series_id=series_id, received_at=now)
         if existing is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from storage.db import Database
 from storage.models import Instance, Job, OutboxItem
@@ -33,6 +33,8 @@ class JobInputs:
             rows = session.scalars(
                 select(Instance)
                 .where(Instance.study_instance_uid == study_instance_uid)
+                # Results (ours echoed back, another AI's) are never inputs (node/dicom/provenance.py).
+                .where(or_(Instance.intake_kind.is_(None), Instance.intake_kind.not_in(("own_result", "ai_result"))))
                 .order_by(Instance.series_id, Instance.instance_number, Instance.sop_instance_uid)
             ).all()
             return [JobInput(r.id, r.sop_instance_uid, r.spool_path, r.sha256, r.calling_ae_title) for r in rows]

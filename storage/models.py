@@ -83,6 +83,11 @@ class Instance(Base):
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     association_id: Mapped[str] = mapped_column(String(36), ForeignKey("associations.id"), index=True)
     replaced_count: Mapped[int] = mapped_column(Integer, default=0)
+    # What the receiver decided from the header (node/dicom/provenance.py): image, non_image, own_result,
+    # ai_result; NULL on rows indexed before revision 0004 counts as image. Only images start a study revision;
+    # the worker never reads own_result / ai_result rows. intake_reason says why (no PHI).
+    intake_kind: Mapped[str | None] = mapped_column(String(16))
+    intake_reason: Mapped[str | None] = mapped_column(Text)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

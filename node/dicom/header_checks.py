@@ -18,6 +18,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from node.dicom.provenance import IMAGE, ResultRecognition, classify
+
 PIXEL_DATA_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
@@ -46,6 +48,9 @@ class HeaderInfo:
     body_part_examined: str | None
     series_number: int | None
     instance_number: int | None
+    # node/dicom/provenance.py: image / non_image / own_result / ai_result, and why (None for an image)
+    intake_kind: str = IMAGE
+    intake_reason: str | None = None
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -100,8 +105,12 @@ def _check_ends_on_an_element(ds: pydicom.Dataset, offset: int) -> None:
         raise HeaderError(f"truncated dataset: data ends inside the element after {last.tag}")
 
 
-def read_header(path: Path) -> HeaderInfo:
-    """Parse the header of a DICOM Part 10 file written by the receiver; raise :class:`HeaderError`."""
+def read_header(path: Path, recognition: ResultRecognition | None = None) -> HeaderInfo:
+    """Parse the header of a DICOM Part 10 file written by the receiver; raise :class:`HeaderError`.
+
+    ``recognition`` decides what the object is (image, non-image, our own or another AI's result) from the
+    header; the defaults when not given.
+    """
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as handle:
@@ -141,6 +150,7 @@ def read_header(path: Path) -> HeaderInfo:
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
         _check_pixel_data_complete(path, pixel_offset, size, transfer_syntax)
 
+    kind, kind_reason = classify(ds, has_pixel_data or has_image_attributes, recognition or ResultRecognition.default())
     return HeaderInfo(
         study_instance_uid=str(ds.StudyInstanceUID).strip(),
         series_instance_uid=str(ds.SeriesInstanceUID).strip(),
@@ -153,6 +163,8 @@ def read_header(path: Path) -> HeaderInfo:
         body_part_examined=_text(ds, "BodyPartExamined"),
         series_number=_int(ds, "SeriesNumber"),
         instance_number=_int(ds, "InstanceNumber"),
+        intake_kind=kind,
+        intake_reason=kind_reason,
     )
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.dicom.header_checks import HeaderError, read_header
 from node.dicom.policy import decide
+from node.dicom.provenance import ResultRecognition
 from node.dicom.pynetdicom_patches import (
     copy_contexts_cheaply,
     discard_partial_transfer,
@@ -86,8 +87,11 @@ class Receiver:
         self.index = index
         self.spool = spool
         self.min_free_disk_mb = min_free_disk_mb
+        recognition: ResultRecognition | None = None,
         self._server: ThreadedAssociationServer | None = None
         self._counts: dict[int, int] = {}
+        # Which received objects are results (ours echoed back, another AI's): stored, never analysed.
+        self.recognition = recognition or ResultRecognition.default()
         self._ids: dict[int, str] = {}
         self._assocs: dict[int, Any] = {}  # accepted and not yet finished (keeps ids from being reused)
         self._lock = threading.Lock()
@@ -293,7 +297,7 @@ class Receiver:
             return _failure(STATUS_OUT_OF_RESOURCES, "Out of resources: spool disk below watermark")
 
         try:
-            header = read_header(temp_path)
+            header = read_header(temp_path, self.recognition)
         except HeaderError as exc:
             temp_path.unlink(missing_ok=True)
             log.warning("refused instance on association %s: %s", association_id, exc.reason)
@@ -358,3 +362,5 @@ class Receiver:
             self._counts[id(assoc)] = self._counts.get(id(assoc), 0) + 1
         log.debug("stored %s (%s, %d bytes)", header.sop_instance_uid, result.outcome.value, stored.size)
         return STATUS_SUCCESS
+            intake_kind=header.intake_kind,
+            intake_reason=header.intake_reason,

@@ -1,17 +1,39 @@
 """Which images the model is for: a pure decision over header attributes, with the reason when not.
 
 The reason is stored per image and shown by ``msknode studies`` — an image is never skipped silently.
+Every rule reads the header only (the worker reads headers with ``stop_before_pixels``), so the pixel data
+of an ineligible instance is never loaded; ``job_bound_reason`` bounds a whole job before any pixel is read.
 """
 
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from node.settings import EligibilitySettings
+from node.settings import EligibilitySettings, PipelineSettings
 
 
 def _upper(value: object) -> str:
     return str(value or "").strip().upper()
+
+
+def frame_count(header: Dataset) -> int:
+    """Number of Frames from the header (1 when absent or unreadable as a positive integer)."""
+    try:
+        value = int(str(header.get("NumberOfFrames", 1) or 1).strip())
+    except (TypeError, ValueError):
+        return 1
+    return max(1, value)
+
+
+def job_bound_reason(instances: int, frames: int, pipeline: PipelineSettings) -> str | None:
+    """None if a job of ``instances`` stored instances with ``frames`` eligible frames may run, else why not."""
+    if instances > pipeline.max_instances_per_job:
+        return (f"study has {instances} instances, more than pipeline.max_instances_per_job "
+                f"({pipeline.max_instances_per_job})")
+    if frames > pipeline.max_frames_per_job:
+        return (f"study has {frames} eligible frames, more than pipeline.max_frames_per_job "
+                f"({pipeline.max_frames_per_job})")
+    return None
 
 
 def ineligibility_reason(header: Dataset, calling_peer: str | None, rules: EligibilitySettings) -> str | None:
@@ -40,4 +62,7 @@ def ineligibility_reason(header: Dataset, calling_peer: str | None, rules: Eligi
             return "body part unknown"
     elif body_part not in {b.upper() for b in rules.body_parts}:
         return f"body part {body_part} not musculoskeletal"
+    frames = frame_count(header)
+    if frames > rules.max_frames_per_instance:
+        return f"{frames} frames, more than eligibility.max_frames_per_instance ({rules.max_frames_per_instance})"
     return None

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydicom import config as pydicom_config
 
 from node.peers import PeerDirectory
+from node.dicom.provenance import ResultRecognition
 from node.dicom.receiver import Receiver
 from node.settings import Settings
 from storage.db import Database
@@ -59,6 +60,7 @@ def build_receiver(runtime: Runtime) -> Receiver:
         index=runtime.intake,
         spool=runtime.spool,
         min_free_disk_mb=settings.storage.min_free_disk_mb,
+        recognition=ResultRecognition.from_settings(settings.intake, settings.results.manufacturer),
     )
 
 

@@ -163,3 +163,40 @@ def test_late_instance_gives_a_superseding_sr(loop, tmp_path: Path) -> None:
     assert {r.SOPInstanceUID for r in older} <= predecessor_uids
     with node.database() as db, db.session() as session:
         assert session.query(Instance).count() == 3
+
+
+def test_study_forwarded_back_with_our_results_gives_no_second_result(loop, tmp_path: Path) -> None:
+    """Echo loop (#14 item 1): the PACS auto-routes the whole study, our SR and SC included, back to the node.
+    The node stores and acknowledges them but recognises its own outputs from their headers: no new revision,
+    no new job, still exactly one SR and one SC series at the PACS after two more forwards."""
+    orthanc, node = loop
+    files = phantom_study(tmp_path / "study", 2, study_key="echo")
+    study_id = orthanc.upload(files[0])["ParentStudy"]
+    orthanc.upload(files[1])
+    orthanc.store_to("msknode", study_id)
+    wait_for(
+        lambda: (lambda r: r if r[0] and r[1] and len(r[1][0]["Instances"]) == 2 else None)(results_at(orthanc, study_id)),
+        timeout=240, what="SR and 2 SC instances at Orthanc",
+    )
+    for _ in range(2):  # each forward carries CR:2 + our SR:1 + our OT:2 back to the node
+        orthanc.store_to("msknode", study_id)
+        with node.database() as db:
+            wait_for(lambda: _count(db, Instance) >= 5, timeout=60, what="the echoed results stored at the node")
+        time.sleep(8)  # settle (1 s) + scheduler + worker + sender: a second result would be at Orthanc now
+    sr, sc = results_at(orthanc, study_id)
+    assert len(sr) == 1 and len(sr[0]["Instances"]) == 1, sr
+    assert len(sc) == 1 and len(sc[0]["Instances"]) == 2, sc
+    with node.database() as db, db.session() as session:
+        from storage.models import Job, Study
+
+        assert session.query(Job).count() == 1
+        study = session.scalars(select(Study)).one()
+        assert study.revision == 1 and study.status == "done"
+        kinds = sorted(row.intake_kind for row in session.scalars(select(Instance)))
+        assert kinds == ["image", "image", "own_result", "own_result", "own_result"]
+        assert session.query(OutboxItem).count() == 3  # SR + 2 SC, nothing built for the echo
+
+
+def _count(db, model) -> int:  # type: ignore[no-untyped-def]
+    with db.session() as session:
+        return session.query(model).count()
