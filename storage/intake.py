@@ -163,6 +163,15 @@ class IntakeRepository:
                 .values(outcome=outcome, ended_at=utcnow(), instance_count=instance_count)
             )
 
+    def association_rejected(self, association_id: str, reason: str) -> None:
+        """An association our policy accepted and pynetdicom then rejected in negotiation."""
+        with self._sqlite_writer, self.db.session() as session:
+            session.execute(
+                update(Association)
+                .where(Association.id == association_id, Association.outcome == "open")
+                .values(outcome="rejected", ended_at=utcnow(), reject_reason=reason[:64])
+            )
+
     def close_interrupted_associations(self) -> int:
         """At start-up: associations still 'open' belonged to a process that died."""
         with self.db.session() as session:

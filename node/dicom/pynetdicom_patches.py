@@ -33,7 +33,12 @@ Patches
    ``idle_timer_expired()``, ``receive_pdu(wait=False)``; ``Association`` with ``_run_reactor()``,
    ``kill()``, ``_kill``, ``_is_paused``, ``_reactor_checkpoint``, ``_dul_ready``, ``_serve_request()``,
    ``dimse.get_msg(block=False)`` and ``dimse.msg_queue``; ``AssociationSocket.recv(nr_bytes)`` being the
-   one read ``DULServiceProvider._read_pdu_data`` uses, on ``AssociationSocket.socket``.
+   one read ``DULServiceProvider._read_pdu_data`` uses, on ``AssociationSocket.socket``. A connection that
+   ends before its A-ASSOCIATE-RQ (a health probe's bare connect, a port scan) ends its threads at once:
+   *relies on* ``Association.run_reactor`` waiting for the request in ``dul.receive_pdu(wait=True,
+   timeout=acse_timeout)`` and treating ``None`` as the time-out; ``state_machine.current_state`` back at
+   ``"Sta1"`` once the transport closed; ``assoc.is_acceptor`` and ``assoc.requestor.primitive`` (``None``
+   until the request is read).
 
 Event-driven reactors
 ---------------------
@@ -106,6 +111,9 @@ UPSTREAM_SOURCES: dict[str, str] = {
         "8725ed03bb8fbdefef249d5d9888c120e6277d7b6aa2c4f537e23027186e1253",
     "pynetdicom.dul.DULServiceProvider._read_pdu_data":
         "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+    # 4: the acceptor's wait for its A-ASSOCIATE-RQ, ended early when the connection closes first
+    "pynetdicom.dul.DULServiceProvider.receive_pdu":
+        "fa67339834ca998cb31eb1806a854864200464b0a9991333d387aa419478c4e6",
     # 4: the association reactor copied by QuietAssociation, its caller, and kill (overridden)
     "pynetdicom.association.Association.__init__": "eb07516b8009ad8fa338201dea39578380fbf9f2c59fa5e368e20250eb97c4ea",
     "pynetdicom.association.Association.run_reactor":
@@ -275,6 +283,7 @@ class QuietDUL(DULServiceProvider):
     """pynetdicom's DUL reactor, waiting in ``select`` instead of sleeping 1 ms when there is nothing to do."""
 
     _waker: _Waker
+    _told_closed = False
 
     def run(self) -> None:  # replaces Thread.run, whose target is pynetdicom's polling run_reactor
         try:
@@ -308,6 +317,21 @@ class QuietDUL(DULServiceProvider):
                 self._wait_for_work()
                 continue
             self.state_machine.do_action(event)
+            self._end_wait_for_request_if_closed()
+
+    def _end_wait_for_request_if_closed(self) -> None:
+        """The connection ended (closed, ARTIM, or garbage then close) before any A-ASSOCIATE-RQ arrived.
+
+        pynetdicom's acceptor thread waits in ``receive_pdu(wait=True, timeout=acse_timeout)`` for the request
+        and nothing wakes it when the transport closes in Sta2: a health probe's bare connect held a thread and
+        a place in ``active_associations`` for the whole ACSE timeout. ``None`` is what that wait returns on
+        timeout, so the association thread takes pynetdicom's own time-out path (kill, shut the socket) now.
+        """
+        if (self.state_machine.current_state == "Sta1" and not self._told_closed
+                and self.assoc.is_acceptor and self.assoc.requestor.primitive is None
+                and self.to_user_queue.empty()):
+            self._told_closed = True
+            self.to_user_queue.put(None)
 
     def _wait_for_work(self) -> None:
         """Block until the peer sends data, the association queues a primitive, or the idle wait ends."""

@@ -64,6 +64,12 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
+# pynetdicom's maximum_associations, set out of reach: node.dicom.policy counts accepted associations only.
+PYNETDICOM_LIMIT_OFF = 1_000_000
+# Reserves a slot in ``_ids`` between the policy's decision and the audit row's id.
+_RESERVED = "reserved"
+
+
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -107,8 +113,10 @@ class Receiver:
         enable_chunked_storage(self.spool.incoming)
         ae = AE(ae_title=self.node.ae_title)
         ae.maximum_pdu_size = self.node.max_pdu_size
-        # Our own policy enforces the limit (with an audit row); pynetdicom's check is a backstop.
-        ae.maximum_associations = self.node.max_associations + 1
+        # Our policy enforces the limit (a slot reserved atomically in EVT_REQUESTED, with an audit row).
+        # pynetdicom's own check is switched off: it counts every open TCP connection, so a burst of health
+        # probes or a port scan would reject a PACS "Local Limit Exceeded" with nothing logged or audited.
+        ae.maximum_associations = PYNETDICOM_LIMIT_OFF
         ae.acse_timeout = self.node.acse_timeout_seconds
         ae.dimse_timeout = self.node.dimse_timeout_seconds
         ae.network_timeout = self.node.network_timeout_seconds
@@ -127,6 +135,7 @@ class Receiver:
         """Start listening (in background threads)."""
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_RELEASED, self._on_released),
@@ -201,22 +210,27 @@ class Receiver:
         # Count accepted associations only: a bare TCP connection that never sends an A-ASSOCIATE-RQ
         # (a load balancer's health check, a port scan) must not take a slot until its ACSE timeout.
         self._reap()
-        with self._lock:
+        peers = self.peers()  # an in-memory snapshot (node/peers.py): no DNS, no database wait here
+        with self._lock:  # count and reserve in one step: two requests racing for the last slot get one
             open_associations = sum(1 for key in self._ids if key != id(assoc))
-        decision = decide(
-            self.node,
-            self.peers(),
-            calling,
-            called,
-            address,
-            active_associations=open_associations,
-            disk_has_room=lambda: self.spool.has_room(self.min_free_disk_mb),
-        )
+            decision = decide(
+                self.node,
+                peers,
+                calling,
+                called,
+                address,
+                active_associations=open_associations,
+                disk_has_room=lambda: self.spool.has_room(self.min_free_disk_mb),
+            )
+            if decision.accepted:
+                self._ids[id(assoc)] = _RESERVED
         try:
             association_id = self.index.association_requested(
                 calling, called, address, port, decision.peer_name, decision.reason
             )
         except SQLAlchemyError:
+            with self._lock:
+                self._ids.pop(id(assoc), None)
             log.exception("cannot record association from %s (%s): rejecting", calling, address)
             assoc.acse.send_reject(0x02, 0x03, 0x01)  # transient: the sender should retry later
             assoc.kill()
@@ -235,12 +249,44 @@ class Receiver:
             self._assocs[id(assoc)] = assoc
         log.info("accepted association %s: calling=%s called=%s from %s", association_id, calling, called, address)
 
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom rejected in negotiation after our policy accepted: logged and audited as a rejection with
+        pynetdicom's result-source-reason (``negotiation-rejected-1-1-3``), never as an abort."""
+        self._record_late_rejection(event.assoc)
+
+    @staticmethod
+    def _late_rejection(assoc: Any) -> str | None:
+        """The reason of an A-ASSOCIATE-RJ pynetdicom sent (its primitive is set before it is sent), or None."""
+        primitive = assoc.acceptor.primitive
+        if primitive is None or getattr(primitive, "result", None) not in (0x01, 0x02):
+            return None
+        rsd = "-".join(f"{getattr(primitive, name, 0) or 0:x}" for name in ("result", "result_source", "diagnostic"))
+        return f"negotiation-rejected-{rsd}"
+
+    def _record_late_rejection(self, assoc: Any) -> None:
+        reason = self._late_rejection(assoc) or "negotiation-rejected"
+        with self._lock:
+            association_id = self._ids.pop(id(assoc), None)
+            self._counts.pop(id(assoc), None)
+            self._assocs.pop(id(assoc), None)
+        if association_id is None:
+            return  # recorded already (EVT_REJECTED and the peer's close both come here), or ours
+        calling = (assoc.requestor.ae_title or "").strip()
+        log.warning("rejected association %s: calling=%s from %s reason=%s", association_id, calling,
+                    assoc.requestor.address, reason)
+        if association_id == _RESERVED:
+            return
+        try:
+            self.index.association_rejected(association_id, reason)
+        except SQLAlchemyError:
+            log.exception("cannot record the rejection of association %s", association_id)
+
     def _finish(self, assoc: Any, outcome: str) -> None:
         with self._lock:
             association_id = self._ids.pop(id(assoc), None)
             count = self._counts.pop(id(assoc), 0)
             self._assocs.pop(id(assoc), None)
-        if association_id is None:
+        if association_id is None or association_id == _RESERVED:
             return  # rejected, or already finished
         try:
             self.index.association_ended(association_id, outcome, count)
@@ -273,6 +319,9 @@ class Receiver:
         # peer's close may be seen before EVT_RELEASED: the association then counts as released.
         if event.assoc.is_released:
             self._finish(event.assoc, "released")
+            return
+        if self._late_rejection(event.assoc):  # the peer closed on our A-ASSOCIATE-RJ before EVT_REJECTED ran
+            self._record_late_rejection(event.assoc)
             return
         discard_partial_transfer(event.assoc)
         self._finish(event.assoc, "aborted")

@@ -135,6 +135,10 @@ def test_association_and_dul_have_the_attributes_the_reactors_use() -> None:
     for name in ("event_queue", "to_provider_queue", "to_user_queue"):
         assert type(getattr(dul, name)) is queue.Queue, name
     assert dul.state_machine.current_state == "Sta1"
+    assert assoc.is_acceptor is True and assoc.requestor.primitive is None  # until the A-ASSOCIATE-RQ is read
+    # the acceptor waits for its request with receive_pdu(wait=True, timeout=...) and takes None as the time-out
+    assert "self.dul.receive_pdu(wait=True, timeout=self.acse_timeout)" in inspect.getsource(Association.run_reactor)
+    assert "if primitive is None:" in inspect.getsource(Association.run_reactor)
     assert dul.socket is None
     assert type(assoc.dimse.msg_queue) is queue.Queue
     assert hasattr(assoc.dimse, "message")

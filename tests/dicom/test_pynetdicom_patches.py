@@ -205,3 +205,20 @@ def test_bulk_read_returns_what_arrived_when_the_peer_closes() -> None:
         assert reader.recv(6) == bytearray()
     finally:
         ours.close()
+
+
+@pytest.mark.parametrize("what", ["close", "garbage"])
+def test_a_connection_closed_before_any_request_ends_its_threads_at_once(scp: Scp, what: str) -> None:
+    """A health probe's bare connect, or a port scanner's garbage then close: pynetdicom's association thread
+    waited the whole ACSE timeout (30 s) for an A-ASSOCIATE-RQ that could no longer come, and held its slot
+    in ``active_associations`` meanwhile. With the quiet reactors it ends as soon as the DUL sees the close."""
+    scp.server.ae.acse_timeout = 30
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", scp.port), timeout=5) as sock:
+            if what == "garbage":
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    wait_until(lambda: len(scp.associations) == 20, timeout=5)
+    wait_until(lambda: not scp.server.active_associations, timeout=3)
+    assert not any(assoc.is_alive() or assoc.dul.is_alive() for assoc in scp.associations)  # type: ignore[attr-defined]
+    assoc = scu_association(scp.port)  # and the SCP still serves
+    assoc.release()
