@@ -1,6 +1,15 @@
 """Retention: delete finished studies' inputs and outputs after a number of days, and in an emergency
 (free disk below the watermark) the oldest finished ones first. Undelivered work is never deleted: a study
-qualifies only when it is done / not_analysed and every outbox row is delivered or discarded."""
+qualifies only when it is done / not_analysed and every outbox row is delivered or discarded.
+
+Candidates are chosen in one transaction and each is purged in its own, so the purge checks again, holding the
+study: on PostgreSQL its row is locked (``SELECT ... FOR UPDATE``; intake, the queue and ``record_results`` all
+write that row, so they wait), on SQLite the transaction starts ``BEGIN IMMEDIATE`` (the database's write
+lock). A study that an instance reached in the meantime no longer qualifies and is left alone. The files are
+removed before the commit, while the study is held: intake's commit of an identical re-send (which finds the
+file already in place) then comes after the removal, and the receiver, seeing its file gone, refuses the
+C-STORE instead of acknowledging it (node/dicom/receiver.py). A crash between removal and commit leaves the
+rows of a study that still qualifies; the next pass purges them."""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import ColumnElement, delete, exists, select
 
 from storage.db import Database, utcnow
 from storage.models import ImageResultRow, Instance, Job, OutboxItem, Series, Study
@@ -24,29 +33,40 @@ class Retention:
         self.db = database
         self.spool = spool
 
-    def _candidates(self, session, older_than: datetime | None, limit: int):  # type: ignore[no-untyped-def]
+    @staticmethod
+    def _qualifies(older_than: datetime | None) -> list[ColumnElement[bool]]:
+        """A study retention may delete: finished, every revision processed, nothing undelivered or queued."""
         undelivered = exists().where(
             OutboxItem.study_instance_uid == Study.study_instance_uid,
             OutboxItem.state.not_in(("delivered", "discarded", "superseded")),
         )
         active_job = exists().where(Job.study_id == Study.id, Job.state.in_(("queued", "processing")))
-        query = (
-            select(Study)
-            .where(Study.status.in_(FINISHED), Study.revision <= Study.queued_revision, ~undelivered, ~active_job)
-            .order_by(Study.last_received_at)
-            .limit(limit)
-        )
+        conditions = [Study.status.in_(FINISHED), Study.revision <= Study.queued_revision, ~undelivered, ~active_job]
         if older_than is not None:
-            query = query.where(Study.last_received_at < older_than)
+            conditions.append(Study.last_received_at < older_than)
+        return conditions
+
+    def _candidates(self, session, older_than: datetime | None, limit: int):  # type: ignore[no-untyped-def]
+        query = select(Study).where(*self._qualifies(older_than)).order_by(Study.last_received_at).limit(limit)
         return session.scalars(query).all()
 
-    def purge_study(self, study_instance_uid: str) -> int:
-        """Delete one study's files and rows; returns the number of files removed."""
+    def purge_study(self, study_instance_uid: str, older_than: datetime | None = None) -> int | None:
+        """Delete one study's files and rows if it still qualifies; returns the number of files removed, or None
+        when the study is gone or no longer qualifies (kept)."""
         removed = 0
-        with self.db.session() as session:
-            study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+        with self.db.locked_session() as session:
+            # Hold the study first (PostgreSQL: row lock; SQLite: BEGIN IMMEDIATE), then check again in a new
+            # statement, which sees everything committed before the lock was granted.
+            locking = select(Study.id).where(Study.study_instance_uid == study_instance_uid)
+            if self.db.engine.dialect.name == "postgresql":
+                locking = locking.with_for_update()
+            study_id = session.scalar(locking)
+            if study_id is None:
+                return None
+            study = session.scalar(select(Study).where(Study.id == study_id, *self._qualifies(older_than)))
             if study is None:
-                return 0
+                log.info("retention: a study changed since it was chosen (a new instance or job); kept")
+                return None
             paths = list(session.scalars(select(Instance.spool_path).where(Instance.study_instance_uid == study_instance_uid)))
             paths += list(session.scalars(select(OutboxItem.path).where(OutboxItem.study_instance_uid == study_instance_uid).distinct()))
             job_ids = select(Job.id).where(Job.study_id == study.id)
@@ -56,10 +76,11 @@ class Retention:
             session.execute(delete(Instance).where(Instance.study_instance_uid == study_instance_uid))
             session.execute(delete(Series).where(Series.study_id == study.id))
             session.delete(study)
-        for path in set(paths):  # after the commit: a crash leaves orphan files, never dangling rows
-            if self.spool.absolute(path).exists():
-                self.spool.remove(path)
-                removed += 1
+            session.flush()
+            for path in set(paths):  # before the commit, while the study is held (see the module docstring)
+                if self.spool.absolute(path).exists():
+                    self.spool.remove(path)
+                    removed += 1
         return removed
 
     def run(self, days: float, has_room: Callable[[], bool], emergency: bool = True, now: datetime | None = None) -> int:
@@ -69,8 +90,8 @@ class Retention:
         with self.db.session() as session:
             expired = [s.study_instance_uid for s in self._candidates(session, now - timedelta(days=days), 500)]
         for uid in expired:
-            self.purge_study(uid)
-            purged += 1
+            if self.purge_study(uid, now - timedelta(days=days)) is not None:
+                purged += 1
         if purged:
             log.info("retention: purged %d study(ies) older than %.1f days", purged, days)
         while emergency and not has_room():
@@ -79,8 +100,9 @@ class Retention:
             if not oldest:
                 log.error("disk below watermark and nothing finished left to delete (undelivered work is kept)")
                 break
-            for uid in oldest:
-                self.purge_study(uid)
-                purged += 1
-            log.warning("emergency clean-up: purged %d oldest finished study(ies)", len(oldest))
+            count = sum(1 for uid in oldest if self.purge_study(uid) is not None)
+            purged += count
+            if not count:
+                continue  # every one changed since it was chosen: choose again
+            log.warning("emergency clean-up: purged %d oldest finished study(ies)", count)
         return purged

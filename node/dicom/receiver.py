@@ -400,6 +400,14 @@ class Receiver:
             log.exception("index unavailable: refused instance %s", header.sop_instance_uid)
             return _failure(STATUS_PROCESSING_FAILURE, "index database unavailable")
 
+        if stored.already_present and not self.spool.absolute(stored.relative_path).exists():
+            # Identical bytes were already in place, and retention purged the study between that check and this
+            # index commit (it removes files before it commits: storage/retention.py). Nothing is stored: refuse,
+            # so the peer sends again and the file is written afresh.
+            log.warning("instance %s: the stored copy was purged by retention meanwhile; refused (to be re-sent)",
+                        header.sop_instance_uid)
+            return _failure(STATUS_PROCESSING_FAILURE, "stored copy purged meanwhile; send again")
+
         if result.outcome is IndexOutcome.REPLACED and result.previous_spool_path:
             if result.previous_spool_path != stored.relative_path:
                 self.spool.remove(result.previous_spool_path)
