@@ -8,13 +8,23 @@ never rewritten. A removed row hides the file's peer of that name; any other row
 The receiver and the sender ask :meth:`PeerDirectory.effective_peers` for each new association; the answer
 is cached for ``cache_seconds`` (2 s) so a busy receiver does not query the database per request.
 Associations already open are never touched: their peer was checked when they were requested.
+
+Host names are never looked up on the association-request path. The receiver runs the directory in the
+background (:meth:`PeerDirectory.start`): a thread re-reads the overlay every ``cache_seconds``, resolves a
+new or changed host as soon as it appears, and re-resolves every host name every ``[node]
+dns_refresh_seconds`` (60 s), so a peer whose DNS entry moves is recognised at its new address without a
+restart; ``effective_peers`` then only returns the last snapshot. A host that stops resolving keeps its last
+known addresses (a DNS outage never locks out a PACS), with a warning.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import ValidationError
@@ -54,17 +64,124 @@ def peer_from_fields(fields: dict[str, object]) -> PeerSettings:
         raise PeerError("; ".join(problems)) from None
 
 
+def lookup_host(host: str) -> frozenset[str]:
+    """The addresses of ``host`` (an IP literal needs no DNS); ``ValueError`` when it does not resolve."""
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"host {host!r} does not resolve: {getattr(exc, 'strerror', None) or exc}") from exc
+    return frozenset(str(info[4][0]) for info in infos)
+
+
+class HostResolver:
+    """Host name -> addresses, remembered; a failed refresh keeps the last known addresses."""
+
+    def __init__(self, lookup: Callable[[str], frozenset[str]] = lookup_host) -> None:
+        self._lookup = lookup
+        self._known: dict[str, frozenset[str]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, host: str) -> frozenset[str] | None:
+        with self._lock:
+            return self._known.get(host)
+
+    def remember(self, host: str, addresses: frozenset[str]) -> None:
+        with self._lock:
+            self._known.setdefault(host, addresses)
+
+    def resolve(self, host: str) -> frozenset[str]:
+        """Look ``host`` up now; on failure keep (and return) what was known, else raise ``ValueError``."""
+        try:
+            addresses = self._lookup(host)
+        except ValueError:
+            known = self.cached(host)
+            if known:
+                log.warning("host %s does not resolve now; keeping its last known addresses %s", host,
+                            ", ".join(sorted(known)))
+                return known
+            raise
+        with self._lock:
+            previous = self._known.get(host)
+            self._known[host] = addresses
+        if previous is not None and previous != addresses:
+            log.info("host %s now resolves to %s (was %s)", host, ", ".join(sorted(addresses)),
+                     ", ".join(sorted(previous)))
+        return addresses
+
+
 class PeerDirectory:
     """Read and change the effective peers. Shared by the receiver, the sender, the worker, the CLI and the web."""
 
-    def __init__(self, settings: Settings, database: Database, cache_seconds: float = 2.0) -> None:
+    def __init__(self, settings: Settings, database: Database, cache_seconds: float = 2.0,
+                 dns_refresh_seconds: float | None = None, resolver: HostResolver | None = None) -> None:
         self.settings = settings
         self.overrides = PeerOverrides(database)
         self.cache_seconds = cache_seconds
+        self.dns_refresh_seconds = (dns_refresh_seconds if dns_refresh_seconds is not None
+                                    else getattr(settings.node, "dns_refresh_seconds", 60.0))
+        self.resolver = resolver or HostResolver()
         self._lock = threading.Lock()
         self._cached: list[PeerView] | None = None
         self._cached_at = 0.0
         self._unresolved: set[tuple[str, str]] = set()
+        self._background: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    # -- background refresh (the receiver) ---------------------------------------------------
+    def start(self) -> PeerDirectory:
+        """Resolve every peer now, then keep the snapshot fresh in a thread: ``effective_peers`` never blocks."""
+        if self._background is not None:
+            return self
+        snapshot = self._load_snapshot()
+        with self._lock:
+            self._cached, self._cached_at = snapshot, time.monotonic()
+        self._stop.clear()
+        self._background = threading.Thread(target=self._refresh_loop, name="msknode-peers", daemon=True)
+        self._background.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._background is not None:
+            self._background.join(10)
+            self._background = None
+
+    def _refresh_loop(self) -> None:
+        next_dns = time.monotonic() + self.dns_refresh_seconds
+        while not self._stop.is_set():
+            self._wake.wait(self.cache_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_dns:
+                    next_dns = time.monotonic() + self.dns_refresh_seconds
+                    for host in {peer.host for peer in (self._cached or [])}:
+                        try:
+                            self.resolver.resolve(host)
+                        except ValueError:
+                            pass  # still unknown: _view warns once
+                snapshot = self._load_snapshot()
+            except Exception:  # noqa: BLE001 - the last snapshot stays; try again next round
+                log.exception("refreshing the peer directory failed; using the last known peers")
+                continue
+            with self._lock:
+                self._cached, self._cached_at = snapshot, time.monotonic()
+
+    def _load_snapshot(self) -> list[PeerView]:
+        try:
+            return self.list()
+        except SQLAlchemyError:
+            log.warning("cannot read the peer overlay; using the last known peers")
+            if self._cached is not None:
+                return self._cached
+            return [self._view(peer, "config") for peer in self.settings.peers]
 
     # -- reading -----------------------------------------------------------------------------
     def list(self) -> list[PeerView]:
@@ -87,7 +204,13 @@ class PeerDirectory:
         return views
 
     def effective_peers(self) -> list[PeerView]:
-        """:meth:`list`, cached for ``cache_seconds``; if the database is down, the last good list stays."""
+        """:meth:`list`, cached for ``cache_seconds``; if the database is down, the last good list stays.
+
+        Once :meth:`start` ran, the snapshot its thread keeps: no database query, no DNS look-up here."""
+        if self._background is not None:
+            with self._lock:
+                if self._cached is not None:
+                    return self._cached
         with self._lock:
             if self._cached is not None and time.monotonic() - self._cached_at < self.cache_seconds:
                 return self._cached
@@ -151,22 +274,28 @@ class PeerDirectory:
         return self._view(peer, "database")
 
     def _invalidate(self) -> None:
+        if self._background is not None:
+            self._wake.set()  # the thread reloads now; the old snapshot serves until then
+            return
         with self._lock:
             self._cached = None
 
     # -- helpers -----------------------------------------------------------------------------
     def _view(self, peer: PeerSettings, source: PeerSource) -> PeerView:
         view = PeerView(**peer.model_dump(exclude={"source"}), source=source)
-        if peer.addresses:
-            view._addresses = peer.addresses
-        else:
+        if peer.addresses:  # resolved when the file was loaded: a first answer, refreshed in the background
+            self.resolver.remember(peer.host, peer.addresses)
+        addresses = self.resolver.cached(peer.host)
+        if addresses is None:  # a new host: looked up once here (the refresh thread, the CLI or the web)
             try:
-                view.resolve()
+                addresses = self.resolver.resolve(peer.host)
             except ValueError:
+                addresses = frozenset()
                 if (peer.name, peer.host) not in self._unresolved:  # once, not at every refresh
                     self._unresolved.add((peer.name, peer.host))
                     log.warning("peer %s: host %s does not resolve; its associations will be rejected",
                                 peer.name, peer.host)
+        view._addresses = addresses
         return view
 
     def _from_row(self, row: dict[str, object]) -> PeerView | None:

@@ -79,6 +79,9 @@ class NodeSettings(_Section):
     max_pdu_size: int = Field(0, ge=0, description="0 means unlimited (faster receive)")
     require_called_ae_title: bool = True
     accept_unknown_callers: bool = False
+    dns_refresh_seconds: float = Field(
+        60.0, gt=0, description="peer host names are re-resolved this often, in the background (never per request)"
+    )
     acse_timeout_seconds: float = Field(30.0, gt=0)
     dimse_timeout_seconds: float = Field(60.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)

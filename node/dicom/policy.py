@@ -76,13 +76,23 @@ def decide(
     peer = find_peer(peers, calling)
     peer_name = peer.name if peer else None
 
-    if not node.accept_unknown_callers:
-        if peer is None or not peer.may_send:
+    # accept_unknown_callers lets AE titles that are no peer in; a known peer's rules always hold: a peer
+    # with may_send = false is refused, and its AE title is only believed from its own host.
+    if peer is None and not node.accept_unknown_callers:
+        return AssociationDecision.reject(
+            REJECTED_PERMANENT,
+            SOURCE_SERVICE_USER,
+            REASON_CALLING_AE_NOT_RECOGNISED,
+            "calling-ae-not-recognised",
+            peer_name,
+        )
+    if peer is not None:
+        if not peer.may_send:
             return AssociationDecision.reject(
                 REJECTED_PERMANENT,
                 SOURCE_SERVICE_USER,
                 REASON_CALLING_AE_NOT_RECOGNISED,
-                "calling-ae-not-recognised" if peer is None else "calling-ae-may-not-send",
+                "calling-ae-may-not-send",
                 peer_name,
             )
         if address not in {_normalise_address(a) for a in peer.addresses}:

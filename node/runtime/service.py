@@ -107,6 +107,9 @@ def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
     swept = runtime.spool.sweep_incoming()
     if swept:
         log.info("removed %d unacknowledged partial file(s) from the spool", swept)
+    # Peers (and their host names) refreshed in the background: the association-request path never waits
+    # for DNS or the database, and a peer's changed address applies without a restart (node/peers.py).
+    runtime.peers.start()
     receiver = build_receiver(runtime)
     receiver.start()
     if threading.current_thread() is threading.main_thread():  # the receiver's own process, not a test's thread
@@ -119,6 +122,7 @@ def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
             pass
     finally:
         receiver.stop()
+        runtime.peers.stop()
 
 
 def run_scheduler(runtime: Runtime, stop: threading.Event) -> None:

@@ -60,7 +60,7 @@ class InProcessNode:
     """
 
     def __init__(self, directory: Path, database_url: str | None = None, min_free_disk_mb: int = 0,
-                 spool_dir: Path | None = None) -> None:
+                 spool_dir: Path | None = None, peers: list[dict] | None = None) -> None:
         from node.runtime.service import build_receiver, open_runtime
         from node.settings import parse_settings
         from tests.helpers.node import DEFAULT_PEERS, NODE_AE, free_port
@@ -73,7 +73,8 @@ class InProcessNode:
                      "acse_timeout_seconds": 10, "dimse_timeout_seconds": 30, "network_timeout_seconds": 30},
             "storage": {"database_url": self.database_url, "spool_dir": str(spool_dir or directory / "spool"),
                         "min_free_disk_mb": min_free_disk_mb},
-            "peers": [{"name": p.name, "ae_title": p.ae_title, "host": p.host} for p in DEFAULT_PEERS],
+            "peers": peers if peers is not None else [{"name": p.name, "ae_title": p.ae_title, "host": p.host}
+                                                      for p in DEFAULT_PEERS],
         }
         self.settings = parse_settings(data, "<test>")
         self.runtime = open_runtime(self.settings)

@@ -63,3 +63,14 @@ def test_called_ae_check_can_be_disabled() -> None:
 
 def test_calling_ae_title_padding_is_not_significant() -> None:
     assert call(settings(), calling="PACS  ").accepted
+
+
+@pytest.mark.parametrize(
+    ("calling", "address", "reason"),
+    [("VIEWER", "127.0.0.1", "calling-ae-may-not-send"), ("PACS", "10.9.9.9", "calling-host-not-recognised")],
+)
+def test_accept_unknown_callers_keeps_the_rules_of_known_peers(calling: str, address: str, reason: str) -> None:
+    """Letting strangers in must not let a known peer's AE title in from any host, nor a may_send = false peer."""
+    decision = call(settings(accept_unknown_callers=True), calling=calling, address=address)
+    assert not decision.accepted and decision.reason == reason
+    assert (decision.result, decision.source, decision.diagnostic) == (1, 1, 3)
