@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import distinct, func, select, text, update
 
 from storage.counters import increment
 from storage.db import Database, utcnow
@@ -44,13 +44,48 @@ class Outbox:
         self.db = database
         self._postgres = database.engine.dialect.name == "postgresql"
 
-    def claim(self, owner: str, lease_seconds: float, destination: str, limit: int) -> list[Delivery]:
-        """Claim up to ``limit`` due rows for one destination, most urgent first."""
+    def claim(self, owner: str, lease_seconds: float, destination: str, limit: int,
+              max_senders: int | None = None) -> list[Delivery]:
+        """Claim up to ``limit`` due rows for one destination, most urgent first.
+
+        ``max_senders`` bounds how many owners (sender processes) send to the destination at once: nothing is
+        claimed while that many *other* owners hold live leases on its rows. The check is serialised per
+        destination (a transaction-scoped advisory lock on PostgreSQL; on SQLite the claim's own write lock,
+        which is why the count is taken after the rows are claimed), so two claimers never both pass it.
+        """
         with self.db.session() as session:
+            if max_senders is not None and self._postgres:
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                                {"key": f"msknode-outbox:{destination}"})
             items = claim_due(session, OutboxItem, owner, lease_seconds, limit,
                               where=[OutboxItem.destination == destination], skip_locked=self._postgres)
+            if items and max_senders is not None and self._other_senders(session, owner, destination) >= max_senders:
+                session.rollback()  # the claim never happened: no lease taken, no attempt counted
+                return []
             return [Delivery(item.id, item.destination, item.path, item.sop_instance_uid, item.sop_class_uid,
                              item.kind, item.attempts, item.created_at) for item in items]
+
+    @staticmethod
+    def _other_senders(session, owner: str, destination: str) -> int:  # type: ignore[no-untyped-def]
+        return session.scalar(
+            select(func.count(distinct(OutboxItem.lease_owner))).where(
+                OutboxItem.destination == destination, OutboxItem.state == "sending",
+                OutboxItem.lease_expires_at >= utcnow(), OutboxItem.lease_owner != owner)
+        ) or 0
+
+    def renew(self, owner: str, item_ids: list[int], lease_seconds: float) -> list[int]:
+        """Extend the leases ``owner`` still holds on ``item_ids``; returns the ids whose lease was lost."""
+        if not item_ids:
+            return []
+        with self.db.session() as session:
+            session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id.in_(item_ids), OutboxItem.lease_owner == owner, OutboxItem.state == "sending")
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            )
+            held = set(session.scalars(select(OutboxItem.id).where(
+                OutboxItem.id.in_(item_ids), OutboxItem.lease_owner == owner, OutboxItem.state == "sending")))
+        return [item_id for item_id in item_ids if item_id not in held]
 
     def destinations_due(self) -> list[str]:
         now = utcnow()

@@ -50,6 +50,10 @@ def classify_status(status: int) -> Outcome:
     return Outcome(PERMANENT, f"0x{status:04X}", "destination refused the instance")
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
 def _not_accepted(item: Delivery) -> Outcome:
     return Outcome(PERMANENT, "0x0122", f"destination does not accept SOP class {item.sop_class_uid} (uncompressed offered)")
 
@@ -93,9 +97,16 @@ class DimseDestination:
                 except (OSError, pydicom.errors.InvalidDicomError) as exc:
                     yield item, Outcome(PERMANENT, "local", f"result file unreadable: {exc}")
                     continue
+                except Exception as exc:  # anything else ends this item's attempt only (retried, aged out)
+                    yield item, Outcome(TRANSIENT, "local", f"reading the result failed: {_describe(exc)}")
+                    continue
                 fault_point("sender.before_send")
-                status = assoc.send_c_store(dataset)
-                if status is None or "Status" not in status:
+                try:
+                    status = assoc.send_c_store(dataset)
+                except Exception as exc:  # e.g. a dataset pynetdicom cannot encode; the association goes on
+                    yield item, Outcome(TRANSIENT, "local", f"C-STORE failed: {_describe(exc)}")
+                    continue
+                if status is None or "Status" not in status or not isinstance(status.Status, int):
                     yield item, Outcome(TRANSIENT, "no-response", "no C-STORE response (timeout or abort)")
                     continue
                 yield item, classify_status(int(status.Status))

@@ -47,6 +47,7 @@ class Sender:
         settings: SenderSettings,
         owner: str | None = None,
         batch_size: int = 32,
+        lease_seconds: float | None = None,
     ) -> None:
         self.calling_ae_title = calling_ae_title
         self.peers = peers
@@ -55,6 +56,8 @@ class Sender:
         self.settings = settings
         self.owner = owner or f"sender@{socket.gethostname()}:{os.getpid()}"
         self.batch_size = batch_size
+        # A claimed batch's lease; renewed every third of it while the batch sends (see _deliver).
+        self.lease_seconds = lease_seconds or settings.timeout_seconds * 4 + 60
         self._destinations: dict[str, Destination] = {}
 
     def _peer(self, name: str) -> PeerSettings | None:
@@ -67,8 +70,8 @@ class Sender:
         """Deliver what is due to every destination; returns the number of rows handled."""
         handled = 0
         for destination in self.outbox.destinations_due():
-            lease = self.settings.timeout_seconds * 4 + 60
-            items = self.outbox.claim(self.owner, lease, destination, self.batch_size)
+            items = self.outbox.claim(self.owner, self.lease_seconds, destination, self.batch_size,
+                                      max_senders=self.settings.max_concurrent_per_destination)
             if not items:
                 continue
             peer = self._peer(destination)
@@ -114,8 +117,59 @@ class Sender:
         return pydicom.dcmread(self.spool.absolute(item.path))
 
     def _deliver(self, peer: PeerSettings, items: list[Delivery]) -> None:
-        for item, outcome in self._destination(peer).deliver(peer, items, self._read_result):
+        """Send one claimed batch; every item ends its attempt, whatever is raised on the way.
+
+        A thread renews the lease of the items still to be sent every third of the lease, so a slow peer's
+        batch is never claimed again by another sender mid-send. An exception out of the destination ends the
+        attempt of every item it had not answered for (transient: counted, backed off, aged out after
+        ``max_age_hours``) instead of leaving them ``sending`` until the lease expires.
+        """
+        unsettled = {item.id: item for item in items}
+        lock = threading.Lock()
+        finished = threading.Event()
+        renewer = threading.Thread(target=self._renew_while_sending, args=(unsettled, lock, finished),
+                                   name="msknode-sender-lease", daemon=True)
+        renewer.start()
+        try:
+            try:
+                for item, outcome in self._destination(peer).deliver(peer, items, self._read_result):
+                    with lock:
+                        unsettled.pop(item.id, None)
+                    self._record_safely(peer, item, outcome)
+            except Exception as exc:
+                log.exception("delivery to %s failed mid-batch; ending the attempt of the items not yet sent",
+                              peer.name)
+                with lock:
+                    rest = list(unsettled.values())
+                    unsettled.clear()
+                failure = Outcome(TRANSIENT, "error", f"delivery failed: {type(exc).__name__}: {exc}"[:500])
+                for item in rest:
+                    self._record_safely(peer, item, failure)
+        finally:
+            finished.set()
+            renewer.join()
+
+    def _renew_while_sending(self, unsettled: dict[int, Delivery], lock: threading.Lock,
+                             finished: threading.Event) -> None:
+        while not finished.wait(self.lease_seconds / 3):
+            with lock:
+                ids = list(unsettled)
+            if not ids:
+                continue
+            try:
+                lost = self.outbox.renew(self.owner, ids, self.lease_seconds)
+            except Exception:  # the database is away: try again at the next third of the lease
+                log.warning("cannot renew the lease of %d delivery(ies); retrying", len(ids), exc_info=True)
+                continue
+            for item_id in lost:
+                log.warning("lease on delivery %d lost; another sender records its outcome", item_id)
+
+    def _record_safely(self, peer: PeerSettings, item: Delivery, outcome: Outcome) -> None:
+        try:
             self._record(peer, item, outcome)
+        except Exception:  # the database is away: the row comes back when its lease expires
+            log.exception("cannot record the outcome of delivery %d (%s); it is retried after its lease",
+                          item.id, outcome.kind)
 
     def _record(self, peer: PeerSettings, item: Delivery, outcome: Outcome) -> None:
         if outcome.kind == DELIVERED:
