@@ -362,7 +362,8 @@ class SmtpSettings(_Section):
     port: int = Field(25, ge=1, le=65535)
     from_address: str = Field(min_length=3)
     to: list[str] = Field(min_length=1)
-    starttls: bool = False
+    starttls: bool = Field(False, description="STARTTLS, verifying the server's certificate and host name")
+    ca_file: Path | None = Field(None, description="PEM CA bundle to trust for STARTTLS (default: the system's)")
     username: str | None = None
     password_file: Path | None = None
     timeout_seconds: float = Field(10.0, gt=0)

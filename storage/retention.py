@@ -20,7 +20,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, delete, exists, select
 
 from storage.db import Database, utcnow
-from storage.models import ImageResultRow, Instance, Job, OutboxItem, Series, Study
+from storage.models import (
+    Association,
+    ImageResultRow,
+    Instance,
+    InstanceReplacement,
+    Job,
+    Notification,
+    OutboxItem,
+    Series,
+    Study,
+)
 from storage.spool import Spool
 
 log = logging.getLogger("msknode.retention")
@@ -106,3 +116,33 @@ class Retention:
                 continue  # every one changed since it was chosen: choose again
             log.warning("emergency clean-up: purged %d oldest finished study(ies)", count)
         return purged
+
+    def purge_records(self, days: float, now: datetime | None = None) -> dict[str, int]:
+        """Delete notification payloads and audit rows older than ``days``; returns the rows deleted per table.
+
+        A payload may carry PHI (``notifications.include_phi``) and an audit row says who sent what, when: they
+        are kept as long as the studies, no longer. Kept regardless of age: a notification still pending (it
+        has its own ``max_age_hours``), an association still open or that an instance row still refers to.
+        """
+        cutoff = (now or utcnow()) - timedelta(days=days)
+        still_referenced = exists().where(Instance.association_id == Association.id)
+        with self.db.session() as session:
+            counts = {
+                "notifications": session.execute(
+                    delete(Notification).where(Notification.created_at < cutoff,
+                                               Notification.state.in_(("sent", "dead", "discarded")))
+                ).rowcount or 0,
+                "associations": session.execute(
+                    delete(Association)
+                    .where(Association.started_at < cutoff, Association.outcome != "open", ~still_referenced)
+                    .execution_options(synchronize_session=False)
+                ).rowcount or 0,
+                "instance_replacements": session.execute(
+                    delete(InstanceReplacement).where(InstanceReplacement.replaced_at < cutoff)
+                ).rowcount or 0,
+            }
+        if any(counts.values()):
+            log.info("retention: purged %s older than %.1f days",
+                     ", ".join(f"{count} {table}" for table, count in counts.items() if count), days)
+        return counts
+

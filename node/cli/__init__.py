@@ -23,4 +23,7 @@ training_commands.register(app, engine_commands.model_app)
 
 def main() -> None:
     """Console-script entry point."""
+    from node.runtime.logs import protect_logs
+
+    protect_logs()  # no command prints a header value that a pydicom warning quotes
     app()

@@ -5,8 +5,9 @@ run inside the sender role, claims due rows with a lease (storage/notifications.
 failures after ``notifications.backoff_seconds`` (the last value repeats) and gives a row up (``dead``, the
 reason kept) once it is older than ``notifications.max_age_hours``.
 
-Payloads carry no patient name or ID unless ``notifications.include_phi`` is set: the study is named by its
-Study Instance UID, accession number and a dashboard link by database id.
+Payloads carry no patient name, patient ID or accession number unless ``notifications.include_phi`` is set:
+the study is named by its Study Instance UID and a dashboard link by database id. STARTTLS verifies the mail
+server's certificate and host name (``ssl.create_default_context``, ``smtp.ca_file`` for a private CA).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import smtplib
 import socket
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -48,17 +50,18 @@ def build_payload(
     model: str,
     patient: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of a notification; ``patient`` (name, id) is only added with ``include_phi``."""
+    """The JSON body of a notification; the accession number and ``patient`` (name, id) only with ``include_phi``."""
     payload: dict[str, Any] = {
         "event": "study.triaged",
         "priority": priority.upper(),
         "study_instance_uid": study_instance_uid,
-        "accession_number": accession_number or None,
         "findings": findings,
         "link": f"{settings.dashboard_url.rstrip('/')}/studies/{study_id}",
         "model": model,
         "created_at": as_utc(created_at).isoformat(),
     }
+    if settings.include_phi:
+        payload["accession_number"] = accession_number or None
     if settings.include_phi and patient is not None:
         payload["patient_name"] = patient.get("name")
         payload["patient_id"] = patient.get("id")
@@ -180,16 +183,18 @@ class Notifier:
         lines = [
             f"Priority: {payload.get('priority')} (rule: {findings.get('rule')})",
             f"Study Instance UID: {payload.get('study_instance_uid')}",
-            f"Accession number: {payload.get('accession_number') or '-'}",
         ]
+        if "accession_number" in payload:  # include_phi
+            lines.append(f"Accession number: {payload.get('accession_number') or '-'}")
         if "patient_name" in payload:
             lines.append(f"Patient: {payload.get('patient_name')} ({payload.get('patient_id')})")
         lines += [f"{name}: {value}" for name, value in (findings.get("values") or {}).items()]
         lines += ["", f"Dashboard: {payload.get('link')}", f"Model: {payload.get('model')}"]
         message.set_content("\n".join(lines) + "\n")
         with smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_seconds) as client:
-            if smtp.starttls:
-                client.starttls()
+            if smtp.starttls:  # verifying: certificate chain and host name (smtplib's default verifies neither)
+                client.starttls(context=ssl.create_default_context(
+                    cafile=str(smtp.ca_file) if smtp.ca_file is not None else None))
             if smtp.username and smtp.password_file:
                 client.login(smtp.username, _read_secret(smtp.password_file).decode())
             client.send_message(message)

@@ -80,6 +80,10 @@ class Scheduler:
             )
         except Exception:
             log.exception("retention pass failed")
+        try:  # notification payloads and the association audit: kept as long as the studies, no longer
+            Retention(self.database, self.spool).purge_records(settings.retention.days)
+        except Exception:
+            log.exception("retention of notifications and audit rows failed")
 
     def run(self, stop: threading.Event) -> None:
         scheduler = BackgroundScheduler(timezone="UTC")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -114,9 +115,10 @@ def test_webhook_is_signed_retried_after_a_500_and_carries_no_phi(store, tmp_pat
     assert headers[SIGNATURE_HEADER] != "sha256=" + hmac.new(b"other", body, hashlib.sha256).hexdigest()
     payload = json.loads(body)
     assert payload["priority"] == "URGENT" and payload["study_instance_uid"] == "1.2.3.4"
-    assert payload["accession_number"] == "ACC-1" and payload["link"] == "https://node.example.org/studies/42"
+    assert payload["link"] == "https://node.example.org/studies/42"
     assert payload["findings"]["values"] == {"fracture": 0.93}
     assert b"Doe" not in body and b"PID-4711" not in body and "patient_name" not in payload
+    assert b"ACC-1" not in body and "accession_number" not in payload  # an identifier too: only with include_phi
 
 
 def test_include_phi_adds_the_patient_and_below_min_priority_nothing_is_queued(store) -> None:
@@ -125,6 +127,7 @@ def test_include_phi_adds_the_patient_and_below_min_priority_nothing_is_queued(s
                                                     "webhooks": [{"url": "http://127.0.0.1:9/x"}]})
     payload = queue_announcement(database, settings, rank=1)
     assert (payload["patient_name"], payload["patient_id"]) == ("Doe^Jane", "PID-4711")
+    assert payload["accession_number"] == "ACC-1"
     queue_announcement(database, settings, rank=0)  # routine: below min_priority
     assert notifications.counts() == {"pending": 1}
 
@@ -179,10 +182,71 @@ def test_email_goes_through_a_local_smtp_server(store) -> None:
     (sender, recipients, content), = recorder.messages
     assert sender == "msknode@example.org" and recipients == ["radiology@example.org", "oncall@example.org"]
     message = message_from_bytes(content)
-    assert message["Subject"] == "[msknode] URGENT study ACC-1"
+    assert message["Subject"] == "[msknode] URGENT study 1.2.3.4"
     text = message.get_payload(decode=True).decode()
     assert "1.2.3.4" in text and "fracture: 0.93" in text and "/studies/42" in text
-    assert "Doe" not in text and "PID-4711" not in text
+    assert "Doe" not in text and "PID-4711" not in text and "ACC-1" not in text
+
+
+@pytest.fixture(scope="module")
+def smtp_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 (openssl): (ca.pem, server.pem, server.key)."""
+    directory = tmp_path_factory.mktemp("smtp-pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=msknode test smtp ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-subj", "/CN=127.0.0.1",
+            "-out", "server.csr")
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-sha256", "-extfile", "server.ext", "-out", "server.pem")
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["unknown-ca", "ca_file"])
+def test_starttls_verifies_the_server_certificate(store, smtp_pki, trusted: bool) -> None:
+    """STARTTLS with a verifying context: a server whose certificate no trusted CA signed gets nothing (the
+    mail, and a login, would otherwise go to whoever answers); ``ca_file`` trusts a hospital's own CA."""
+    import ssl
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.handlers import Sink
+
+    ca, cert, key = smtp_pki
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    received: list[bytes] = []
+
+    class Recorder(Sink):
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's naming
+            received.append(envelope.content)
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Recorder(), hostname="127.0.0.1", port=port, tls_context=server_tls,
+                            require_starttls=True)
+    controller.start()
+    try:
+        database, notifications = store
+        smtp = {"host": "127.0.0.1", "port": port, "from_address": "msknode@example.org",
+                "to": ["radiology@example.org"], "timeout_seconds": 5, "starttls": True}
+        if trusted:
+            smtp["ca_file"] = str(ca)
+        settings = NotificationSettings.model_validate({"smtp": smtp, "backoff_seconds": [60]})
+        queue_announcement(database, settings)
+        Notifier(settings, notifications, owner="test").run_once()
+    finally:
+        controller.stop()
+    with database.session() as session:
+        row = session.scalar(select(Notification))
+    if trusted:
+        assert row.state == "sent" and len(received) == 1
+    else:
+        assert row.state == "pending" and received == []
+        assert "CERTIFICATE_VERIFY_FAILED" in row.last_error
 
 
 def test_smtp_login_needs_both_username_and_password_file() -> None:

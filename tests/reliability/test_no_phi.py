@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydicom import config as pydicom_config
 
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.models import tiny_model
@@ -46,8 +47,20 @@ def phi_found(text: str) -> list[str]:
     return [token for token in (FAMILY, GIVEN, PATIENT_ID) if token.lower() in lowered]
 
 
-@pytest.mark.parametrize("include_phi", [False, True], ids=["default", "include_phi"])
-def test_logs_and_webhooks_carry_no_patient_name_or_id(tmp_path: Path, include_phi: bool) -> None:
+def dirty_patient(image) -> None:  # type: ignore[no-untyped-def]
+    """Malformed and unusual values, each carrying the identifiers (pydicom's warnings would quote them):
+    an overlong name component with odd characters, a patient ID with a control character and over its
+    VR's length, another ID under a wrong VR, a UID that is none, an overlong accession number."""
+    image.PatientName = f"{FAMILY}^{GIVEN}^" + "x" * 70 + "\u00e9\u2603"
+    image.PatientID = PATIENT_ID + "\x01" + "y" * 70
+    image.add_new(0x00101000, "DA", PATIENT_ID)  # Other Patient IDs, wrong VR
+    image.add_new(0x00200052, "UI", f"1.2.{FAMILY}.3")  # Frame of Reference UID that is no UID
+    image.AccessionNumber = "ACC-PHI-1" + "z" * 30
+
+
+@pytest.mark.parametrize(("include_phi", "dirty"), [(False, False), (True, False), (False, True)],
+                         ids=["default", "include_phi", "malformed-values"])
+def test_logs_and_webhooks_carry_no_patient_name_or_id(tmp_path: Path, include_phi: bool, dirty: bool) -> None:
     require_tool("storescu")
     results_port = free_port()
     received = tmp_path / "storescp"
@@ -67,7 +80,12 @@ def test_logs_and_webhooks_carry_no_patient_name_or_id(tmp_path: Path, include_p
             image.PatientName, image.PatientID = f"{FAMILY}^{GIVEN}", PATIENT_ID
             image.AccessionNumber = "ACC-PHI-1"
             source = tmp_path / "in.dcm"
-            image.save_as(source, enforce_file_format=True)
+            if dirty:
+                dirty_patient(image)
+                with pydicom_config.disable_value_validation():
+                    image.save_as(source, enforce_file_format=True)
+            else:
+                image.save_as(source, enforce_file_format=True)
             assert storescu(node.port, [source], calling="EDSCU").returncode == 0
             wait_for(lambda: len(hook.requests) >= 2 and any(received.iterdir()), 180,
                      "the webhook (after one 500) and the SR at storescp", 0.5)
@@ -78,9 +96,10 @@ def test_logs_and_webhooks_carry_no_patient_name_or_id(tmp_path: Path, include_p
 
     log = node.log()
     assert "notification" in log and "EDSCU" in log  # the scan below read the run's real log
-    assert phi_found(log) == []
+    assert phi_found(log) == [] and "ACC-PHI-1" not in log
     bodies = [body.decode() for _headers, body in hook.requests]
-    assert all(json.loads(body)["accession_number"] == "ACC-PHI-1" for body in bodies)
+    # The accession number identifies the patient's visit: only with include_phi.
+    assert all(("ACC-PHI-1" in body) == include_phi for body in bodies)
     found = sorted({token for body in bodies for token in phi_found(body)})
     if include_phi:
         assert found == sorted([FAMILY, GIVEN, PATIENT_ID])
