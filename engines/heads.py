@@ -1,4 +1,4 @@
-"""Linear heads on the shared CLS embedding: our format (3e) and Hugging Face classifiers.
+"""Linear heads on a model's embedding: our format (3e) and Hugging Face classifiers.
 
 Format 3e is two files side by side: ``<name>.safetensors`` (``weight`` [K, D], ``bias`` [K]) and ``<name>.json``::
 
@@ -7,6 +7,11 @@ Format 3e is two files side by side: ``<name>.safetensors`` (``weight`` [K, D], 
 
 A head is only meaningful on the encoder it was trained on, so loading it against an encoder with another
 ``encoder_hash`` is refused (:class:`HeadEncoderMismatch`).
+
+Optional ``"pooling"`` says which feature the head reads: ``"cls"`` (the default, and what a file without the key
+means: every head written before the key existed) is the CLS token after the final norm; ``"patch_mean"`` is the
+mean of the normed patch tokens (a family that offers it, e.g. DINOv3, says so with ``poolings``). It is written
+only when it is not ``"cls"``, so existing head files read and re-write byte for byte.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import Tensor, nn
 
 HEAD_FORMAT = "msknode-head/1"
 ACTIVATIONS = ("sigmoid", "softmax", "identity")
+POOLINGS = ("cls", "patch_mean")  # which embedding a head reads; "cls" unless the head file says otherwise
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -40,8 +46,11 @@ class LinearHead(nn.Module):
         activation: str = "softmax",
         encoder_sha256: str | None = None,
         provenance: dict[str, Any] | None = None,
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if not _SAFE_NAME.match(name):
@@ -53,6 +62,7 @@ class LinearHead(nn.Module):
         self.activation = activation
         self.encoder_sha256 = encoder_sha256
         self.provenance = dict(provenance or {})
+        self.pooling = pooling
         self.linear = nn.Linear(in_features, len(labels))
 
     @property
@@ -82,7 +92,7 @@ class LinearHead(nn.Module):
             )
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format": HEAD_FORMAT,
             "name": self.name,
             "labels": self.labels,
@@ -91,6 +101,9 @@ class LinearHead(nn.Module):
             "provenance": self.provenance,
             "encoder_sha256": self.encoder_sha256,
         }
+        if self.pooling != "cls":
+            meta["pooling"] = self.pooling
+        return meta
 
 
 def save_head(head: LinearHead, folder: str | Path) -> tuple[Path, Path]:
@@ -132,6 +145,7 @@ def load_head(path: str | Path, encoder_sha256: str | None = None) -> LinearHead
         meta["activation"],
         encoder_sha256=meta["encoder_sha256"],
         provenance=meta.get("provenance"),
+        pooling=meta.get("pooling", "cls"),
     )
     with torch.no_grad():
         head.linear.weight.copy_(weight)

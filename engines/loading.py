@@ -1,6 +1,7 @@
 """``engines.load``: detect a checkpoint's model family on disk and load it as a :class:`~engines.family.ModelFamily`.
 
-One family today (``mae``: HF ViT-MAE / ViT folders, MAE ``.pth``, timm). A new family adds its loader to
+Two families: ``dinov3`` (HF ``dinov3_vit`` folders, the authors' / OrthoFoundation ``.pth``, timm ``*_dinov3``)
+and ``mae`` (HF ViT-MAE / ViT folders, MAE ``.pth``, timm ViT). A new family adds its loader to
 :data:`LOADERS` and its recognition to :func:`detect_family`; everything not claimed by another family goes to
 the MAE loaders, whose errors name what they could not read (unsupported ``model_type``, unknown tensors...).
 """
@@ -10,15 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from engines.dinov3.family import FAMILY as DINOV3, is_dinov3, load_dinov3
 from engines.family import ModelFamily
 from engines.mae.family import FAMILY as MAE, load_mae
 
 #: family name -> loader(path, device=, backend=, precision=, load_heads=)
-LOADERS: dict[str, Callable[..., ModelFamily]] = {MAE: load_mae}
+LOADERS: dict[str, Callable[..., ModelFamily]] = {MAE: load_mae, DINOV3: load_dinov3}
 
 
 def detect_family(path: str | Path) -> str:
-    """The model family of the checkpoint at ``path`` (only ``mae`` so far)."""
+    """The model family of the checkpoint at ``path``: ``dinov3`` when its loaders recognise it, else ``mae``."""
+    if is_dinov3(path):
+        return DINOV3
     return MAE
 
 

@@ -13,7 +13,9 @@ from torch import Tensor
 class TorchGraphs(Protocol):
     """A ``torch.nn.Module`` offering the three graphs the torch backends run (``MaskedAutoencoderViT`` does).
 
-    ``has_decoder`` False: only ``embed`` exists (no reconstructions, so no error map).
+    ``has_decoder`` False: only ``embed`` exists (no reconstructions, so no error map); such a module may leave
+    ``forward_encoder_masked`` out and offer ``features(x) -> {name: [B, D]}`` instead (DINOv3), which
+    ``TorchBackend.features`` / ``TensorRTBackend.features`` run.
     """
 
     has_decoder: bool

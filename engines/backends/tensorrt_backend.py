@@ -258,6 +258,10 @@ class TensorRTBackend:
     def embed(self, x: Tensor) -> Tensor:
         return self.runners["encoder_full"](pixels=x)["cls"].float()
 
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        """Every output of the ``encoder_full`` graph by name (DINOv3: ``cls`` and ``patch_mean``), fp32."""
+        return {name: out.float() for name, out in self.runners["encoder_full"](pixels=x).items()}
+
     def reconstruct(self, x: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
         if "decoder" not in self.runners:
             raise RuntimeError("this checkpoint has no decoder: it can give embeddings but not error maps")

@@ -56,7 +56,8 @@ class TorchBackend:
         if precision == "int8":
             self.model = quantize_linear_int8(self.model)
         self._embed = self.model.embed
-        self._encode_masked = self.model.forward_encoder_masked
+        # a family without masked graphs (DINOv3: no decoder) offers only embed / features
+        self._encode_masked = getattr(self.model, "forward_encoder_masked", None)
         self._decode = self.model.forward_decoder if self.model.has_decoder else None
         if compile:  # CUDA only in practice; guarded so a failing compile falls back to eager
             try:
@@ -71,6 +72,16 @@ class TorchBackend:
         with torch.inference_mode():
             x = x.to(self.device, self.dtype)
             return torch.cat([self._embed(chunk) for chunk in x.split(self.max_batch)]).float()
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        """The module's named features (``model.features``, e.g. DINOv3's ``cls`` and ``patch_mean``), fp32."""
+        features = getattr(self.model, "features", None)
+        if features is None:
+            raise RuntimeError("this model offers no named features beyond embed()")
+        with torch.inference_mode():
+            x = x.to(self.device, self.dtype)
+            chunks = [features(chunk) for chunk in x.split(self.max_batch)]
+            return {name: torch.cat([c[name] for c in chunks]).float() for name in chunks[0]}
 
     def reconstruct(self, x: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
         if self._decode is None:

@@ -78,6 +78,7 @@ class LoadedDINOv3:
     notes: list[str] = field(default_factory=list)
     preprocessing: PreprocessorConfig | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # msknode_name / msknode_version from a config
+    rope_periods: Tensor | None = None  # the file's rope_embed.periods (authors' layout); None: from rope_theta
 
     def __post_init__(self) -> None:
         if self.preprocessing is None:
@@ -443,7 +444,10 @@ def infer_config(state: dict[str, Tensor], periods: Tensor | None = None, **over
 
 
 def theta_from_periods(periods: Tensor, head_dim: int) -> float:
-    """The RoPE base that gives these periods (``period_k = theta ** (4k / head_dim)``); refuses any other form."""
+    """The RoPE base that gives these periods (``period_k = theta ** (4k / head_dim)``); refuses any other form.
+
+    Meta's files hold the periods in bf16 (8 significant bits), so the match is checked to 1 %, not exactly.
+    """
     periods = periods.double().flatten()
     if periods.numel() != head_dim // 4:
         raise CheckpointError(f"rope_embed.periods has {periods.numel()} values, a head of {head_dim} needs {head_dim // 4}")
@@ -451,11 +455,13 @@ def theta_from_periods(periods: Tensor, head_dim: int) -> float:
         return 100.0
     theta = float(periods[-1] ** (head_dim / (4.0 * (periods.numel() - 1))))
     expected = rope_periods(head_dim, theta).double()
-    if abs(float(periods[0]) - 1.0) > 1e-6 or not torch.allclose(periods, expected, rtol=1e-4):
+    if abs(float(periods[0]) - 1.0) > 1e-6 or not torch.allclose(periods, expected, rtol=1e-2):
         raise CheckpointError(
             "rope_embed.periods do not follow a base (theta ** (4k / head_dim)): a min/max-period RoPE is not "
             "supported (transformers' DINOv3ViTModel cannot express it either)"
         )
+    if abs(theta - round(theta)) < 0.01 * theta:
+        return float(round(theta))  # bf16 periods of base 100 give 99.6...; the base is a round number
     return round(theta, 6)
 
 
@@ -464,14 +470,14 @@ def _mask_flags(extras: dict[str, Tensor]) -> dict[str, bool] | None:
     masks = [v for k, v in extras.items() if k.endswith("bias_mask")]
     if not masks:
         return None
+    if any(torch.isnan(mask.float()).any() for mask in masks):
+        raise CheckpointError("qkv bias_mask holds NaN: the mask was never initialised (a model saved before init)")
     first = masks[0].flatten()
     for mask in masks:
         if not torch.equal(mask.flatten(), first):
             raise CheckpointError("the blocks' qkv bias_mask differ: not supported (one mask for every block)")
     flags = {}
     for name, third in zip(("query_bias", "key_bias", "value_bias"), first.float().chunk(3)):
-        if torch.isnan(third).any():
-            raise CheckpointError("qkv bias_mask holds NaN: the mask was never initialised (a model saved before init)")
         if torch.all(third == 1):
             flags[name] = True
         elif torch.all(third == 0):
@@ -588,6 +594,11 @@ def load_authors_pth(path: Path) -> LoadedDINOv3:
     config = infer_config(state, periods, **overrides)
     if periods is not None:
         config = replace(config, rope_theta=theta_from_periods(periods, config.head_dim))
+        deviation = float(((periods.double() - rope_periods(config.head_dim, config.rope_theta).double()).abs()
+                           / periods.double()).max())
+        if deviation > 1e-6:
+            notes.append(f"RoPE periods taken from the file (rope_embed.periods, {periods.dtype}): up to "
+                         f"{deviation:.1e} relative from theta {config.rope_theta:g}'s, as the authors' model computes")
     sidecar = _sidecar(path)
     if prefix == ORTHOFOUNDATION_PREFIX:
         config = replace(config, use_rope=False)
@@ -608,7 +619,7 @@ def load_authors_pth(path: Path) -> LoadedDINOv3:
     meta = {k: sidecar[k] for k in ("msknode_name", "msknode_version") if k in sidecar}
     preprocessing = _preprocessing(path.parent, config) if (path.parent / "preprocessor_config.json").is_file() else None
     return LoadedDINOv3("dinov3-pth", config, state, path, rope_source, notes=notes, preprocessing=preprocessing,
-                        meta=meta)
+                        meta=meta, rope_periods=periods.float() if periods is not None else None)
 
 
 def load_timm(path: Path) -> LoadedDINOv3:
@@ -651,8 +662,8 @@ def build_model(checkpoint: LoadedDINOv3) -> DINOv3ViT:
     with torch.device("meta"):
         model = DINOv3ViT(checkpoint.config)
     model.load_state_dict(checkpoint.state, strict=True, assign=True)
-    model.init_buffers("cpu")
-    return model.eval()
+    model.init_buffers("cpu", periods=checkpoint.rope_periods)
+    return model.apply_bias_mask().eval()
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -18,7 +18,9 @@ The computation, as transformers' ``DINOv3ViTModel`` (the parity reference) and 
 - ``config.use_rope = False`` runs the blocks without RoPE, as OrthoFoundation's released ``forward_vit`` does
   (it calls each block without the rope argument); transformers always applies it;
 - qkv is one linear whose bias is multiplied by ``bias_mask`` (the authors' ``LinearKMaskedBias``): the key
-  part is masked to zero unless ``key_bias``; LayerScale (``ls1``, ``ls2``) after attention and MLP;
+  part is masked to zero unless ``key_bias``. The mask is applied to the bias once, when the weights are set
+  (:meth:`DINOv3ViT.apply_bias_mask`, which the loaders call), so the forward is a plain ``nn.Linear`` that int8
+  quantisation and the ONNX export see as one; LayerScale (``ls1``, ``ls2``) after attention and MLP;
 - MLP: ``fc2(gelu(fc1(x)))``, or gated ``w3(act(w1(x)) * w2(x))`` (SwiGLU with ``hidden_act = "silu"``);
 - the final LayerNorm over all tokens; outputs the normed CLS token and the normed patch tokens.
 
@@ -140,7 +142,7 @@ class DINOv3Config:
 # ----------------------------------------------------------------------------------------------- RoPE
 def rope_periods(head_dim: int, theta: float) -> Tensor:
     """DINOv3's periods ``theta ** (4k / head_dim)``, k < head_dim / 4 (the authors' ``rope_embed.periods``)."""
-    return theta ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+    return theta ** (2 * torch.arange(head_dim // 4, dtype=torch.float32, device="cpu") / (head_dim // 2))
 
 
 def rope_tables(grid_h: int, grid_w: int, periods: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
@@ -151,9 +153,9 @@ def rope_tables(grid_h: int, grid_w: int, periods: Tensor, num_prefix: int) -> t
     twice, exactly as transformers' ``DINOv3ViTRopePositionEmbedding``. Prefix rows are cos 1, sin 0 (no
     rotation). ``sin`` carries rotate_half's sign: its first half is negated (see :func:`apply_rope`).
     """
-    inv_freq = 1.0 / periods.float()
-    coords_h = torch.arange(0.5, grid_h, dtype=torch.float32) / grid_h
-    coords_w = torch.arange(0.5, grid_w, dtype=torch.float32) / grid_w
+    inv_freq = 1.0 / periods.float().cpu()
+    coords_h = torch.arange(0.5, grid_h, dtype=torch.float32, device="cpu") / grid_h
+    coords_w = torch.arange(0.5, grid_w, dtype=torch.float32, device="cpu") / grid_w
     coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
     coords = 2.0 * coords - 1.0  # [HW, 2]
     angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)  # [HW, head_dim]
@@ -161,8 +163,8 @@ def rope_tables(grid_h: int, grid_w: int, periods: Tensor, num_prefix: int) -> t
     half = sin.shape[-1] // 2
     sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
     head_dim = cos.shape[-1]
-    cos = torch.cat([torch.ones(num_prefix, head_dim), cos])
-    sin = torch.cat([torch.zeros(num_prefix, head_dim), sin])
+    cos = torch.cat([torch.ones(num_prefix, head_dim, device="cpu"), cos])
+    sin = torch.cat([torch.zeros(num_prefix, head_dim, device="cpu"), sin])
     return cos, sin
 
 
@@ -187,7 +189,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Fused qkv (bias times ``bias_mask``), RoPE on q and k, SDPA, output projection."""
+    """Fused qkv (its bias already times ``bias_mask``), RoPE on q and k, SDPA, output projection."""
 
     def __init__(self, config: DINOv3Config) -> None:
         super().__init__()
@@ -201,8 +203,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         batch, tokens, dim = x.shape
-        bias = None if self.qkv.bias is None else self.qkv.bias * self.bias_mask.to(self.qkv.bias.dtype)
-        qkv = F.linear(x, self.qkv.weight, bias).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         if rope is not None:
             cos, sin = rope  # [N, hd] -> broadcast over [B, N, 2, H, hd]
             qk = apply_rope(qkv[:, :, :2], cos[:, None, None, :], sin[:, None, None, :])
@@ -287,23 +288,38 @@ class DINOv3ViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.init_buffers()
 
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
+    def init_buffers(self, device: torch.device | str | None = None, periods: Tensor | None = None) -> None:
         """(Re)compute the fixed, non-persistent buffers: ``bias_mask`` per block, RoPE periods and tables.
 
-        A model built on the meta device and filled by assignment calls this once its weights are real.
+        ``periods``: the authors' ``rope_embed.periods`` as a checkpoint holds them (Meta's files store them in
+        bf16, so they differ from ``rope_theta``'s by up to 0.4 %; the authors' model computes with the stored
+        values); default: from ``rope_theta``. A model built on the meta device and filled by assignment calls this
+        once its weights are real.
         """
         c = self.config
         device = device if device is not None else self.norm.weight.device
-        mask = torch.tensor([float(c.query_bias), float(c.key_bias), float(c.value_bias)]).repeat_interleave(
-            c.hidden_size
-        )
+        mask = torch.tensor(
+            [float(c.query_bias), float(c.key_bias), float(c.value_bias)], device="cpu"
+        ).repeat_interleave(c.hidden_size)
         for block in self.blocks:
             block.attn.bias_mask = mask.to(device)
-        periods = rope_periods(c.head_dim, c.rope_theta)
+        if periods is None:
+            periods = rope_periods(c.head_dim, c.rope_theta)
+        elif periods.numel() != c.head_dim // 4:
+            raise ValueError(f"{periods.numel()} RoPE periods for a head of {c.head_dim} (needs {c.head_dim // 4})")
+        periods = periods.detach().to("cpu", torch.float32).flatten()
         cos, sin = rope_tables(c.grid_size, c.grid_size, periods, c.num_prefix_tokens)
         self.register_buffer("rope_periods", periods.to(device), persistent=False)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @torch.no_grad()
+    def apply_bias_mask(self) -> DINOv3ViT:
+        """Multiply each qkv bias by its ``bias_mask`` (the masked key bias): call after setting weights."""
+        for block in self.blocks:
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias.mul_(block.attn.bias_mask.to(block.attn.qkv.bias))
+        return self
 
     def init_weights(self, seed: int | None = None) -> DINOv3ViT:
         """DINOv3's initialisation (trunc-normal 0.02 linears, zero biases, tokens N(0, 0.02)); for tests/training."""
@@ -318,7 +334,7 @@ class DINOv3ViT(nn.Module):
                     param.zero_()
                 else:
                     param.copy_(0.02 * torch.randn(param.shape, generator=generator).clamp_(-2, 2))
-        return self
+        return self.apply_bias_mask()
 
     # ------------------------------------------------------------------------------------------ forward
     def rope(self, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor] | None:

@@ -177,6 +177,8 @@ class MAEModel:
     def add_head(self, head: LinearHead) -> None:
         """Attach a head; refused if it was trained on other encoder weights or another width."""
         head.check_encoder(self.encoder_hash)
+        if head.pooling != "cls":
+            raise ValueError(f"head {head.name!r} reads {head.pooling!r} features; an MAE model offers only 'cls'")
         if head.in_features != self.config.hidden_size:
             raise ValueError(
                 f"head {head.name!r} expects {head.in_features}-d embeddings, "

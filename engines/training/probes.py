@@ -127,9 +127,9 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
 
 
 def probe_to_head(
-    fit: ProbeFit, name: str, encoder_sha256: str, provenance: dict[str, Any] | None = None
+    fit: ProbeFit, name: str, encoder_sha256: str, provenance: dict[str, Any] | None = None, pooling: str = "cls"
 ) -> LinearHead:
-    """A :class:`~engines.heads.LinearHead` (format 3e) from a fitted probe."""
+    """A :class:`~engines.heads.LinearHead` (format 3e) from a fitted probe (``pooling``: the feature it was fitted on)."""
     head = LinearHead(
         name,
         fit.weight.shape[1],
@@ -143,6 +143,7 @@ def probe_to_head(
             "held_out_metrics": fit.metrics,
             **(provenance or {}),
         },
+        pooling=pooling,
     )
     with torch.no_grad():
         head.linear.weight.copy_(fit.weight)
