@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from node.cli.node_commands import ConfigOption, console, err_console, load_or_exit
+from node.cli.node_commands import ConfigOption, console, err_console, load_or_exit, require_database
 from node.settings import Settings
 
 if TYPE_CHECKING:
@@ -38,15 +38,19 @@ class _Context:
 
 
 @contextmanager
-def _open(config: Path | None) -> Iterator[_Context]:
+def _open(config: Path | None, read_only: bool = False) -> Iterator[_Context]:
+    """Settings and database; ``read_only`` commands never create or migrate it (a clear error instead)."""
     from storage.db import Database
     from storage.migrate import upgrade
 
     from sqlalchemy.exc import SQLAlchemyError
 
     settings = load_or_exit(config)
+    if read_only:
+        require_database(settings)
     try:
-        upgrade(settings.storage.database_url)
+        if not read_only:
+            upgrade(settings.storage.database_url)
     except SQLAlchemyError as exc:
         raise _fail(f"database unavailable ({settings.storage.database_url.split(':', 1)[0]}): "
                     f"{type(exc.orig or exc).__name__}", code=1) from None
@@ -76,7 +80,7 @@ def peers_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
     """List the effective peers and where each definition comes from (config or database)."""
     from node.peers import PeerDirectory
 
-    with _open(config) as ctx:
+    with _open(config, read_only=True) as ctx:
         peers = PeerDirectory(ctx.settings, ctx.database).list()
     if as_json:
         typer.echo(json.dumps([peer.model_dump(mode="json") for peer in peers], indent=2))
@@ -212,7 +216,7 @@ def queue_list(
 
     if state not in (None, "failed", "dead"):
         raise _fail(f"--state: expected failed or dead, not {state!r}")
-    with _open(config) as ctx:
+    with _open(config, read_only=True) as ctx:
         items = [item for item in attention_items(ctx.database) if state is None or item["state"] == state]
     if as_json:
         typer.echo(json.dumps(items, indent=2))
@@ -280,7 +284,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Roles alive, queue depths, oldest pending work, dead letters, free disk and the engine."""
     from node.runtime.status import collect_status
 
-    with _open(config) as ctx:
+    with _open(config, read_only=True) as ctx:
         report = collect_status(ctx.settings, ctx.database)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

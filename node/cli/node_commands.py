@@ -40,6 +40,24 @@ def load_or_exit(path: Path | None) -> Settings:
         raise typer.Exit(code=2) from None
 
 
+def require_database(settings: Settings) -> None:
+    """For read-only commands: the database must exist at the current revision (never created nor migrated
+    here); otherwise a clear error naming it, exit 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.migrate import DatabaseNotReady, require_current
+
+    try:
+        require_current(settings.storage.database_url)
+    except DatabaseNotReady as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except SQLAlchemyError as exc:
+        err_console.print(f"database unavailable ({settings.storage.database_url.split(':', 1)[0]}): "
+                          f"{type(getattr(exc, 'orig', None) or exc).__name__}")
+        raise typer.Exit(code=1) from None
+
+
 def serve(
     config: ConfigOption = None,
     role: Annotated[
@@ -128,17 +146,27 @@ def echo(
 
     from node.peers import PeerDirectory
     from storage.db import Database
-    from storage.migrate import upgrade
+
+    from storage.migrate import DatabaseNotReady, require_current
 
     settings = load_or_exit(config)
-    upgrade(settings.storage.database_url)
-    database = Database(settings.storage.database_url)
-    try:  # the file's peers plus those added with `msknode peers add` or on the web
-        directory = PeerDirectory(settings, database)
-        target = directory.get(peer)
-        known = [p.name for p in directory.list()] if target is None else []
-    finally:
-        database.dispose()
+    try:
+        require_current(settings.storage.database_url)
+    except DatabaseNotReady as exc:
+        if not exc.missing:
+            require_database(settings)  # prints the problem and exits
+        # Before the node first started (checking the PACS at installation): the file's peers only.
+        err_console.print(f"note: {exc}; using the configuration file's peers only", soft_wrap=True)
+        target = next((p for p in settings.peers if p.name == peer), None)
+        known = [p.name for p in settings.peers] if target is None else []
+    else:
+        database = Database(settings.storage.database_url)
+        try:  # the file's peers plus those added with `msknode peers add` or on the web
+            directory = PeerDirectory(settings, database)
+            target = directory.get(peer)
+            known = [p.name for p in directory.list()] if target is None else []
+        finally:
+            database.dispose()
     if target is None:
         err_console.print(f"no peer named {peer!r}; known: {', '.join(known) or 'none'}")
         raise typer.Exit(code=2)
@@ -167,11 +195,10 @@ def studies(
 ) -> None:
     """List received studies, newest first."""
     from storage.db import Database
-    from storage.migrate import upgrade
     from storage.studies import studies_summary
 
     settings = load_or_exit(config)
-    upgrade(settings.storage.database_url)
+    require_database(settings)
     database = Database(settings.storage.database_url)
     try:
         rows = studies_summary(database, limit=limit)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from node.cli.node_commands import ConfigOption, console, err_console, load_or_exit
+from node.cli.node_commands import ConfigOption, console, err_console, load_or_exit, require_database
 
 if TYPE_CHECKING:
     from node.web.accounts import Accounts
@@ -24,13 +24,17 @@ PasswordStdin = Annotated[
 
 
 @contextmanager
-def _accounts(config: Path | None) -> Iterator["Accounts"]:
+def _accounts(config: Path | None, read_only: bool = False) -> Iterator["Accounts"]:
+    """``read_only`` (``users list``): the database is never created or migrated; a clear error instead."""
     from node.web.accounts import Accounts
     from storage.db import Database
     from storage.migrate import upgrade
 
     settings = load_or_exit(config)
-    upgrade(settings.storage.database_url)
+    if read_only:
+        require_database(settings)
+    else:
+        upgrade(settings.storage.database_url)
     database = Database(settings.storage.database_url)
     try:
         yield Accounts(database)
@@ -64,7 +68,7 @@ def add(
 @users_app.command("list")
 def list_users(config: ConfigOption = None) -> None:
     """List users, their role and last login."""
-    with _accounts(config) as accounts:
+    with _accounts(config, read_only=True) as accounts:
         rows = accounts.users()
     table = Table(title=f"{len(rows)} user(s)")
     for column in ("username", "role", "disabled", "last login"):

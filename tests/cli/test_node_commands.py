@@ -65,10 +65,12 @@ def test_studies_json_reads_the_database_named_by_msknode_config(node: NodeProce
     assert study["status"] == "received"
     assert study["study_instance_uid"] == node.instances()[0].study_instance_uid
     assert study["last_received"] >= study["first_received"]
-    # Without the variable (and run elsewhere) the embedded defaults apply: not this node's database.
+    # Without the variable (and run elsewhere) the embedded defaults apply: not this node's database, and a
+    # read-only command neither creates one there nor pretends it is empty: it names the path it looked at.
     elsewhere = msknode("studies", "--json", cwd=tmp_path)
-    assert elsewhere.returncode == 0, elsewhere.stderr
-    assert json.loads(elsewhere.stdout) == []
+    assert elsewhere.returncode == 1 and elsewhere.stdout == ""
+    assert "no database at" in elsewhere.stderr and str(tmp_path) in " ".join(elsewhere.stderr.split())
+    assert not (tmp_path / "var").exists()
 
 
 @pytest.mark.dcmtk
