@@ -20,6 +20,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 import node.dicom.pynetdicom_patches
 from node.dicom.pynetdicom_patches import BulkReadSocket, QuietAssociation, QuietDUL, make_quiet
+from tests.helpers.components import run_threads
 
 
 class Scp:
@@ -156,23 +157,13 @@ def test_make_quiet_refuses_a_running_association(scp: Scp) -> None:
 
 
 def test_many_concurrent_associations(scp: Scp) -> None:
-    errors: list[BaseException] = []
-
     def send() -> None:
-        try:
-            assoc = scu_association(scp.port)
-            for _ in range(10):
-                assert assoc.send_c_store(instance()).Status == 0x0000
-            assoc.release()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        assoc = scu_association(scp.port)
+        for _ in range(10):
+            assert assoc.send_c_store(instance()).Status == 0x0000
+        assoc.release()
 
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    run_threads([send] * 8, timeout=60)  # every thread finished, none raised
     assert len(scp.stored) == 80
     wait_until(lambda: scp.events.count("released") == 8)
 

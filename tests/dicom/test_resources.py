@@ -15,7 +15,7 @@ from pynetdicom import AE
 
 from tests.helpers.dicomdata import make_instances, small_instance
 from tests.helpers.node import NODE_AE
-from tests.helpers.tools import storescu
+from tests.helpers.tools import require_tool, storescu
 
 OUT_OF_RESOURCES = 0xA700
 HUGE_MB = 1 << 40  # far above any real free space
@@ -64,8 +64,7 @@ def small_filesystem(tmp_path: Path):
     """A 6 MB tmpfs mounted on a temporary directory (needs root)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (run the suite as root, e.g. `make test` in CI)")
-    if shutil.which("mount") is None:
-        pytest.skip("mount (Debian package mount) not installed")
+    require_tool("mount")
     mountpoint = tmp_path / "small-fs"
     mountpoint.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mountpoint)],

@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from tests.helpers.components import component_missing
 
 # tool -> Debian package that provides it
 DEBIAN_PACKAGES = {
@@ -20,6 +20,10 @@ DEBIAN_PACKAGES = {
     "dcmconv": "dcmtk",
     "ojph_compress": "openjph-tools",
     "initdb": "postgresql",
+    "dciodvfy": "dicom3tools",
+    "dsrdump": "dcmtk",
+    "dcmdump": "dcmtk",
+    "mount": "mount",
 }
 
 # DCMTK 3.6.7 storescu proposes only uncompressed syntaxes unless told; the flag per transfer syntax UID.
@@ -40,11 +44,11 @@ STORESCU_SYNTAX_FLAGS = {
 
 
 def require_tool(tool: str) -> str:
-    """Return the tool's path or skip the test, naming the Debian package that provides it."""
+    """Return the tool's path, or skip the test naming the Debian package that provides it (fail under CI)."""
     path = shutil.which(tool)
     if path is None:
         package = DEBIAN_PACKAGES.get(tool, "?")
-        pytest.skip(
+        component_missing(
             f"{tool} not installed (Debian package {package}; `make test` installs it when run as root)"
         )
     return path

@@ -15,6 +15,7 @@ from storage.models import OutboxItem, Study
 from storage.notifications import NotificationEntry, Notifications, add_for_job
 from storage.outbox import Outbox
 from storage.queue import JobQueue
+from tests.helpers.components import run_threads
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -89,10 +90,6 @@ def test_concurrent_notifiers_never_claim_one_notification_twice(database_url: s
             with lock:
                 claimed.extend(row.id for row in rows)
 
-    threads = [threading.Thread(target=drain, args=(f"n{i}",)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda i=i: drain(f"n{i}") for i in range(4)], timeout=60)  # all finished, none raised
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 24
     database.dispose()

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from storage.db import Database
 from storage.intake import IndexOutcome, IndexResult, InstanceRecord, IntakeRepository
 from storage.models import Counter, Instance, InstanceReplacement, Series, Study
+from tests.helpers.components import run_threads
 
 STUDY = "1.2.826.0.1.3680043.10.2.1"
 
@@ -82,11 +83,7 @@ def test_concurrent_associations_each_get_their_own_committed_row(db: Database, 
             sop = f"4.{n}.{i}"
             outcomes[sop] = index.index_instance(record(sop, study=f"{STUDY}.{n}")).outcome
 
-    threads = [threading.Thread(target=receive, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_threads([lambda n=n: receive(n) for n in range(8)], timeout=60)  # all finished, none raised
     assert len(outcomes) == 80 and set(outcomes.values()) == {IndexOutcome.NEW}
     with db.session() as session:
         assert session.scalar(select(func.count(Instance.id))) == 80

@@ -11,6 +11,7 @@ from storage.db import Database
 from storage.intake import InstanceRecord, IntakeRepository
 from storage.models import Job, Study
 from storage.queue import ImageOutcome, JobQueue, OutboxEntry
+from tests.helpers.components import run_threads
 
 STUDY = "1.2.826.0.1.3680043.10.1.1"
 
@@ -137,11 +138,7 @@ def test_concurrent_workers_never_claim_the_same_job(db: Database) -> None:
             with lock:
                 claimed.extend(job.id for job in got)
 
-    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_threads([lambda i=i: work(f"w{i}") for i in range(4)], timeout=60)  # all finished, none raised
     assert sorted(claimed) == sorted(jobs)  # every job once, none twice
 
 

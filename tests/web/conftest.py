@@ -8,22 +8,31 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.components import component_missing
+
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 
 
+def chromium_executable() -> str:
+    """Chromium's path; skips naming the Debian package when it is missing (a failure under CI)."""
+    found = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
+    if found is None:
+        component_missing("chromium not installed (Debian package chromium; `make test` installs it when run as root)")
+    return found
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
-    """A headless Chromium; skips (naming the Debian package) when it or Playwright is missing."""
-    if not CHROMIUM.exists() and shutil.which("chromium") is None:
-        pytest.skip("chromium not installed (Debian package chromium; `make test` installs it when run as root)")
+    """A headless Chromium; skips (naming what to install) when it or Playwright is missing; fails under CI."""
+    executable = chromium_executable()
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright not installed (pip extra `test`)")
+        component_missing("playwright not installed (pip extra `test`)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
+            executable_path=executable,
             headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
         )
