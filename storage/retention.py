@@ -35,7 +35,8 @@ from storage.spool import Spool
 
 log = logging.getLogger("msknode.retention")
 
-FINISHED = ("done", "not_analysed")
+# "stored": a study of non-image objects only (results echoed back, a KO...), which never gets a job.
+FINISHED = ("done", "not_analysed", "stored")
 
 
 class Retention:

@@ -75,3 +75,26 @@ def test_emergency_cleanup_stops_at_undelivered_work(env) -> None:
     assert purged == 1
     with database.session() as session:
         assert set(session.scalars(select(Study.study_instance_uid))) == {dead}
+
+
+def test_old_study_of_non_image_objects_only_is_purged(env) -> None:
+    """A study that never gets a job (echoed results or non-image objects only: status "stored", #14.1) still
+    falls under retention."""
+    database, spool = env
+    index = IntakeRepository(database)
+    study = "1.2.3.99"
+    incoming = spool.incoming / "rx-sr"
+    incoming.write_bytes(b"sr")
+    stored = spool.commit_file(incoming, study, study + ".1", study + ".1.1")
+    assoc = index.association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    index.index_instance(
+        InstanceRecord(study, study + ".1", study + ".1.1", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.1.2.1",
+                       None, None, "SR", None, None, None, stored.relative_path, stored.size, stored.sha256, "PACS",
+                       assoc, "own_result", "our own result"))
+    index.association_ended(assoc, "released", 1)
+    with database.session() as session:
+        assert session.scalar(select(Study.status).where(Study.study_instance_uid == study)) == "stored"
+        session.execute(update(Study).values(last_received_at=datetime.now(timezone.utc) - timedelta(days=30)))
+    assert Retention(database, spool).run(days=7, has_room=lambda: True) == 1
+    with database.session() as session:
+        assert session.scalar(select(Study).where(Study.study_instance_uid == study)) is None
