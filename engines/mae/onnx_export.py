@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 GRAPH_NAMES = ("encoder_full", "encoder_masked", "decoder")
+#: the graphs a Triton model repository serves (``msknode model export-triton``): every tensor batch-first, so
+#: Triton's dynamic batcher can merge requests; ``reconstruct`` is the masked encoder and the decoder in one graph
+TRITON_GRAPH_NAMES = ("encoder_full", "reconstruct")
 
 
 class EncoderFullGraph(nn.Module):
@@ -62,6 +65,22 @@ class DecoderGraph(nn.Module):
 
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         return self.model.forward_decoder(latent, ids_restore)
+
+
+class ReconstructGraph(nn.Module):
+    """Masked encoder then decoder, batch-first for Triton: ``pixels`` [B, C, H, W], ``ids_keep`` [B, P, keep],
+    ``ids_restore`` [B, P, L] -> ``pred`` [B, P, L, p*p*C] (image-major, as the backends' ``reconstruct``)."""
+
+    def __init__(self, model: MaskedAutoencoderViT) -> None:
+        super().__init__()
+        self.encoder = EncoderMaskedGraph(model)
+        self.model = model
+
+    def forward(self, pixels: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
+        batch, passes, length = ids_restore.shape
+        latent = self.encoder(pixels, ids_keep)
+        pred = self.model.forward_decoder(latent, ids_restore.reshape(batch * passes, length))
+        return pred.reshape(batch, passes, length, pred.shape[-1])
 
 
 @dataclass
@@ -113,7 +132,10 @@ def export_onnx(
     graphs: tuple[str, ...] = GRAPH_NAMES,
     passes: int = 10,
 ) -> ExportedGraphs:
-    """Export ``graphs`` (fp32) to ``out_dir/<name>.onnx``; the decoder graphs need a checkpoint with a decoder."""
+    """Export ``graphs`` (fp32) to ``out_dir/<name>.onnx``; the decoder graphs need a checkpoint with a decoder.
+
+    ``graphs`` may also name ``reconstruct`` (:data:`TRITON_GRAPH_NAMES`), the batch-first graph Triton serves.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -139,8 +161,16 @@ def export_onnx(
                 latent = EncoderMaskedGraph(model)(pixels, ids_keep)
                 _export(DecoderGraph(model), (latent, ids_restore), path, ["latent", "ids_restore"], ["pred"],
                         {"latent": {0: "rows"}, "ids_restore": {0: "rows"}, "pred": {0: "rows"}})
+            elif name == "reconstruct":
+                if not model.has_decoder:
+                    raise RuntimeError("this checkpoint has no decoder: only encoder_full can be exported")
+                restore = ids_restore.reshape(2, passes, c.num_patches)
+                _export(ReconstructGraph(model), (pixels, ids_keep, restore), path,
+                        ["pixels", "ids_keep", "ids_restore"], ["pred"],
+                        {"pixels": {0: "batch"}, "ids_keep": {0: "batch", 1: "passes"},
+                         "ids_restore": {0: "batch", 1: "passes"}, "pred": {0: "batch", 1: "passes"}})
             else:
-                raise ValueError(f"unknown graph {name!r}; choose from {GRAPH_NAMES}")
+                raise ValueError(f"unknown graph {name!r}; choose from {GRAPH_NAMES + TRITON_GRAPH_NAMES[1:]}")
             paths[name] = path
             log.info("exported %s to %s", name, path)
     return ExportedGraphs(paths, {name: file_sha256(p) for name, p in paths.items()})
