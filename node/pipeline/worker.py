@@ -393,6 +393,7 @@ class Worker:
         study = StudyResult(
             study_instance_uid=job.study_instance_uid, images=images, not_analysed=work.not_analysed,
             priority=_priority_name(triaged[0].rank), model=model, created_at=created, node_name=settings.node.ae_title,
+            revision=max(1, job.study_revision),  # numbers the objects: a viewer shows the newest revision's SR
         )
         previous: list[DocumentReference] = []  # every earlier SR of the study: the new one supersedes them all
         for previous_path in self.job_inputs.previous_sr_paths(job.study_instance_uid, job.id):
@@ -409,7 +410,7 @@ class Worker:
             objects.append(("SR", build_sr(study, base, previous)))
             if settings.results.send_secondary_capture:
                 for number, image in enumerate(images, start=1):
-                    objects.append(("SC", build_sc(image, study, base + 1, number)))
+                    objects.append(("SC", build_sc(image, study, base + 1, position=number)))
             state, reason = "done", None
         else:
             eligible_failed = [o for o in outcomes if o.state == "failed"]

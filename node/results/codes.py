@@ -51,6 +51,7 @@ def coding_schemes(private_codes: bool = True) -> list[CodingSchemeIdentificatio
 ABNORMALITY_SCORE = private("ABNSCORE", "Abnormality score (masked-autoencoder error)")
 ABNORMALITY_PERCENTILE = private("ABNPCTL", "Abnormality score percentile")
 HIGHEST_ERROR_REGION = private("HIGHERRREGION", "Region of highest reconstruction error")
+WHOLE_IMAGE = private("WHOLEIMAGE", "Whole image")  # the ROI of an image's result when it has no region
 TRIAGE_PRIORITY = private("TRIAGEPRIO", "AI triage priority")
 PRIORITY_VALUES = {
     "ROUTINE": private("ROUTINE", "Routine"),
@@ -67,8 +68,20 @@ FRACTURE = Code("72704001", "SCT", "Fracture")
 PROCEDURE_XR = codes.LN.XRUnspecifiedBodyRegion  # LN 43468-8; CID 100
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 10
 SOURCE_IMAGE_PURPOSE = Code("121322", "DCM", "Source image for image processing operation")
-UNITS_ONE = codes.UCUM.NoUnits  # UCUM "1"
-UNITS_PERCENT = codes.UCUM.Percent
+UNITS_ONE = codes.UCUM.NoUnits  # UCUM "1": no longer written (viewers print it, "0.64 1")
+UNITS_PERCENT = codes.UCUM.Percent  # probabilities are written as percent: "Fracture probability: 64.00 %"
+# UCUM annotations ({...} = unity with a name): what a viewer prints after a dimensionless value.
+UNITS_SCORE = Code("{score}", "UCUM", "score")
+UNITS_VALUE = Code("{value}", "UCUM", "value")
+
+
+def ucum(unit: str) -> Code:
+    """A UCUM unit given by its code (a head's own unit, e.g. "a" for years); empty gives ``{value}``."""
+    if not unit:
+        return UNITS_VALUE
+    if len(unit) > 16:
+        raise ValueError(f"UCUM code {unit!r} longer than 16 characters")
+    return Code(unit, "UCUM", unit)
 # IHE AIR contributing equipment purpose. AIR Rev 1.1 (trial implementation) gives a placeholder value;
 # "Newcode1" is what MONAI Deploy's AIR writer emits, so PACS that already parse AIR see the same triple.
 PROCESSING_ALGORITHM = Code("Newcode1", IHE_SCHEME, "Processing Algorithm")
@@ -123,7 +136,7 @@ def class_value(head: str, label: str) -> Code:
 
 
 def probability_concept(head: str, label: str) -> Code:
-    """Concept naming the probability of one label of one head (a NUM with unit UCUM 1)."""
+    """Concept naming the probability of one label of one head (a NUM in percent)."""
     if head.lower() == "fracture" and label.lower() == "fracture":
         return FRACTURE_PROBABILITY
     concept = head_concept(head)
@@ -133,5 +146,5 @@ def probability_concept(head: str, label: str) -> Code:
 
 
 def output_concept(head: str, label: str) -> Code:
-    """Concept naming a raw (identity-activation) head output, a NUM with unit UCUM 1."""
+    """Concept naming a raw (identity-activation) head output, a NUM in the head's unit (``{value}`` if none)."""
     return private("V" + _digest(head, label, length=14), _clip(f"AI output {label} ({head})"))

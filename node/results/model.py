@@ -17,6 +17,9 @@ from pydicom.dataset import Dataset
 
 Activation = Literal["sigmoid", "softmax", "identity"]
 PRIORITIES = ("ROUTINE", "HIGH", "URGENT")
+# SC InstanceNumber = revision * SC_BLOCK + position must fit DICOM IS (2**31 - 1).
+SC_BLOCK = 10_000
+MAX_REVISION = (2**31 - 1) // SC_BLOCK - 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class HeadOutput:
     labels: list[str]
     probabilities: list[float]
     activation: Activation
+    unit: str = ""  # UCUM code of an identity head's values (e.g. "a" for years); empty: "{value}"
 
     def __post_init__(self) -> None:
         if self.activation not in ("sigmoid", "softmax", "identity"):
@@ -93,6 +97,7 @@ class ImageResult:
     error_map: np.ndarray
     frame_index: int = 0
     source_sha256: str = ""  # hash of the stored instance; distinguishes a replaced instance with the same UID
+    model: ModelInfo | None = None  # the model that produced this result; None: the study's model
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.score):
@@ -145,10 +150,21 @@ class StudyResult:
     model: ModelInfo
     created_at: datetime
     node_name: str = "MSKNODE"
+    # The study revision these results describe (the worker's job revision, >= 1). It numbers the objects so a
+    # viewer that picks by InstanceNumber shows the newest: SR InstanceNumber = revision, SC = revision * 10000 + n.
+    revision: int = 1
 
     def __post_init__(self) -> None:
         if self.priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}")
+        if not 1 <= self.revision <= MAX_REVISION:
+            raise ValueError(f"revision must be in 1..{MAX_REVISION}")
+        seen = set()
+        for image in self.images:
+            key = (str(image.source.SOPInstanceUID), image.frame_index, self.model_of(image).identity)
+            if key in seen:
+                raise ValueError("one result per (image, frame, model)")
+            seen.add(key)
         for image in self.images:
             if str(image.source.StudyInstanceUID) != self.study_instance_uid:
                 raise ValueError("every analysed image must belong to the study")
@@ -157,3 +173,14 @@ class StudyResult:
                 raise ValueError("every not-analysed instance must belong to the study")
             if not reason:
                 raise ValueError("a reason is required for every not-analysed instance")
+
+    def model_of(self, image: ImageResult) -> ModelInfo:
+        """The model that produced ``image`` (several models may report on one image; default: the study's)."""
+        return image.model if image.model is not None else self.model
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        """Every model with a result in this study, the study's model first, then by identity."""
+        others = {self.model_of(im).identity: self.model_of(im) for im in self.images}
+        others.pop(self.model.identity, None)
+        return [self.model] + [others[key] for key in sorted(others)]

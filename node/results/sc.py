@@ -10,37 +10,47 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from node.results import codes
 from node.results.headers import laterality, normalised, patient_orientation
-from node.results.model import ImageResult, StudyResult
+from node.results.model import ImageResult, ModelInfo, StudyResult
 from node.results.render import ALPHA, render_error_map
 from node.results.sr import add_algorithm_equipment, frame_numbers, freeze_timestamps, series_description
-from node.results.uids import analysed_input_set, content_digest, instance_uid, series_uid
+from node.results.uids import content_digest, input_key, input_set, instance_uid, sc_instance_number, series_uid
 
 # highdicom insists on a valid orientation for PATIENT images; the source's own value (or empty) replaces it.
 _PLACEHOLDER_ORIENTATION = ("A", "F")
 
 
-def sc_series_uid(study: StudyResult, series_number: int) -> str:
-    """One SC series per (study, model, analysed input set, number, description): changed inputs give a new one."""
-    description = series_description("sc", study.priority, study.model)
-    return series_uid("sc", study.study_instance_uid, study.model, analysed_input_set(study), series_number,
-                      description)
+def sc_series_uid(study: StudyResult, series_number: int, model: ModelInfo | None = None) -> str:
+    """One SC series per (study, model, analysed input set, number, description): changed inputs give a new one.
+
+    A newer revision with the same inputs joins the series; its InstanceNumbers (revision * 10000 + n) sort after
+    the older set's, never between them. ``model``: whose maps (default the study's model).
+    """
+    model = study.model if model is None else model
+    description = series_description("sc", study.priority, model)
+    inputs = input_set(input_key(im) for im in study.images if study.model_of(im).identity == model.identity)
+    return series_uid("sc", study.study_instance_uid, model, inputs, series_number, description)
 
 
 def build_sc(
     image: ImageResult,
     study: StudyResult,
     series_number: int,
-    instance_number: int,
+    position: int,
     *,
     jpeg: bool = False,
 ) -> hd.sc.SCImage:
-    """RGB SC of ``image``'s error map; uncompressed Explicit VR LE, or JPEG baseline (YBR_FULL_422) if ``jpeg``."""
+    """RGB SC of ``image``'s error map; uncompressed Explicit VR LE, or JPEG baseline (YBR_FULL_422) if ``jpeg``.
+
+    ``position`` is the image's 1-based place in this result set; InstanceNumber = revision * 10000 + position.
+    """
     if not any(im is image for im in study.images):
         raise ValueError("the image must be one of the study's analysed images")
+    model = study.model_of(image)
+    instance_number = sc_instance_number(study.revision, position)
     source = normalised(image.source)
-    pixels, _ = render_error_map(image.display, image.error_map, study.model.name, study.model.version)
+    pixels, _ = render_error_map(image.display, image.error_map, model.name, model.version)
 
-    series = sc_series_uid(study, series_number)
+    series = sc_series_uid(study, series_number, model)
     digest = content_digest(
         {
             "source": str(source.SOPInstanceUID),
@@ -52,7 +62,7 @@ def build_sc(
             "instance_number": instance_number,
             "priority": study.priority,
             "created_at": study.created_at.isoformat(),
-            "model": study.model.identity,
+            "model": model.identity,
             "node": study.node_name,
             "jpeg": jpeg,
         }
@@ -69,13 +79,13 @@ def build_sc(
         series_number=series_number,
         sop_instance_uid=instance_uid("sc", series, digest),
         instance_number=instance_number,
-        manufacturer=study.model.manufacturer,
+        manufacturer=model.manufacturer,
         patient_orientation=tuple(orientation) if orientation else _PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
-        series_description=series_description("sc", study.priority, study.model),
+        series_description=series_description("sc", study.priority, model),
         coding_schemes=codes.coding_schemes(private_codes=False),
-        manufacturer_model_name=study.model.name,
-        software_versions=study.model.version,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
         content_date=created.date(),
         content_time=created.time(),
         series_date=created.date(),
@@ -90,15 +100,15 @@ def build_sc(
     sc.RecognizableVisualFeatures = "NO"
     sc.SourceImageSequence = [_source_reference(source, image.frame_index)]
     sc.DerivationDescription = (
-        f"Masked-autoencoder reconstruction error map of {study.model.name} {study.model.version} "
-        f"({study.model.passes} passes, mask ratio {study.model.mask_ratio}, seed {study.model.seed}) "
+        f"Masked-autoencoder reconstruction error map of {model.name} {model.version} "
+        f"({model.passes} passes, mask ratio {model.mask_ratio}, seed {model.seed}) "
         f"in the hot colormap at alpha {ALPHA} over the source radiograph; banner and colour bar burned in"
     )
     if jpeg:
         sc.LossyImageCompression = "01"
         sc.LossyImageCompressionMethod = "ISO_10918_1"
     freeze_timestamps(sc, created)
-    add_algorithm_equipment(sc, study)
+    add_algorithm_equipment(sc, study, [model])
     return sc
 
 

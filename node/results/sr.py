@@ -8,13 +8,18 @@ Tree (see docs/results.md for the codes)::
       HAS CONCEPT MOD  Procedure reported: XR unspecified body region
       CONTAINS  Image Library (TID 1600): the analysed images
       CONTAINS  Imaging Measurements
-        per image: TID 1501 group (abnormality score, percentile, every head output, algorithm TID 4019)
-        per image: TID 1410 group with the highest-error region as SCOORD POLYLINE (source pixels)
+        per (image, model): one TID 1410 group, placed by viewers: tracking identifier and UID, finding (highest-
+        error region or whole image), algorithm (TID 4019), SCOORD POLYLINE (the region, or the image outline) in
+        source pixels SELECTED FROM the image, NUMs most important first (probabilities in %, percentile in %,
+        score in {score}), the class of softmax heads as qualitative evaluations
       CONTAINS  Qualitative Evaluations: triage priority; "not analysed" status and reasons
 
-The not-analysed variant keeps the header, observer and procedure, and carries only the status and one
-reason per instance. Superseding goes through Predecessor Documents Sequence: it names every SR the node built
-earlier for the study (not only the newest), so whichever of them reached the PACS, the new SR supersedes it.
+Every measurement group has a spatial coordinate: OHIF v3 turns each group into an annotation and stops placing
+all of them at the first one without (``coords[0]`` undefined). The not-analysed variant keeps the header,
+observer and procedure, and carries only the status and one reason per instance. Superseding goes through
+Predecessor Documents Sequence (every SR the node built earlier for the study), the revision as InstanceNumber and
+one report series per (study, model, description), so a viewer showing a series' highest InstanceNumber shows
+the newest.
 """
 
 from __future__ import annotations
@@ -36,14 +41,12 @@ from highdicom.sr import (
     ImageRegion,
     LanguageOfContentItemAndDescendants,
     Measurement,
-    MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
@@ -56,16 +59,15 @@ from pydicom.valuerep import DA, DT, TM
 
 from node.results import codes
 from node.results.headers import normalised, patient_orientation
-from node.results.model import DocumentReference, ImageResult, ModelInfo, StudyResult
+from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
 from node.results.sop_classes import coded_modality, has_standard_iod, is_image_class, is_multi_frame_class
 from node.results.uids import (
-    analysed_input_set,
     content_digest,
     device_uid,
     instance_uid,
-    not_analysed_input_set,
-    series_uid,
+    report_series_uid,
     sorted_images,
+    sr_instance_number,
     tracking_uid,
 )
 
@@ -116,9 +118,8 @@ def _build(study: StudyResult, series_number: int, previous: Previous, kind: str
     evidence, true_classes = _known_class_first(evidence)
     previous_refs = _previous_references(previous)
 
-    inputs = analysed_input_set(study) if kind == "sr" else not_analysed_input_set(study)
-    series = series_uid(kind, study.study_instance_uid, study.model, inputs, series_number,
-                        series_description(kind, study.priority, study.model))
+    series = report_series_uid(kind, study.study_instance_uid, study.model, series_number,
+                               series_description(kind, study.priority, study.model))
     sop = instance_uid(kind, series, _digest(study, series_number, previous_refs, kind))
 
     root = ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")
@@ -130,7 +131,7 @@ def _build(study: StudyResult, series_number: int, previous: Previous, kind: str
             name=dcm_codes.DCM.ProcedureReported, value=codes.PROCEDURE_XR, relationship_type=HAS_CONCEPT_MOD
         )
     )
-    library_images = [(sources[str(im.source.SOPInstanceUID)], im.frame_index) for im in images]
+    library_images = [(sources[uid], frame) for uid, frame in _image_positions(images)]
     if kind == "sr-not-analysed":  # the findings SR's library holds only what was analysed
         library_images += [(ds, 0) for ds, _ in skipped_sources if is_image(ds)]
     if library_images:
@@ -146,7 +147,7 @@ def _build(study: StudyResult, series_number: int, previous: Previous, kind: str
         series_instance_uid=series,
         series_number=series_number,
         sop_instance_uid=sop,
-        instance_number=1,
+        instance_number=sr_instance_number(study.revision),
         manufacturer=study.model.manufacturer,
         is_complete=True,
         previous_versions=previous_refs or None,
@@ -197,6 +198,7 @@ def _digest(study: StudyResult, series_number: int, previous: list[Dataset], kin
         "kind": kind,
         "study": study.study_instance_uid,
         "series_number": series_number,
+        "revision": study.revision,
         "priority": study.priority,
         "created_at": study.created_at.isoformat(),
         "node": study.node_name,
@@ -211,10 +213,12 @@ def _digest(study: StudyResult, series_number: int, previous: list[Dataset], kin
                 "sop": str(im.source.SOPInstanceUID),
                 "frame": im.frame_index,
                 "sha256": im.source_sha256,
+                "model": None if im.model is None else [im.model.identity, im.model.backend, im.model.manufacturer],
                 "score": repr(float(im.score)),
                 "percentile": None if im.percentile is None else repr(float(im.percentile)),
                 "heads": [
-                    [h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation] for h in im.heads
+                    [h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation]
+                    + ([h.unit] if h.unit else []) for h in im.heads
                 ],
                 "region": None if im.region is None else np.asarray(im.region, dtype=np.float64).tolist(),
             }
@@ -337,50 +341,111 @@ def _library_descriptors(source: Dataset) -> list:
     return descriptors
 
 
+def _image_positions(images: Sequence[ImageResult]) -> list[tuple[str, int]]:
+    """The distinct analysed (SOP Instance UID, frame) pairs in canonical order: "Image n" is the n-th."""
+    positions: list[tuple[str, int]] = []
+    for image in images:
+        position = (str(image.source.SOPInstanceUID), image.frame_index)
+        if position not in positions:
+            positions.append(position)
+    return positions
+
+
 def _imaging_measurements(
     study: StudyResult, images: Sequence[ImageResult], sources: dict[str, Dataset]
 ) -> ContainerContentItem:
+    """One TID 1410 group per (image, model); several models on one image give several groups."""
     container = ContainerContentItem(name=dcm_codes.DCM.ImagingMeasurements, relationship_type=CONTAINS)
     container.ContentSequence = ContentSequence()
-    algorithm = algorithm_identification(study.model)
-    for number, image in enumerate(images, start=1):
+    positions = _image_positions(images)
+    several_models = len(study.models) > 1
+    for image in images:
+        model = study.model_of(image)
+        number = positions.index((str(image.source.SOPInstanceUID), image.frame_index)) + 1
         source = sources[str(image.source.SOPInstanceUID)]
         frames = frame_numbers(source, image.frame_index)
-        container.ContentSequence.extend(_image_group(study, image, source, frames, number, algorithm))
-        if image.region is not None:
-            container.ContentSequence.extend(_region_group(study, image, source, frames, number, algorithm))
+        label = f"Image {number}" + (f" {model.name}" if several_models else "")
+        container.ContentSequence.extend(_result_group(study, model, image, source, frames, label))
     return container
 
 
-def _image_group(
-    study: StudyResult, image: ImageResult, source: Dataset, frames: list[int] | None, number: int,
-    algorithm: AlgorithmIdentification,
-) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one image: score, percentile, every head's probabilities and the argmax of softmax heads."""
-    measurements = [Measurement(name=codes.ABNORMALITY_SCORE, value=float(image.score), unit=codes.UNITS_ONE)]
+def whole_image_outline(source: Dataset) -> np.ndarray:
+    """Closed POLYLINE along the image border, (column, row) with (0, 0) the top-left corner of the first pixel
+    and (Columns, Rows) the bottom-right corner of the last (PS3.3 C.18.6.1.2)."""
+    columns, rows = float(source.Columns), float(source.Rows)
+    return np.array([[0.0, 0.0], [columns, 0.0], [columns, rows], [0.0, rows], [0.0, 0.0]])
+
+
+def percent(probability: float) -> float:
+    """A probability in [0, 1] as percent, rounded to 10 significant digits (no 10.000000000000002)."""
+    return float(f"{probability * 100.0:.10g}")
+
+
+def ordered_measurements(image: ImageResult) -> list[Measurement]:
+    """NUMs, the most important first (a viewer may show only the first few lines, OHIF shows 5):
+
+    1. each head's key value: every label's probability of a sigmoid head, the top class's probability of a
+       softmax head, every value of an identity head (in its own unit);
+    2. the score's percentile (when calibrated); 3. the abnormality score;
+    4. the other classes' probabilities of softmax heads.
+    """
+    first: list[Measurement] = []
+    rest: list[Measurement] = []
+    for head in image.heads:
+        for label, value in zip(head.labels, head.probabilities):
+            if head.activation == "identity":
+                first.append(Measurement(name=codes.output_concept(head.name, label), value=float(value),
+                                         unit=codes.ucum(head.unit)))
+                continue
+            item = Measurement(name=codes.probability_concept(head.name, label), value=percent(value),
+                               unit=codes.UNITS_PERCENT)
+            key_value = head.activation == "sigmoid" or label == head.top_label
+            (first if key_value else rest).append(item)
     if image.percentile is not None:
-        measurements.append(
+        first.append(
             Measurement(name=codes.ABNORMALITY_PERCENTILE, value=float(image.percentile), unit=codes.UNITS_PERCENT)
         )
-    evaluations = []
-    for head in image.heads:
-        name_for = codes.output_concept if head.activation == "identity" else codes.probability_concept
-        for label, value in zip(head.labels, head.probabilities):
-            measurements.append(Measurement(name=name_for(head.name, label), value=float(value), unit=codes.UNITS_ONE))
-        if head.activation == "softmax":
-            evaluations.append(
-                QualitativeEvaluation(codes.head_concept(head.name), codes.class_value(head.name, head.top_label))
-            )
-    tracking = TrackingIdentifier(
-        uid=tracking_uid(study.study_instance_uid, str(source.SOPInstanceUID), image.frame_index, "image"),
-        identifier=f"Image {number} whole-image analysis",
+    first.append(Measurement(name=codes.ABNORMALITY_SCORE, value=float(image.score), unit=codes.UNITS_SCORE))
+    return first + rest
+
+
+def class_evaluations(heads: Sequence[HeadOutput]) -> list[QualitativeEvaluation]:
+    """The argmax class of every softmax head (e.g. Kellgren-Lawrence grade = KL3)."""
+    return [
+        QualitativeEvaluation(codes.head_concept(head.name), codes.class_value(head.name, head.top_label))
+        for head in heads
+        if head.activation == "softmax"
+    ]
+
+
+def _result_group(
+    study: StudyResult, model: ModelInfo, image: ImageResult, source: Dataset, frames: list[int] | None,
+    label: str,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for one image and one model: the region (highest-error region, else the whole image) as a closed
+    SCOORD POLYLINE in source pixels, with the image's values. A viewer places it on the image and prints the
+    values beside it; readers of TID 1500 find the same values, classes and algorithm as before."""
+    if image.region is not None:
+        points, finding, what = closed_polyline(image.region), codes.HIGHEST_ERROR_REGION, "highest-error region"
+    else:
+        points, finding, what = whole_image_outline(source), codes.WHOLE_IMAGE, "whole image"
+    region = ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=SourceImageForRegion.from_source_image(source, frames),
     )
-    return MeasurementsAndQualitativeEvaluations(
+    tracking = TrackingIdentifier(
+        uid=tracking_uid(study.study_instance_uid, str(source.SOPInstanceUID), image.frame_index,
+                         f"image|{model.name}"),
+        identifier=f"{label} {what}",
+    )
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations or None,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(source, frames)],
+        referenced_region=region,
+        finding_type=finding,
+        algorithm_id=algorithm_identification(model),
+        measurements=ordered_measurements(image),
+        qualitative_evaluations=class_evaluations(image.heads) or None,
     )
 
 
@@ -390,28 +455,6 @@ def closed_polyline(region: np.ndarray) -> np.ndarray:
     if not np.array_equal(points[0], points[-1]):
         points = np.vstack([points, points[:1]])
     return points
-
-
-def _region_group(
-    study: StudyResult, image: ImageResult, source: Dataset, frames: list[int] | None, number: int,
-    algorithm: AlgorithmIdentification,
-) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410: the highest-error region as a closed SCOORD POLYLINE in source pixel coordinates."""
-    region = ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=closed_polyline(image.region),
-        source_image=SourceImageForRegion.from_source_image(source, frames),
-    )
-    tracking = TrackingIdentifier(
-        uid=tracking_uid(study.study_instance_uid, str(source.SOPInstanceUID), image.frame_index, "region"),
-        identifier=f"Image {number} highest-error region",
-    )
-    return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_region=region,
-        finding_type=codes.HIGHEST_ERROR_REGION,
-        algorithm_id=algorithm,
-    )
 
 
 def _qualitative_evaluations(
@@ -470,21 +513,27 @@ def freeze_timestamps(dataset: Dataset, created: datetime) -> None:
         dataset.TimezoneOffsetFromUTC = f"{sign}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
 
 
-def add_algorithm_equipment(dataset: Dataset, study: StudyResult) -> None:
-    """IHE AIR: describe the algorithm in Contributing Equipment (purpose 99IHE "Processing Algorithm").
+def add_algorithm_equipment(dataset: Dataset, study: StudyResult, models: Sequence[ModelInfo] | None = None) -> None:
+    """IHE AIR: describe each algorithm in Contributing Equipment (purpose 99IHE "Processing Algorithm").
 
     Added by hand: highdicom's ContributingEquipment accepts only DCM purposes and raises on this code.
+    ``models`` defaults to every model with a result in the study.
     """
+    for model in (study.models if models is None else models):
+        _add_algorithm_item(dataset, study, model)
+
+
+def _add_algorithm_item(dataset: Dataset, study: StudyResult, model: ModelInfo) -> None:
     purpose = Dataset()
     purpose.CodeValue = codes.PROCESSING_ALGORITHM.value
     purpose.CodingSchemeDesignator = codes.PROCESSING_ALGORITHM.scheme_designator
     purpose.CodeMeaning = codes.PROCESSING_ALGORITHM.meaning
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = [purpose]
-    item.Manufacturer = study.model.manufacturer
-    item.ManufacturerModelName = study.model.name
-    item.SoftwareVersions = study.model.version
-    item.DeviceUID = device_uid(study.model)
+    item.Manufacturer = model.manufacturer
+    item.ManufacturerModelName = model.name
+    item.SoftwareVersions = model.version
+    item.DeviceUID = device_uid(model)
     item.ContributionDateTime = DT(study.created_at)
-    item.ContributionDescription = f"AI algorithm {study.model.name} {study.model.version} (node {study.node_name})"
+    item.ContributionDescription = f"AI algorithm {model.name} {model.version} (node {study.node_name})"
     dataset.ContributingEquipmentSequence.append(item)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from node.results.model import ImageResult, ModelInfo, StudyResult
+from node.results.model import SC_BLOCK, ImageResult, ModelInfo, StudyResult
 
 
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:msknode:results/1")
@@ -68,6 +68,27 @@ def series_uid(kind: str, study_uid: str, model: ModelInfo, inputs: str, series_
     return derive_uid("series", kind, study_uid, model.identity, inputs, str(series_number), description)
 
 
+def report_series_uid(kind: str, study_uid: str, model: ModelInfo, series_number: int, description: str) -> str:
+    """Series UID of a study's reports ('sr', 'sr-not-analysed') by one model: the same for every revision of the
+    study while the series-level attributes (number, description with the priority) stay the same, so a newer SR
+    joins the older one's series and a viewer that shows the highest InstanceNumber of a series shows the newest.
+    """
+    return derive_uid("report-series", kind, study_uid, model.identity, str(series_number), description)
+
+
+def sr_instance_number(revision: int) -> int:
+    """InstanceNumber of the SR of a study revision: newer revisions number higher."""
+    return revision
+
+
+def sc_instance_number(revision: int, position: int) -> int:
+    """InstanceNumber of the ``position``-th (1-based) SC of a revision: revision * 10000 + position, so the maps
+    of a newer result set always sort after an older set's and never interleave with them."""
+    if not 1 <= position < SC_BLOCK:
+        raise ValueError(f"SC position must be in 1..{SC_BLOCK - 1}")
+    return revision * SC_BLOCK + position
+
+
 def instance_uid(kind: str, series: str, digest: str) -> str:
     return derive_uid("instance", kind, series, digest)
 
@@ -83,5 +104,7 @@ def tracking_uid(study_uid: str, sop_instance_uid: str, frame_index: int, what: 
 
 
 def sorted_images(images: Sequence[ImageResult]) -> list[ImageResult]:
-    """Images in a canonical order, so the caller's list order cannot change the bytes."""
-    return sorted(images, key=lambda im: (str(im.source.SOPInstanceUID), im.frame_index))
+    """Images in a canonical order, so the caller's list order cannot change the bytes (several models' results
+    on one image: by the model's identity; None, the study's model, first)."""
+    return sorted(images, key=lambda im: (str(im.source.SOPInstanceUID), im.frame_index,
+                                          "" if im.model is None else im.model.identity))

@@ -109,9 +109,10 @@ def image_result(source: Dataset, *, score: float = 0.0123, percentile: float | 
                        source_sha256=f"{int(source.InstanceNumber):064x}")
 
 
-def study_result(images: list[ImageResult], not_analysed=(), priority: str = "HIGH", **model) -> StudyResult:
+def study_result(images: list[ImageResult], not_analysed=(), priority: str = "HIGH", revision: int = 1,
+                 **model) -> StudyResult:
     return StudyResult(study_instance_uid=STUDY_UID, images=images, not_analysed=list(not_analysed),
-                       priority=priority, model=model_info(**model), created_at=CREATED_AT)
+                       priority=priority, model=model_info(**model), created_at=CREATED_AT, revision=revision)
 
 
 def new_uid() -> str:

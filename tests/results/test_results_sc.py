@@ -12,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptu
 from node.results import build_sc
 from node.results.render import plan_layout
 from tests.results.helpers import dciodvfy_errors, decode, encode, write
-from tests.results.sources import CR, display_and_map, image_result, source_header, study_result
+from tests.results.sources import CR, display_and_map, image_result, model_info, source_header, study_result
 
 
 def hot_spot_image(source, long_side: int = 256):
@@ -80,7 +80,7 @@ def test_header_references_the_radiograph_and_copies_patient_and_study():
     for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "AccessionNumber", "StudyID", "PatientSex"):
         assert sc[keyword].value == source[keyword].value, keyword
     assert sc.SeriesInstanceUID != source.SeriesInstanceUID
-    assert (sc.SeriesNumber, sc.InstanceNumber) == (9001, 4)
+    assert (sc.SeriesNumber, sc.InstanceNumber) == (9001, 10004)  # revision 1, position 4
     assert sc.SeriesDescription.startswith("AI URGENT")
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
     reference = sc.SourceImageSequence[0]
@@ -108,6 +108,34 @@ def test_same_inputs_give_byte_identical_sc_and_one_series_per_input_set():
     assert decode(a).SOPInstanceUID != b.SOPInstanceUID
     fewer = study_result([first])
     assert decode(encode(build_sc(first, fewer, 9001, 1))).SeriesInstanceUID != b.SeriesInstanceUID
+
+
+def test_a_newer_result_set_never_interleaves_with_an_older_one():
+    """Same inputs, a later revision: the same SC series, every new InstanceNumber above every old one (a viewer
+    stacks the series by InstanceNumber: the old set, then the new one, never 1, 2, 3, 1, 2, 3)."""
+    images = [hot_spot_image(source_header(n)) for n in (1, 2, 3)]
+    numbers = {}
+    series = set()
+    for revision in (1, 2):
+        study = study_result(images, revision=revision)
+        built = [decode(encode(build_sc(image, study, 9001, position))) for position, image in
+                 enumerate(study.images, start=1)]
+        numbers[revision] = [int(ds.InstanceNumber) for ds in built]
+        series |= {ds.SeriesInstanceUID for ds in built}
+    assert len(series) == 1
+    assert numbers == {1: [10001, 10002, 10003], 2: [20001, 20002, 20003]}
+    assert max(numbers[1]) < min(numbers[2])
+    with pytest.raises(ValueError):
+        build_sc(images[0], study_result(images), 9001, 10_000)
+
+
+def test_several_models_get_one_sc_series_each():
+    image = hot_spot_image(source_header(1))
+    other = dataclasses.replace(image, model=model_info(name="fracture-net", version="2.0"))
+    study = study_result([image, other])
+    mine, theirs = (decode(encode(build_sc(im, study, 9001, 1))) for im in (image, other))
+    assert mine.SeriesInstanceUID != theirs.SeriesInstanceUID
+    assert theirs.SeriesDescription.endswith("fracture-net 2.0") and theirs.ManufacturerModelName == "fracture-net"
 
 
 def test_inputs_are_not_mutated():

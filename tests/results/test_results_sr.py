@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -16,6 +17,7 @@ from node.results.model import DocumentReference, HeadOutput
 from tests.results.helpers import dciodvfy_errors, decode, dsrdump, encode, write
 from tests.results.sources import (
     CR,
+    model_info,
     MR,
     REGION,
     XA,
@@ -95,30 +97,86 @@ def two_images():
 
 
 # --- content ---------------------------------------------------------------------------------------------------
+def scoord(group: Dataset) -> Dataset:
+    return only([i for i in group.ContentSequence if i.ValueType == "SCOORD"])
+
+
+def units(group: Dataset) -> dict[tuple[str, str], str]:
+    return {concept(item): str(item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+            for item in group.ContentSequence if item.ValueType == "NUM"}
+
+
 def test_measurements_equal_the_inputs(two_images):
+    """One placed group per image: probabilities in percent, the score in {score}, raw outputs in {value}."""
     study = study_result(list(two_images))
     sr = decode(encode(build_sr(study, 9000)))
     groups = measurement_groups(sr)
-    image_groups = [g for g in groups if not any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
-    assert len(image_groups) == 2
-    by_source = {group_source_uid(g): g for g in image_groups}
+    assert len(groups) == 2
+    by_source = {group_source_uid(g): g for g in groups}
     for image in two_images:
         group = by_source[str(image.source.SOPInstanceUID)]
-        values = numbers(group)
+        values, unit_of = numbers(group), units(group)
         assert values.pop(key(codes.ABNORMALITY_SCORE)) == image.score
+        assert unit_of[key(codes.ABNORMALITY_SCORE)] == "{score}"
         if image.percentile is None:
             assert key(codes.ABNORMALITY_PERCENTILE) not in values
         else:
             assert values.pop(key(codes.ABNORMALITY_PERCENTILE)) == image.percentile
         expected_codes = {}
         for head in image.heads:
-            name_for = codes.output_concept if head.activation == "identity" else codes.probability_concept
             for label, probability in zip(head.labels, head.probabilities):
-                assert values.pop(key(name_for(head.name, label))) == probability
+                if head.activation == "identity":
+                    concept_key = key(codes.output_concept(head.name, label))
+                    assert values.pop(concept_key) == probability and unit_of[concept_key] == "{value}"
+                else:
+                    concept_key = key(codes.probability_concept(head.name, label))
+                    assert values.pop(concept_key) == pytest.approx(probability * 100, rel=1e-12)
+                    assert unit_of[concept_key] == "%"
             if head.activation == "softmax":
                 expected_codes[key(codes.head_concept(head.name))] = key(codes.class_value(head.name, head.top_label))
         assert values == {}, "no measurement beyond the inputs"
-        assert coded(group) == expected_codes
+        assert {k: v for k, v in coded(group).items() if k != ("DCM", "121071")} == expected_codes
+        assert "1" not in unit_of.values(), "UCUM 1 reads as '0.64 1' in a viewer"
+
+
+def test_most_important_values_come_first(two_images):
+    """OHIF prints the first 5 NUMs of a group: each head's key value, the percentile, the score, then the rest."""
+    sr = decode(encode(build_sr(study_result([two_images[1]]), 9000)))
+    order = [concept(i) for i in only(measurement_groups(sr)).ContentSequence if i.ValueType == "NUM"]
+    assert order[:5] == [key(codes.FRACTURE_PROBABILITY), ("99MSKNODE", "KLPROB0"),
+                         key(codes.output_concept("site_bone_age", "years")), key(codes.ABNORMALITY_SCORE),
+                         ("99MSKNODE", "KLPROB1")]
+    sr = decode(encode(build_sr(study_result([two_images[0]]), 9000)))
+    order = [concept(i) for i in only(measurement_groups(sr)).ContentSequence if i.ValueType == "NUM"]
+    assert order[:5] == [key(codes.FRACTURE_PROBABILITY), key(codes.probability_concept("tumour", "benign")),
+                         ("99MSKNODE", "KLPROB3"), key(codes.ABNORMALITY_PERCENTILE), key(codes.ABNORMALITY_SCORE)]
+
+
+def test_a_head_may_give_its_own_unit():
+    image = dataclasses.replace(image_result(source_header(1)), heads=[
+        HeadOutput("bone_age", ["years"], [12.5], "identity", unit="a")])
+    sr = decode(encode(build_sr(study_result([image]), 9000)))
+    assert units(only(measurement_groups(sr)))[key(codes.output_concept("bone_age", "years"))] == "a"
+
+
+def test_every_group_is_placeable_by_a_viewer(two_images):
+    """What OHIF v3 needs of each group: a tracking UID of its own, a top-level SCOORD whose SELECTED FROM image
+    is in the image library, and at least one NUM with a MeasuredValueSequence."""
+    without_region = image_result(source_header(3), region=None)
+    sr = decode(encode(build_sr(study_result(list(two_images) + [without_region]), 9000)))
+    library = only(children(sr, "DCM", "111028"))
+    in_library = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                  for group in library.ContentSequence for i in group.ContentSequence}
+    tracking = []
+    for group in measurement_groups(sr):
+        tracking.append(only(children(group, "DCM", "112040")).UID)
+        item = scoord(group)
+        assert item.RelationshipType == "CONTAINS" and item.GraphicType == "POLYLINE"
+        selected = only(list(item.ContentSequence))
+        assert selected.RelationshipType == "SELECTED FROM"
+        assert str(selected.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) in in_library
+        assert any(i.ValueType == "NUM" and "MeasuredValueSequence" in i for i in group.ContentSequence)
+    assert len(tracking) == len(set(tracking)) == 3
 
 
 def test_head_outputs_are_validated():
@@ -154,26 +212,54 @@ def test_kl_grade_and_tumour_class_use_declared_codes(two_images):
 
 def test_scoord_is_the_input_polygon_in_source_pixels(two_images):
     sr = decode(encode(build_sr(study_result(list(two_images)), 9000)))
-    regions = [g for g in measurement_groups(sr) if any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
+    regions = measurement_groups(sr)
     assert len(regions) == 2
     for group in regions:
-        scoord = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
-        assert scoord.GraphicType == "POLYLINE"
-        points = np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+        points = np.asarray(scoord(group).GraphicData, dtype=np.float64).reshape(-1, 2)
         np.testing.assert_array_equal(points, REGION)
         assert coded(group)[("DCM", "121071")] == key(codes.HIGHEST_ERROR_REGION)
+        assert str(only(children(group, "DCM", "112039")).TextValue).endswith("highest-error region")
 
 
-def test_open_polygon_is_closed_and_missing_region_gives_no_roi_group():
+def test_open_polygon_is_closed_and_missing_region_gives_the_image_outline():
     open_region = REGION[:-1] + 0.5
     with_region = image_result(source_header(1), region=open_region)
-    without = image_result(source_header(2), region=None)
+    without = image_result(source_header(2, rows=2500, columns=2048), region=None)
     sr = decode(encode(build_sr(study_result([with_region, without]), 9000)))
-    regions = [g for g in measurement_groups(sr) if any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
-    assert [group_source_uid(g) for g in regions] == [str(with_region.source.SOPInstanceUID)]
-    scoord = next(i for i in regions[0].ContentSequence if i.ValueType == "SCOORD")
-    points = np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+    groups = {group_source_uid(g): g for g in measurement_groups(sr)}
+    points = np.asarray(scoord(groups[str(with_region.source.SOPInstanceUID)]).GraphicData).reshape(-1, 2)
     np.testing.assert_array_equal(points, np.vstack([open_region, open_region[:1]]))
+    whole = groups[str(without.source.SOPInstanceUID)]
+    points = np.asarray(scoord(whole).GraphicData, dtype=np.float64).reshape(-1, 2)
+    np.testing.assert_array_equal(points, [[0, 0], [2048, 0], [2048, 2500], [0, 2500], [0, 0]])
+    assert coded(whole)[("DCM", "121071")] == key(codes.WHOLE_IMAGE)
+    assert str(only(children(whole, "DCM", "112039")).TextValue) == "Image 2 whole image"
+
+
+def test_several_models_on_one_image_give_one_group_each(tmp_path, two_images):
+    """Designed for several models per image: a group per (image, model), each with its own tracking UID and
+    algorithm; the library lists the image once; Contributing Equipment names every model."""
+    other = model_info(name="fracture-net", version="2.0", encoder_sha256="cd" * 32)
+    second_opinion = dataclasses.replace(two_images[0], model=other, region=None, percentile=None,
+                                         heads=[HeadOutput("fracture", ["fracture"], [0.25], "sigmoid")])
+    study = study_result([two_images[0], second_opinion])
+    sr = decode(encode(build_sr(study, 9000)))
+    groups = measurement_groups(sr)
+    assert len(groups) == 2 and {group_source_uid(g) for g in groups} == {str(two_images[0].source.SOPInstanceUID)}
+    names = sorted(str(only(children(g, "DCM", "111001")).TextValue) for g in groups)
+    assert names == ["demo-mae", "fracture-net"]
+    identifiers = sorted(str(only(children(g, "DCM", "112039")).TextValue) for g in groups)
+    assert identifiers == ["Image 1 demo-mae highest-error region", "Image 1 fracture-net whole image"]
+    assert len({only(children(g, "DCM", "112040")).UID for g in groups}) == 2
+    library = only(children(sr, "DCM", "111028"))
+    assert sum(len(group.ContentSequence) for group in library.ContentSequence) == 1
+    air = {e.ManufacturerModelName for e in sr.ContributingEquipmentSequence
+           if e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"}
+    assert air == {"demo-mae", "fracture-net"}
+    with pytest.raises(ValueError):
+        study_result([two_images[0], dataclasses.replace(two_images[0])])  # one result per (image, frame, model)
+    errors, _ = dciodvfy_errors(write(sr, tmp_path / "sr.dcm"))
+    assert errors == []
 
 
 def test_header_copies_study_patient_accession_and_identifies_the_device(two_images):
@@ -310,16 +396,19 @@ def test_same_inputs_give_byte_identical_sr(two_images):
 
 
 def test_uids_follow_the_documented_rule(two_images):
+    """One report series per (study, model, number, description): later revisions with other inputs join it."""
     base = decode(encode(build_sr(study_result(list(two_images)), 9000)))
     changed_value = dataclasses.replace(two_images[0], score=0.5)
     same_inputs = decode(encode(build_sr(study_result([changed_value, two_images[1]]), 9000)))
     assert same_inputs.SeriesInstanceUID == base.SeriesInstanceUID  # a retry never makes a second series
     assert same_inputs.SOPInstanceUID != base.SOPInstanceUID  # different content never reuses a UID
-    fewer_inputs = decode(encode(build_sr(study_result([two_images[0]]), 9000)))
-    assert fewer_inputs.SeriesInstanceUID != base.SeriesInstanceUID
+    fewer_inputs = decode(encode(build_sr(study_result([two_images[0]], revision=2), 9000)))
+    assert fewer_inputs.SeriesInstanceUID == base.SeriesInstanceUID
+    assert fewer_inputs.SOPInstanceUID != base.SOPInstanceUID
     replaced = dataclasses.replace(two_images[0], source_sha256="f" * 64)
     replaced_sr = decode(encode(build_sr(study_result([replaced, two_images[1]]), 9000)))
-    assert replaced_sr.SeriesInstanceUID != base.SeriesInstanceUID
+    assert replaced_sr.SeriesInstanceUID == base.SeriesInstanceUID
+    assert replaced_sr.SOPInstanceUID != base.SOPInstanceUID
     other_model = decode(encode(build_sr(study_result(list(two_images), version="0.2.0"), 9000)))
     assert other_model.SeriesInstanceUID != base.SeriesInstanceUID
     other_priority = decode(encode(build_sr(study_result(list(two_images), priority="URGENT"), 9000)))
@@ -327,6 +416,18 @@ def test_uids_follow_the_documented_rule(two_images):
     for ds in (base, same_inputs, fewer_inputs, other_model):
         assert ds.SOPInstanceUID.startswith("2.25.") and ds.SeriesInstanceUID.startswith("2.25.")
     assert base.InstanceCreationDate == "20261122" and base.ContentTime.startswith("103015")
+
+
+def test_a_newer_revision_sorts_last_in_a_viewer(two_images):
+    """OHIF shows the SR of a series with the highest InstanceNumber (then the larger SOP Instance UID string):
+    the revision is the InstanceNumber, so the newer result wins; a retry of a revision is the same object."""
+    older = decode(encode(build_sr(study_result([two_images[0]], revision=3), 9000)))
+    newer = decode(encode(build_sr(study_result(list(two_images), revision=4), 9000, previous=older)))
+    assert newer.SeriesInstanceUID == older.SeriesInstanceUID
+    assert (older.InstanceNumber, newer.InstanceNumber) == (3, 4)
+    assert encode(build_sr(study_result(list(two_images), revision=4), 9000, previous=older)) == encode(newer)
+    with pytest.raises(ValueError):
+        study_result([two_images[0]], revision=0)
 
 
 def test_input_headers_are_not_mutated(two_images):
@@ -406,3 +507,21 @@ def test_not_analysed_private_and_non_image_instances_keep_their_classes(tmp_pat
     assert private.SOPClassUID == "1.2.826.0.1.3680043.8.498.99.1", "input untouched"
     errors, _ = dciodvfy_errors(write(sr, tmp_path / "sr.dcm"))
     assert errors == []
+
+
+def test_highdicom_reads_every_group_back(two_images):
+    """highdicom's TID 1500 parser finds one planar ROI group per image with its region, values and classes."""
+    without_region = image_result(source_header(3), region=None)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(decode(encode(build_sr(study_result(list(two_images) + [
+        without_region]), 9000))))
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 3 and not sr.content.get_image_measurement_groups()
+    by_finding = {}
+    for group in groups:
+        assert group.roi is not None and group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        by_finding.setdefault(group.finding_type.value, []).append(group)
+        measured = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
+        assert measured["ABNSCORE"][1] == "{score}" and measured["FXPROB"][1] == "%"
+    assert sorted((k, len(v)) for k, v in by_finding.items()) == [("HIGHERRREGION", 2), ("WHOLEIMAGE", 1)]
+    classes = {q.name.value: q.value.value for g in groups for q in g.get_qualitative_evaluations()}
+    assert classes["KLGRADE"] in {"KL0", "KL3"}
