@@ -275,7 +275,7 @@ class EngineSettings(_Section):
     """[engine]: the model and how it runs."""
 
     model: Path = Path("models/demo-mae")
-    backend: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    backend: Literal["auto", "cpu", "cuda", "tensorrt", "triton"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     batch_size: int = Field(8, ge=1, le=256)
     passes: int = Field(10, ge=1, le=64)
@@ -291,6 +291,38 @@ class EngineSettings(_Section):
         description="CPU scheduling niceness of the worker process (Linux nice) when idle_priority is false or "
                     "unavailable: inference yields the CPU to the receiver; 0 = same priority",
     )
+    # backend = "triton": the graphs run on a shared Triton Inference Server (docs/engine.md)
+    triton_url: str = Field("localhost:8001", description="host:port of the Triton server (gRPC 8001, HTTP 8000)")
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_model: str = Field(
+        "", description="base name of the served models (<name>_embed, <name>_reconstruct); empty = the model's name"
+    )
+    triton_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="per request; past it the server counts "
+                                          "as unavailable and the batch is retried")
+    triton_retry_seconds: float = Field(5.0, gt=0, le=600, description="wait between tries while the server is "
+                                        "unavailable (jobs wait; no attempt is counted)")
+
+    @field_validator("triton_url")
+    @classmethod
+    def _triton_url(cls, value: str) -> str:
+        host, sep, port = value.strip().rpartition(":")
+        if "://" in value or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port (no scheme), e.g. triton.example.org:8001, got {value!r}")
+        return value.strip()
+
+    @field_validator("triton_model")
+    @classmethod
+    def _triton_model(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value):
+            raise ValueError(f"{value!r}: letters, digits, '_', '.', '-' only (at most 100), as Triton model names")
+        return value
+
+    @model_validator(mode="after")
+    def _triton_precision(self) -> "EngineSettings":
+        if self.backend == "triton" and self.precision != "auto":
+            raise ValueError(f"precision = {self.precision!r} with backend = \"triton\": the served model decides the "
+                             "precision (export-triton); leave engine.precision at \"auto\"")
+        return self
 
 
 class ResultsSettings(_Section):

@@ -3,6 +3,9 @@
 The choice and the precision are logged and kept on the backend (``name``, ``precision``), so the worker can
 show them in /healthz.
 
+``triton`` is not chosen here but by :func:`triton_backend`: the model still loads in-process (its weights give
+the encoder hash, its heads run on the embeddings) and its graphs run on a shared Triton Inference Server.
+
 Backends know no model family: the torch backends run a module that offers the graphs of
 :class:`~engines.backends.base.TorchGraphs`, and a family that can run under TensorRT passes a factory that
 exports its own ONNX graphs (``engines.mae.backend``). So this package imports nothing from a family.
@@ -17,14 +20,17 @@ from collections.abc import Callable
 import torch
 
 from engines.backends import torch_backend
-from engines.backends.base import Backend, TorchGraphs
+from engines.backends.base import Backend, BackendUnavailable, TorchGraphs
+from engines.backends.triton import TritonBackend
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+REMOTE_BACKENDS = ("triton",)
 DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16", "tensorrt": "fp16"}
 
-__all__ = ["Backend", "BACKENDS", "TorchGraphs", "select_backend", "resolve_backend_name", "tensorrt_available"]
+__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "REMOTE_BACKENDS", "TorchGraphs", "select_backend",
+           "resolve_backend_name", "tensorrt_available", "triton_backend"]
 
 
 def tensorrt_available() -> bool:
@@ -85,3 +91,23 @@ def select_backend(
         chosen = TorchBackend(graphs, device="cpu", precision=precision or DEFAULT_PRECISION["cpu"])
     log.info("engine backend: %s (%s) on %s", chosen.name, chosen.precision, chosen.device)
     return chosen
+
+
+def triton_backend(
+    url: str,
+    model_name: str,
+    encoder_hash: str,
+    *,
+    protocol: str = "grpc",
+    timeout_seconds: float = 60.0,
+    needs_reconstruct: bool = True,
+) -> TritonBackend:
+    """The backend that sends batches to the Triton server at ``url`` (``host:port``), models ``<model_name>_embed``
+    and ``<model_name>_reconstruct``; a served model whose encoder hash is not ``encoder_hash`` is refused.
+
+    Nothing is contacted here: a server that is down makes the worker wait, not fail (``BackendUnavailable``).
+    """
+    backend = TritonBackend(url, model_name, protocol=protocol, timeout_seconds=timeout_seconds,
+                            expect_hash=encoder_hash, needs_reconstruct=needs_reconstruct)
+    log.info("engine backend: triton (%s) at %s, models %s", protocol, url, ", ".join(backend.models.values()))
+    return backend

@@ -10,6 +10,14 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 
+class BackendUnavailable(RuntimeError):
+    """A remote backend's server cannot be reached, is not ready or timed out: transient, never the input's fault.
+
+    The worker waits and runs the same batch again (the error map's masks are seeded, so the results are the same);
+    it never counts this against a job's attempts.
+    """
+
+
 class TorchGraphs(Protocol):
     """A ``torch.nn.Module`` offering the three graphs the torch backends run (``MaskedAutoencoderViT`` does).
 
