@@ -175,7 +175,7 @@ def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + swapped * signed_sin
+    return torch.addcmul(x * cos, swapped, signed_sin)  # three kernels, not four
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -261,8 +261,18 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, config.layerscale_value) if config.layerscale else nn.Identity()
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), rope))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = residual(x, self.attn(self.norm1(x), rope), self.ls1)
+        return residual(x, self.mlp(self.norm2(x)), self.ls2)
+
+
+def residual(x: Tensor, branch: Tensor, layer_scale: nn.Module) -> Tensor:
+    """``x + gamma * branch`` as one ``addcmul`` kernel (LayerScale and the residual add fused), else ``x + branch``.
+
+    On a small, busy CPU every kernel costs a thread hand-over, so fewer kernels per block is measurably faster.
+    """
+    if isinstance(layer_scale, LayerScale):
+        return torch.addcmul(x, branch, layer_scale.gamma)
+    return x + branch
 
 
 # ----------------------------------------------------------------------------------------------- model
