@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +42,9 @@ import torch
 from torch import Tensor
 
 from engines.backends.base import BackendUnavailable
+from engines.backends.tensorrt_backend import (
+    DEFAULT_CACHE_DIR, PlanCache, PlanKey, build_plan, current_gpu, file_sha256, import_tensorrt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,60 @@ def plan_shapes(onnx_file: Path, max_batch_size: int, passes: int) -> dict[str, 
         rest = tuple(passes if d == -1 else d for d in dims[1:])
         shapes[name] = ((1, *rest), (opt, *rest), (max_batch_size, *rest))
     return shapes
+
+
+def build_plan_for_triton(onnx_file: Path, plan_file: Path, max_batch_size: int, passes: int,
+                          precision: str = "fp16") -> Path:
+    """A TensorRT plan of ``onnx_file`` for a Triton ``tensorrt_plan`` model (needs TensorRT and a CUDA GPU; a plan
+    only runs on the GPU model and TensorRT version it was built with, so build it on (or like) the server)."""
+    trt = import_tensorrt()
+    gpu, capability = current_gpu()
+    key = PlanKey(file_sha256(onnx_file), gpu, capability, trt.__version__, precision, f"triton:{max_batch_size}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    timing = PlanCache(DEFAULT_CACHE_DIR).timing_cache_path(key)
+    plan = build_plan(trt, onnx_file, plan_shapes(onnx_file, max_batch_size, passes), precision, timing, logger)
+    plan_file.write_bytes(plan)
+    return plan_file
+
+
+def export_repository(
+    model: Any,
+    repository: Path,
+    base: str,
+    *,
+    max_batch_size: int = 16,
+    queue_delay_us: int = 2000,
+    passes: int = 10,
+    tensorrt: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write the Triton models of one loaded model (an :class:`engines.family.ExportsGraphs`): ``<base>_embed``
+    and, with a decoder, ``<base>_reconstruct`` as ONNX (``onnxruntime_onnx``); with ``tensorrt`` also
+    ``<base>-trt_embed`` / ``<base>-trt_reconstruct`` as fp16 TensorRT plans. Returns the model folders."""
+    roles = [EMBED] + ([RECONSTRUCT] if model.supports_error_map else [])
+    names = model_names(base)
+    parameters = {PARAM_HASH: model.encoder_hash, PARAM_MODEL: f"{model.name} {model.version}"}
+    written = []
+    with tempfile.TemporaryDirectory(prefix="msknode-triton-") as scratch:
+        for role in roles:
+            graph = GRAPH_FOR[role]
+            if progress:
+                progress(f"exporting {names[role]} (ONNX)")
+            onnx_file = model.export_onnx(Path(scratch), graphs=(graph,), passes=passes).paths[graph]
+            written.append(write_model(
+                repository, names[role], onnx_file, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+                parameters={**parameters, PARAM_GRAPH: graph, PARAM_PRECISION: "fp32"},
+            ))
+            if tensorrt:
+                if progress:
+                    progress(f"building {model_names(base + '-trt')[role]} (TensorRT)")
+                plan = build_plan_for_triton(onnx_file, Path(scratch) / f"{graph}.plan", max_batch_size, passes)
+                written.append(write_model(
+                    repository, model_names(base + "-trt")[role], plan, onnx_file=onnx_file,
+                    max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+                    parameters={**parameters, PARAM_GRAPH: graph, PARAM_PRECISION: "fp16"},
+                ))
+    return written
 
 
 # ---------------------------------------------------------------------------------------------- the client

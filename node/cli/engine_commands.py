@@ -1,4 +1,4 @@
-"""CLI: ``msknode model info | export-onnx | build-engine`` (checkpoint inspection and backends)."""
+"""CLI: ``msknode model info | export-onnx | build-engine | export-triton`` (checkpoint inspection and backends)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from engines.family import ExportsGraphs  # light: no torch
+from node.cli.node_commands import ConfigOption, load_or_exit
 
 model_app = typer.Typer(help="Inspect, export and build model checkpoints.", no_args_is_help=True)
 console = Console()
@@ -111,3 +112,57 @@ def build_engine_command(
             f"{graph}: {key.file_name(graph)} "
             f"({key.gpu_name}, sm {key.compute_capability}, TensorRT {key.tensorrt_version})"
         )
+
+
+@model_app.command("export-triton")
+def export_triton_command(
+    out: Path = typer.Argument(..., help="Model repository folder (created); Triton's --model-repository."),
+    config: ConfigOption = None,
+    models: list[Path] = typer.Option(
+        None, "--model", help="Checkpoint to export (repeatable); default: the configured [engine] model."
+    ),
+    name: str = typer.Option("", help="Base name of the served models (one model only); default [engine] "
+                                      "triton_model, else the model's name."),
+    max_batch_size: int = typer.Option(16, min=1, max=1024, help="Images per request Triton may batch together."),
+    queue_delay_us: int = typer.Option(2000, min=0, help="Dynamic batching: longest wait for more requests (µs)."),
+    passes: int = typer.Option(None, help="Masked passes per image (default [engine] passes)."),
+    tensorrt: str = typer.Option("auto", help="auto (where TensorRT and a GPU are present), yes or no: also write "
+                                               "fp16 TensorRT plans as <name>-trt_embed / <name>-trt_reconstruct."),
+) -> None:
+    """Write a Triton Inference Server model repository for each configured model (ONNX, config.pbtxt)."""
+    from engines.backends import tensorrt_available
+    from engines.backends.triton import export_repository, model_names
+
+    settings = load_or_exit(config)
+    paths = list(models or [settings.engine.model])
+    if name and len(paths) > 1:
+        console.print("[red]--name names one model; export several models without it (each gets its own name)")
+        raise typer.Exit(code=2)
+    if tensorrt not in ("auto", "yes", "no"):
+        console.print("[red]--tensorrt must be auto, yes or no")
+        raise typer.Exit(code=2)
+    with_plans = tensorrt == "yes" or (tensorrt == "auto" and tensorrt_available())
+    if tensorrt == "yes" and not tensorrt_available():
+        console.print("[red]TensorRT needs the 'tensorrt' extra (pip install 'msknode[tensorrt]') and a CUDA GPU")
+        raise typer.Exit(code=1)
+    configured = not models
+    for path in paths:
+        model = _graphs(path)
+        base = name or (settings.engine.triton_model if configured else "") or model.name
+        try:
+            model_names(base)
+        except ValueError as exc:
+            console.print(f"[red]{exc}; pass --name")
+            raise typer.Exit(code=2) from None
+        with _progress() as progress:
+            task = progress.add_task("exporting", total=None)
+            folders = export_repository(
+                model, out, base, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+                passes=passes or settings.engine.passes, tensorrt=with_plans,
+                progress=lambda message: progress.update(task, description=message),
+            )
+        for folder in folders:
+            console.print(f"{folder}  ({(folder / 'config.pbtxt').stat().st_size} B config, encoder "
+                          f"{model.encoder_hash[:16]}...)")
+    if not with_plans:
+        console.print("ONNX only (platform onnxruntime_onnx); TensorRT plans need TensorRT and a GPU here")

@@ -27,6 +27,7 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
+from engines.backends import BackendUnavailable
 from engines.calibration import percentile as score_percentile
 from engines.family import ModelFamily
 from engines.imaging.preprocess import PreprocessError, preprocess
@@ -112,11 +113,18 @@ class Worker:
         # Lease renewals that failed: in the role's heartbeat detail (msknode status) and on /metrics.
         self.lease_failures = BeatFailures(counters, detail if detail is not None else {}, "lease_renewal",
                                            "worker", "lease")
+        # A remote backend (Triton) says whether its server is ready; in-process backends have no such method.
+        self.inference_ready: Callable[[], bool] | None = getattr(getattr(model, "backend", None), "ready", None)
+        self._stop: threading.Event | None = None
+        self._server_wait = 0.0  # seconds of the current batch spent waiting for the inference server
+        self._waiting_since: float | None = None
+        self._server_down = False
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         self.triage  # noqa: B018 -- rules naming an output this model lacks stop the worker at start, with the key path
         pipeline = self.settings.pipeline
+        self._stop = stop
         heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True)
         heartbeat.start()
         while not stop.is_set():
@@ -131,6 +139,8 @@ class Worker:
     def run_once(self) -> int:
         """Claim and process one batch of jobs; returns how many jobs were handled."""
         pipeline = self.settings.pipeline
+        if not self._inference_available():
+            return 0  # the inference server is down: claim nothing, the jobs wait queued (no attempt counted)
         jobs = self.queue.claim(self.owner, pipeline.lease_seconds, limit=self.settings.engine.batch_size,
                                 max_attempts=pipeline.max_attempts)
         if not jobs:
@@ -141,6 +151,44 @@ class Worker:
         for group in ([fresh] if fresh else []) + [[job] for job in retried]:
             self._process_with_watchdog(group)
         return len(jobs)
+
+    def _inference_available(self) -> bool:
+        """A remote backend's server is ready (always True in-process); logs each outage once, and its end."""
+        if self.inference_ready is None:
+            return True
+        ready = bool(self.inference_ready())
+        if ready == self._server_down:  # the state changed
+            if ready:
+                log.info("inference server available again; claiming jobs")
+            else:
+                log.warning("inference server unavailable (%s); jobs wait queued until it is back",
+                            self.model.describe().get("device", "remote backend"))
+        self._server_down = not ready
+        return ready
+
+    def _engine(self, call: Callable[[], Any]) -> Any:
+        """One engine call; a remote backend whose server is unavailable (``BackendUnavailable``) is waited for and
+        the same call made again: the leases are renewed meanwhile, the wait does not count towards the job timeout,
+        and no attempt is counted. The masks are seeded, so a retried batch gives the same results."""
+        delay = self.settings.engine.triton_retry_seconds
+        while True:
+            try:
+                return call()
+            except BackendUnavailable as exc:
+                if self._stop is not None and self._stop.is_set():
+                    raise
+                log.warning("inference server unavailable mid-batch (%s); retrying the batch in %.0f s", exc, delay)
+                self._waiting_since = time.monotonic()
+                try:
+                    (self._stop or threading.Event()).wait(delay)
+                finally:
+                    self._server_wait += time.monotonic() - self._waiting_since
+                    self._waiting_since = None
+
+    def _waited(self) -> float:
+        """Seconds of the current batch spent waiting for the inference server (including a wait in progress)."""
+        since = self._waiting_since
+        return self._server_wait + (time.monotonic() - since if since is not None else 0.0)
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
         interval = max(1.0, self.settings.pipeline.lease_seconds / 3)
@@ -165,9 +213,14 @@ class Worker:
             self._held = [job.id for job in jobs]
         done = threading.Event()
         timeout = self.settings.pipeline.job_timeout_seconds
+        started, self._server_wait = time.monotonic(), 0.0
 
         def watchdog() -> None:
-            if done.wait(timeout):
+            # time spent waiting for an unavailable inference server does not count towards the timeout
+            while not done.wait(max(0.05, started + timeout + self._waited() - time.monotonic())):
+                if time.monotonic() - started - self._waited() >= timeout:
+                    break
+            else:
                 return
             for job in jobs:
                 log.error("job %d (study %s) exceeded %.0f s; handing it back", job.id, job.study_instance_uid, timeout)
@@ -270,11 +323,11 @@ class Worker:
         for start in range(0, len(frames), engine.batch_size):
             chunk = frames[start : start + engine.batch_size]
             x = torch.stack([frame.tensor for frame in chunk])
-            started = time.perf_counter()
-            embedding = self.model.embed(x)
+            started, waited = time.perf_counter(), self._waited()
+            embedding = self._engine(lambda: self.model.embed(x))
             heads = self.model.predict(x, embedding=embedding)
-            result = self.model.error_map_result(x, seed=engine.seed, passes=engine.passes)
-            seconds = time.perf_counter() - started
+            result = self._engine(lambda: self.model.error_map_result(x, seed=engine.seed, passes=engine.passes))
+            seconds = time.perf_counter() - started - (self._waited() - waited)
             log.info("inference: %d frame(s) in %.2f s", len(chunk), seconds)
             self._record_inference_seconds(seconds)
             for row, frame in enumerate(chunk):

@@ -173,7 +173,21 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
     _yield_cpu_to_intake(engine.idle_priority, engine.nice)
     precision = None if engine.precision == "auto" else engine.precision
     runtime.detail.update(engine_loaded=False, model=str(engine.model))
-    model = engines.load(engine.model, backend=engine.backend, precision=precision)
+    if engine.backend == "triton":  # weights loaded here (hash, heads); the graphs run on the Triton server
+        from engines.backends import BackendUnavailable, triton_backend
+
+        model = engines.load(engine.model, backend="cpu")
+        model.backend = triton_backend(  # type: ignore[attr-defined]
+            engine.triton_url, engine.triton_model or model.name, model.encoder_hash,
+            protocol=engine.triton_protocol, timeout_seconds=engine.triton_timeout_seconds,
+            needs_reconstruct=model.supports_error_map,
+        )
+        try:
+            model.backend.check()  # a server serving other weights stops the worker here (TritonError)
+        except BackendUnavailable as exc:
+            log.warning("%s; the worker waits for it", exc)
+    else:
+        model = engines.load(engine.model, backend=engine.backend, precision=precision)
     calibration = load_calibration(engine.model, model.encoder_hash) if Path(engine.model).is_dir() else None
     runtime.detail.update(engine_loaded=True, engine={**model.describe(), "model": str(engine.model)})
     worker = Worker(runtime.settings, JobQueue(runtime.database), JobInputs(runtime.database), runtime.spool,
