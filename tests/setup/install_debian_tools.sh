@@ -15,6 +15,7 @@ missing_tools() {
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
   command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)
   [ -x /usr/bin/chromium ] || need+=(chromium chromium-driver fonts-dejavu-core)
+  ldconfig -p 2>/dev/null | grep -q 'libexpat.so.1 ' || need+=(libexpat1)  # tritonserver (Triton tests)
 }
 give_up() {
   if [ "$ci" = 1 ]; then
@@ -24,6 +25,11 @@ give_up() {
   echo "debian tools: $1; the tests that need them will skip"
   exit 0
 }
+# The Triton Inference Server of tests/engines/test_triton*.py: its own venv, no root needed.
+if ! bash "$(dirname "$0")/install_triton_server.sh"; then
+  [ "$ci" = 1 ] && { echo "triton server: install failed — CI is set: failing" >&2; exit 1; }
+  echo "triton server: install failed; the Triton tests will skip"
+fi
 missing_tools
 if [ ${#need[@]} -eq 0 ]; then
   echo "debian tools: all present"
