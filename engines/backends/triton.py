@@ -87,7 +87,7 @@ def onnx_io(path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[st
     """(inputs, outputs) of an ONNX file as (name, Triton type, full shape with -1 for a dynamic axis)."""
     import onnx  # light enough, but only the exporter needs it
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))  # fills what the exporter left symbolic
 
     def describe(values: Any) -> list[tuple[str, str, list[int]]]:
         out = []
