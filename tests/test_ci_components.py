@@ -94,7 +94,7 @@ def _fake_bin(tmp_path: Path) -> Path:
     """A PATH with bash and coreutils but no DICOM tools, ``id -u`` = 0 and an apt-get that fails."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "ls", "cat", "env"):
+    for tool in ("bash", "ls", "cat", "env", "dirname"):
         os.symlink(f"/usr/bin/{tool}" if Path(f"/usr/bin/{tool}").exists() else f"/bin/{tool}", bin_dir / tool)
     (bin_dir / "id").write_text("#!/usr/bin/bash\necho 0\n")
     (bin_dir / "apt-get").write_text("#!/usr/bin/bash\necho 'E: Unable to locate package' >&2\nexit 100\n")
@@ -105,8 +105,16 @@ def _fake_bin(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("ci", [False, True], ids=["local", "CI"])
 def test_the_installer_fails_under_ci_when_an_install_fails(tmp_path: Path, ci: bool) -> None:
+    """The real installer, copied beside stand-ins for the scripts it calls (they install nothing here)."""
+    setup = tmp_path / "setup"
+    setup.mkdir()
+    installer = setup / INSTALLER.name
+    installer.write_text(INSTALLER.read_text())
+    for sibling in INSTALLER.parent.glob("install_*.sh"):
+        if sibling != INSTALLER:
+            (setup / sibling.name).write_text("#!/usr/bin/env bash\nexit 0\n")
     env = {"PATH": str(_fake_bin(tmp_path)), **({"CI": "true"} if ci else {})}
-    result = subprocess.run(["/usr/bin/bash", str(INSTALLER)], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["/usr/bin/bash", str(installer)], env=env, capture_output=True, text=True, timeout=60)
     assert "dcmtk" in result.stdout + result.stderr
     assert result.returncode == (1 if ci else 0), result.stdout + result.stderr
 
