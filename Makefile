@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONFIG ?= config/msknode.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test debian-tools stress bench demo clean help
+.PHONY: run test install install-test debian-tools viewer stress bench demo clean help
 
 help:
 	@echo "make run    - install into .venv and run the node on config/msknode.toml"
@@ -42,7 +42,11 @@ run: install
 debian-tools:
 	@bash tests/setup/install_debian_tools.sh
 
-test: install-test debian-tools
+# The pinned OHIF v3 viewer and dcmjs (npm ci in tests/viewer) for the viewer tests.
+viewer: debian-tools
+	@bash tests/setup/install_viewer.sh
+
+test: install-test debian-tools viewer
 	@bash tests/setup/run_pytest.sh $(PYTEST_ARGS)
 
 demo: install

@@ -138,6 +138,10 @@ def _build(study: StudyResult, series_number: int, previous: Previous, kind: str
         root.ContentSequence.append(_image_library(library_images))
     if images:
         root.ContentSequence.append(_imaging_measurements(study, images, sources))
+    elif placeable := [(ds, reason) for ds, reason in skipped_sources if is_image(ds) and _has_size(ds)]:
+        # OHIF 3.13's SR viewport throws on a report without a measurement group, so each not-analysed image
+        # gets a group outlining it (no values); the reasons stay in Qualitative Evaluations.
+        root.ContentSequence.append(_not_analysed_measurements(study, placeable))
     root.ContentSequence.append(_qualitative_evaluations(study, skipped_sources, with_priority=bool(images)))
 
     created = study.created_at
@@ -341,14 +345,26 @@ def _library_descriptors(source: Dataset) -> list:
     return descriptors
 
 
+def _header_int(source: Dataset, keyword: str) -> int:
+    """An IS attribute as an int for ordering; missing or malformed (dirty headers) counts as 0."""
+    try:
+        return int(source.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _viewer_order(source: Dataset, frame: int) -> tuple[int, int, str, int]:
+    """The order a viewer lists images in (series number, instance number), then the UID: "Image n" is the n-th."""
+    return (_header_int(source, "SeriesNumber"), _header_int(source, "InstanceNumber"), str(source.SOPInstanceUID),
+            frame)
+
+
 def _image_positions(images: Sequence[ImageResult]) -> list[tuple[str, int]]:
-    """The distinct analysed (SOP Instance UID, frame) pairs in canonical order: "Image n" is the n-th."""
-    positions: list[tuple[str, int]] = []
+    """The distinct analysed (SOP Instance UID, frame) pairs in viewer order."""
+    first = {}
     for image in images:
-        position = (str(image.source.SOPInstanceUID), image.frame_index)
-        if position not in positions:
-            positions.append(position)
-    return positions
+        first.setdefault((str(image.source.SOPInstanceUID), image.frame_index), image.source)
+    return sorted(first, key=lambda position: _viewer_order(first[position], position[1]))
 
 
 def _imaging_measurements(
@@ -366,6 +382,35 @@ def _imaging_measurements(
         frames = frame_numbers(source, image.frame_index)
         label = f"Image {number}" + (f" {model.name}" if several_models else "")
         container.ContentSequence.extend(_result_group(study, model, image, source, frames, label))
+    return container
+
+
+def _has_size(source: Dataset) -> bool:
+    return _header_int(source, "Rows") > 0 and _header_int(source, "Columns") > 0
+
+
+def _not_analysed_measurements(study: StudyResult, skipped: Sequence[tuple[Dataset, str]]) -> ContainerContentItem:
+    """One TID 1410 group per not-analysed image: its outline, finding "Not analysed", no measurement."""
+    container = ContainerContentItem(name=dcm_codes.DCM.ImagingMeasurements, relationship_type=CONTAINS)
+    container.ContentSequence = ContentSequence()
+    algorithm = algorithm_identification(study.model)
+    ordered = sorted(skipped, key=lambda pair: _viewer_order(pair[0], 0))
+    for number, (source, _reason) in enumerate(ordered, start=1):
+        frames = [1] if is_multi_frame_class(str(source.SOPClassUID)) and _header_int(source, "NumberOfFrames") > 1 \
+            else None
+        region = ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=whole_image_outline(source),
+            source_image=SourceImageForRegion.from_source_image(source, frames),
+        )
+        tracking = TrackingIdentifier(
+            uid=tracking_uid(study.study_instance_uid, str(source.SOPInstanceUID), 0, f"not-analysed|{study.model.name}"),
+            identifier=f"Image {number} not analysed",
+        )
+        container.ContentSequence.extend(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, referenced_region=region, finding_type=codes.NOT_ANALYSED,
+            algorithm_id=algorithm,
+        ))
     return container
 
 

@@ -334,6 +334,8 @@ def test_image_library_lists_the_analysed_images_with_their_frames():
 
 # --- not-analysed variant and superseding ----------------------------------------------------------------------
 def test_not_analysed_sr_says_why_per_image_and_has_no_measurements():
+    """No values; each not-analysed image gets a group that outlines it (OHIF 3.13 throws on a report without a
+    measurement group), the reasons are in Qualitative Evaluations."""
     mr = source_header(5, sop_class=MR, modality="MR")
     cr = source_header(6, sop_class=CR, modality="CR")
     reasons = {str(mr.SOPInstanceUID): "modality MR not eligible",
@@ -341,7 +343,12 @@ def test_not_analysed_sr_says_why_per_image_and_has_no_measurements():
     study = study_result([], not_analysed=[(ds, reasons[str(ds.SOPInstanceUID)]) for ds in (mr, cr)])
     sr = decode(encode(build_not_analysed_sr(study, 9000)))
     assert sr.SeriesDescription.startswith("AI NOT ANALYSED")
-    assert not children(sr, "DCM", "126010"), "no Imaging Measurements container"
+    groups = measurement_groups(sr)
+    assert sorted(group_source_uid(g) for g in groups) == sorted(reasons)
+    for group in groups:
+        assert not [i for i in group.ContentSequence if i.ValueType == "NUM"], "no measurement"
+        assert coded(group)[("DCM", "121071")] == key(codes.NOT_ANALYSED)
+        assert scoord(group).GraphicType == "POLYLINE"
     evaluations = only(children(sr, *key(codes.QUALITATIVE_EVALUATIONS)))
     assert coded(evaluations) == {key(codes.ANALYSIS_STATUS): key(codes.NOT_ANALYSED)}
     found = {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian tools the integration tests use, when root and missing:
-# dcmtk (peers), dicom3tools (dciodvfy), orthanc (the PACS), postgresql, openjph-tools (HTJ2K fixtures),
-# chromium (+ chromium-driver, fonts) for the dashboard's browser tests.
+# dcmtk (peers), dicom3tools (dciodvfy), orthanc (the PACS) with orthanc-dicomweb (OHIF reads it by DICOMweb),
+# postgresql, openjph-tools (HTJ2K fixtures), chromium (+ chromium-driver, fonts) for the dashboard's and the
+# viewer's browser tests, nodejs + npm for the pinned OHIF viewer (tests/setup/install_viewer.sh).
 # Locally, without root nothing is installed and the tests that need a tool skip with a reason.
 # Under CI (the CI environment variable set) a tool that is still missing at the end is a failure: exit 1,
 # naming it, so that a broken install can never turn into a green run of skipped tests.
@@ -12,6 +13,8 @@ missing_tools() {
   command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
   command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
   command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
+  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)  # OHIF viewer test
+  command -v npm >/dev/null 2>&1 || need+=(nodejs npm)  # installs the pinned OHIF (tests/setup/install_viewer.sh)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
   command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)
   [ -x /usr/bin/chromium ] || need+=(chromium chromium-driver fonts-dejavu-core)
