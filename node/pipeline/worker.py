@@ -177,7 +177,7 @@ class Worker:
             except BackendUnavailable as exc:
                 if self._stop is not None and self._stop.is_set():
                     raise
-                log.warning("inference server unavailable mid-batch (%s); retrying the batch in %.0f s", exc, delay)
+                log.warning("inference server unavailable mid-batch (%s); retrying the batch in %.1f s", exc, delay)
                 self._waiting_since = time.monotonic()
                 try:
                     (self._stop or threading.Event()).wait(delay)

@@ -220,3 +220,50 @@ def test_server_killed_mid_batch_and_restarted_loses_and_duplicates_nothing(tmp_
     assert any("unavailable mid-batch" in record.getMessage() for record in caplog.records)
     assert_complete_once(node, studies)
     assert_same_results(node.results(), reference)
+
+
+class FlakyBackend:
+    """The CPU backend behind a server that is unavailable for the first ``outage`` seconds of use."""
+
+    def __init__(self, inner, outage: float) -> None:
+        self.inner, self.outage, self.first = inner, outage, None
+        self.name, self.precision, self.device = "triton", "fp32", "stand-in"
+
+    def _gate(self) -> None:
+        from engines.backends import BackendUnavailable
+
+        self.first = self.first or time.monotonic()
+        if time.monotonic() - self.first < self.outage:
+            raise BackendUnavailable("stand-in server restarting")
+
+    def embed(self, x):
+        self._gate()
+        return self.inner.embed(x)
+
+    def reconstruct(self, x, ids_keep, ids_restore):
+        self._gate()
+        return self.inner.reconstruct(x, ids_keep, ids_restore)
+
+    def describe(self):
+        return {"backend": self.name, "precision": self.precision, "device": self.device}
+
+
+def test_waiting_for_the_server_does_not_count_towards_the_job_timeout(tmp_path, studies, reference,
+                                                                       monkeypatch) -> None:
+    """``pipeline.job_timeout_seconds`` 4 s, server away for 8 s mid-batch: the watchdog (which would hand the jobs
+    back and end the process) does not fire; the batch completes once."""
+    import node.pipeline.worker as worker_module
+
+    fired: list[int] = []
+    monkeypatch.setattr(worker_module.os, "_exit", lambda code: fired.append(code))
+    monkeypatch.setattr(worker_module.logging, "shutdown", lambda: None)
+    node = Node(tmp_path / "node", studies[:1])
+    model = engines.load(DEMO, backend="cpu")
+    model.backend = FlakyBackend(model.backend, outage=8.0)
+    worker = node.worker(model)
+    worker.settings.pipeline.job_timeout_seconds = 4.0  # the batch's own work takes well under 1 s
+    assert worker.run_once() == 1
+    time.sleep(0.2)
+    assert fired == []
+    assert_complete_once(node, studies[:1])
+    assert_same_results(node.results(), {uid: reference[uid] for uid in node.results()})
