@@ -141,9 +141,62 @@ class PeerSettings(_Section):
     settle_seconds: float | None = Field(None, ge=0, description="overrides pipeline.settle_seconds for this sender")
     priority: Priority = Field("routine", description="initial priority of studies this peer sends")
     tls: bool = Field(False, description="results to this peer go over DICOM TLS ([sender.tls])")
+    # -- DICOMweb (docs/configuration.md, [[peers]]) --------------------------------------------------------
+    protocol: Literal["dimse", "dicomweb"] = Field(
+        "dimse", description="how results go to this peer: DIMSE C-STORE or DICOMweb STOW-RS (to url)")
+    url: str | None = Field(None, validate_default=True,
+                            description="base URL of the peer's DICOMweb service; results are POSTed to <url>/studies")
+    auth: Literal["none", "bearer", "basic"] = Field("none", description="how the node authenticates to url")
+    username: str | None = Field(None, validate_default=True, max_length=256, description="auth = basic: user name")
+    secret_file: Path | None = Field(None, validate_default=True,
+                                     description="file holding the bearer token (auth = bearer) or password (basic)")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that url's certificate must chain to (https; "
+                                                   "default: the system's)")
+    verify_tls: bool = Field(True, description="verify url's certificate and host name (https); false only for a "
+                                               "closed test network")
+    stow_token_sha256: str | None = Field(
+        None, description="SHA-256 (hex) of the bearer token this peer presents to the node's STOW-RS endpoint")
 
     _check_ae = field_validator("ae_title")(_validate_ae_title)
     _addresses: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None, info: Any) -> str | None:
+        if value is None or not value.strip():
+            if info.data.get("protocol") == "dicomweb":
+                raise ValueError('needed with protocol = "dicomweb" (e.g. "https://pacs.example.org/dicom-web")')
+            return None
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
+            raise ValueError(f"{value!r}: expected an http:// or https:// URL without query or fragment")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None, info: Any) -> str | None:
+        if info.data.get("auth") == "basic" and not (value or "").strip():
+            raise ValueError('needed with auth = "basic"')
+        if value is not None and ":" in value:
+            raise ValueError("must not contain ':' (HTTP basic authentication)")
+        return value
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_file(cls, value: Path | None, info: Any) -> Path | None:
+        if info.data.get("auth") in ("bearer", "basic") and value is None:
+            raise ValueError(f'needed with auth = "{info.data.get("auth")}" (a file holding the token or password)')
+        return value
+
+    @field_validator("stow_token_sha256")
+    @classmethod
+    def _token_hash(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("expected the 64 hex digits of a SHA-256 (msknode peers token NAME makes one)")
+        return value
 
     @property
     def addresses(self) -> frozenset[str]:
@@ -163,6 +216,28 @@ class PeerSettings(_Section):
         except socket.gaierror as exc:
             raise ValueError(f"host {self.host!r} does not resolve: {exc.strerror}") from exc
         self._addresses = frozenset(str(info[4][0]) for info in infos)
+
+
+class DicomwebSettings(_Section):
+    """[dicomweb]: the STOW-RS endpoint (the ``dicomweb`` role, node/dicomweb/)."""
+
+    host: str = Field("0.0.0.0", description="address the dicomweb role listens on")
+    port: int = Field(8090, ge=1, le=65535)
+    base_path: str = Field("/dicom-web", pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+                           description="URL path of the service root; STOW-RS is POST <base_path>/studies")
+    max_request_mb: int = Field(4096, ge=1, description="larger request bodies are refused with 413")
+    max_concurrent_requests: int = Field(10, ge=1, le=1000, description="more at once are answered 503")
+    check_peer_host: bool = Field(True, description="the request must come from one of the peer's host addresses")
+    timeout_seconds: float = Field(60.0, gt=0, description="a client silent this long mid-request is dropped")
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @model_validator(mode="after")
+    def _tls_needs_certificate(self) -> "DicomwebSettings":
+        if self.tls.enabled and self.tls.certificate is None:
+            raise ValueError("tls.certificate: HTTPS needs a certificate and private_key")
+        if self.tls.require_client_certificate and self.tls.ca_certificates is None:
+            raise ValueError("tls.ca_certificates: needed to verify client certificates (require_client_certificate)")
+        return self
 
 
 class PipelineSettings(_Section):
@@ -185,7 +260,7 @@ class PipelineSettings(_Section):
         description="a study revision whose eligible instances hold more frames (NumberOfFrames, from the headers) "
                     "is not analysed (reason recorded) and no pixel data is read; bounds the worker's memory",
     )
-    roles: list[Literal["receiver", "scheduler", "worker", "sender", "web"]] = Field(
+    roles: list[Literal["receiver", "scheduler", "worker", "sender", "web", "dicomweb"]] = Field(
         default_factory=lambda: ["receiver", "scheduler", "worker", "sender", "web"],
         description="the roles `msknode serve` runs on this machine",
     )
@@ -325,6 +400,60 @@ class EngineSettings(_Section):
         return self
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class ModelEntry(_Section):
+    """[[models]]: one model the worker loads, what it applies to and which heads it reports.
+
+    Every image admitted by ``[eligibility]`` gets each model whose filters it passes (decided from its header).
+    An empty filter list means any value; values are compared case-insensitively.
+    """
+
+    name: str = Field(description="what triage rules call it (<name>.<head>); a plain identifier, unique")
+    path: Path = Field(description="the model folder or file, as [engine] model")
+    modalities: list[str] = Field(default_factory=list, description="Modality (0008,0060); empty = any")
+    body_parts: list[str] = Field(default_factory=list, description="Body Part Examined (0018,0015); empty = any")
+    view_positions: list[str] = Field(default_factory=list,
+                                      description="View Position (0018,5101); empty = any (absent never excludes)")
+    lateralities: list[str] = Field(default_factory=list, description="Laterality / Image Laterality (R, L, B, U); "
+                                                                      "empty = any (absent never excludes)")
+    sop_classes: list[str] = Field(default_factory=list, description="SOP Class UID; empty = any")
+    heads: list[str] | None = Field(None, description="heads reported and offered to triage; absent = all the "
+                                                      "model's heads")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not MODEL_NAME.match(value):
+            raise ValueError(f"{value!r}: letters, digits and '_' only, not starting with a digit (at most 64): "
+                             "triage rules name outputs as <name>.<head>")
+        return value
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _uids(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            if not _UID.match(value.strip()):
+                raise ValueError(f"item {index}: {value!r} is not a UID (digits and dots)")
+        return [value.strip() for value in values]
+
+    @field_validator("modalities", "body_parts", "view_positions", "lateralities")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            if not value.strip():
+                raise ValueError(f"item {index}: blank value")
+        return [value.strip().upper() for value in values]
+
+
+def default_model_name(path: Path) -> str:
+    """The configured name of the one model of ``[engine] model``: its folder or file name as an identifier."""
+    stem = Path(path).stem if Path(path).suffix else Path(path).name
+    name = re.sub(r"[^A-Za-z0-9_]", "_", stem) or "model"
+    return ("m_" + name if name[0].isdigit() else name)[:64]
+
+
 class ResultsSettings(_Section):
     """[results]: the objects sent back."""
 
@@ -453,6 +582,7 @@ class Settings(_Section):
     eligibility: EligibilitySettings = Field(default_factory=EligibilitySettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    models: list[ModelEntry] = Field(default_factory=list, description="several models; empty = [engine] model")
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     sender: SenderSettings = Field(default_factory=SenderSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
@@ -460,6 +590,7 @@ class Settings(_Section):
     triage: TriageSettings = Field(default_factory=TriageSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
 
     @model_validator(mode="after")
     def _unique_peers(self) -> "Settings":
@@ -471,6 +602,25 @@ class Settings(_Section):
             if peer.tls and not self.sender.tls.enabled:
                 raise ValueError(f"peers[{index}].tls: needs [sender.tls] enabled (with ca_certificates)")
         return self
+
+    @model_validator(mode="after")
+    def _models(self) -> "Settings":
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(self.models):
+            if entry.name in seen:
+                raise ValueError(f"models[{index}].name: duplicate model name {entry.name!r} (also models[{seen[entry.name]}])")
+            seen[entry.name] = index
+        if self.models and "model" in self.engine.model_fields_set:
+            raise ValueError("engine.model: give either [engine] model (one model) or [[models]] (several), not both")
+        return self
+
+    @property
+    def model_entries(self) -> list[ModelEntry]:
+        """The configured models in order: ``[[models]]``, or the one ``[engine] model`` (applies to every eligible
+        image, all its heads) when that list is empty."""
+        if self.models:
+            return list(self.models)
+        return [ModelEntry(name=default_model_name(self.engine.model), path=self.engine.model)]
 
     def peer_by_ae_title(self, ae_title: str | None) -> PeerSettings | None:
         for peer in self.peers:

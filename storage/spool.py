@@ -194,11 +194,20 @@ class Spool:
         if self.fsync and path.parent.exists():
             fsync_dir(path.parent)
 
-    def sweep_incoming(self, older_than_seconds: float = 0.0) -> int:
-        """Remove temporary files left by interrupted transfers (never acknowledged, so never lost)."""
+    def sweep_incoming(self, older_than_seconds: float = 0.0, only_prefix: str | None = None,
+                       skip_prefix: str | None = None) -> int:
+        """Remove temporary files left by interrupted transfers (never acknowledged, so never lost).
+
+        ``only_prefix`` / ``skip_prefix``: each intake role sweeps its own partial files only (the dicomweb role
+        names its ``stow-…``; the receiver leaves those to it), so a role restarting never pulls a file from
+        under a transfer another role is writing.
+        """
         removed = 0
         cutoff = time.time() - older_than_seconds
         for entry in self.incoming.iterdir():
+            if (only_prefix is not None and not entry.name.startswith(only_prefix)) or (
+                    skip_prefix is not None and entry.name.startswith(skip_prefix)):
+                continue
             try:
                 if entry.is_file() and entry.stat().st_mtime <= cutoff:
                     entry.unlink()

@@ -29,15 +29,23 @@ FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
     ("engines", ("node", "storage"), "model code knows nothing of networking or the database"),
     ("storage", ("node", "engines", "torch"), "the database and spool layer serves every role"),
     ("node.settings", ("node", "storage", "engines", "torch"), "the settings object is read by every process"),
-    ("node.dicom", ("torch", "engines", "node.pipeline", "node.results", "node.delivery", "node.web"),
-     "the DIMSE edge never runs the model"),
+    ("node.dicom", ("torch", "engines", "node.pipeline", "node.results", "node.delivery", "node.web", "node.dicomweb"),
+     "the DIMSE edge never runs the model (it stores through node.intake, as STOW-RS does)"),
+    ("node.intake", ("torch", "engines", "pynetdicom", "starlette", "uvicorn", "httpx", "node.pipeline", "node.results",
+                     "node.delivery", "node.web", "node.dicomweb", "node.dicom.receiver", "node.dicom.scu",
+                     "node.dicom.pynetdicom_patches", "node.dicom.policy", "node.dicom.tls"),
+     "the intake path C-STORE and STOW-RS share speaks no protocol"),
+    ("node.dicomweb", ("torch", "engines", "pynetdicom", "node.pipeline", "node.results", "node.delivery", "node.web",
+                       "node.dicom.receiver", "node.dicom.scu", "node.dicom.pynetdicom_patches", "node.dicom.policy"),
+     "the DICOMweb (HTTP) edge stores through node.intake and never runs the model"),
     ("node.results", ("torch", "engines", "storage", "node.pipeline", "node.dicom", "node.delivery", "node.web"),
      "result builders turn values into DICOM objects, nothing more"),
-    ("node.delivery", ("torch", "engines", "node.pipeline", "node.results", "node.web"),
+    ("node.delivery", ("torch", "engines", "node.pipeline", "node.results", "node.web", "node.dicomweb", "node.intake"),
      "delivery moves finished objects"),
-    ("node.web", ("torch", "engines", "node.pipeline", "node.delivery", "node.dicom.receiver"),
+    ("node.web", ("torch", "engines", "node.pipeline", "node.delivery", "node.dicom.receiver", "node.dicomweb",
+                  "node.intake"),
      "the dashboard reads the database and spool"),
-    ("node.pipeline", ("node.web", "node.dicom.receiver", "node.delivery.sender"),
+    ("node.pipeline", ("node.web", "node.dicom.receiver", "node.delivery.sender", "node.dicomweb", "node.intake"),
      "pipeline roles meet the other roles only through the database and the spool"),
     ("engines.family", FAMILIES + ("engines.training",), "the protocol every family implements names none of them"),
     ("engines.backends", FAMILIES + ("engines.training",), "backends take tensors (or graphs), never a family"),
@@ -55,7 +63,8 @@ ALLOWED_INSIDE = {"node.settings": ("node.settings", "node.pipeline.triage_rules
 LAZY_IMPORTS_ALLOWED = COMPOSITION_ROOTS + ("engines",)
 
 # Processes that must start without torch: the receiver, the sender, the scheduler, the web role.
-TORCH_FREE = ("node.dicom.receiver", "node.delivery.sender", "node.pipeline.scheduler", "node.web.app", "node.cli")
+TORCH_FREE = ("node.dicom.receiver", "node.dicomweb.app", "node.intake", "node.delivery.sender", "node.pipeline.scheduler",
+              "node.web.app", "node.cli")
 
 
 def module_name(path: Path) -> str:

@@ -213,3 +213,18 @@ def _check_pixel_data_complete(path: Path, offset: int, size: int, transfer_synt
                 if handle.tell() + item_length > size:
                     raise HeaderError("truncated dataset: pixel data fragment ends early")
                 handle.seek(item_length, os.SEEK_CUR)
+
+
+def identify(path: Path) -> tuple[str | None, str | None]:
+    """Best effort (SOP Class UID, SOP Instance UID) of a file :func:`read_header` refused, so the refusal can
+    name the instance (STOW-RS Failed SOP Sequence): the file meta's, else the dataset's; (None, None) if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True,
+                                 specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        meta = getattr(ds, "file_meta", None)
+        sop_class = _text(meta, "MediaStorageSOPClassUID") if meta is not None else None
+        sop_instance = _text(meta, "MediaStorageSOPInstanceUID") if meta is not None else None
+        return sop_class or _text(ds, "SOPClassUID"), sop_instance or _text(ds, "SOPInstanceUID")
+    except Exception:  # noqa: BLE001 - anything unreadable simply stays unnamed
+        return None, None

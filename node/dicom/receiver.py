@@ -22,7 +22,6 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.dicom.header_checks import HeaderError, read_header
 from node.dicom.policy import decide
 from node.dicom.provenance import ResultRecognition
 from node.dicom.pynetdicom_patches import (
@@ -33,15 +32,13 @@ from node.dicom.pynetdicom_patches import (
 )
 from node.settings import NodeSettings, PeerSettings
 from node.dicom.tls import server_context
-from storage.intake import IndexOutcome, InstanceRecord, IntakeRepository
+from node.intake import STATUS_SUCCESS, Intake, Refused
+from storage.intake import IntakeRepository
 from storage.spool import Spool
 
 log = logging.getLogger("msknode.receiver")
 
-# PS3.4 B.2.3 C-STORE status codes
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
+# PS3.4 B.2.3 C-STORE status codes (node/intake.py holds those intake answers with)
 STATUS_PROCESSING_FAILURE = 0x0110
 
 # Transfer syntaxes accepted as proposed (stored as received, never transcoded).
@@ -87,17 +84,16 @@ class Receiver:
         index: IntakeRepository,
         spool: Spool,
         min_free_disk_mb: int,
+        recognition: ResultRecognition | None = None,
     ) -> None:
         self.node = node
         self.peers = peers
         self.index = index
         self.spool = spool
-        self.min_free_disk_mb = min_free_disk_mb
-        recognition: ResultRecognition | None = None,
+        # The protocol-neutral intake path (node/intake.py), shared with the DICOMweb STOW-RS edge.
+        self.intake = Intake(index, spool, min_free_disk_mb, recognition)
         self._server: ThreadedAssociationServer | None = None
         self._counts: dict[int, int] = {}
-        # Which received objects are results (ours echoed back, another AI's): stored, never analysed.
-        self.recognition = recognition or ResultRecognition.default()
         self._ids: dict[int, str] = {}
         self._assocs: dict[int, Any] = {}  # accepted and not yet finished (keeps ids from being reused)
         self._lock = threading.Lock()
@@ -106,6 +102,18 @@ class Receiver:
         self.ae = self._make_ae()
         # Built here so a bad certificate or a readable key stops start-up with the key's name.
         self._ssl_context = server_context(node.tls) if node.tls.enabled else None
+
+    @property
+    def min_free_disk_mb(self) -> int:
+        return self.intake.min_free_disk_mb
+
+    @min_free_disk_mb.setter
+    def min_free_disk_mb(self, value: int) -> None:
+        self.intake.min_free_disk_mb = value
+
+    @property
+    def recognition(self) -> ResultRecognition:
+        return self.intake.recognition
 
     # -- set-up ------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -340,84 +348,12 @@ class Receiver:
             temp_path.unlink(missing_ok=True)
             return _failure(STATUS_PROCESSING_FAILURE, "association not registered")
 
-        if not self.spool.has_room(self.min_free_disk_mb):
-            temp_path.unlink(missing_ok=True)
-            log.warning("refused instance on association %s: disk below watermark", association_id)
-            return _failure(STATUS_OUT_OF_RESOURCES, "Out of resources: spool disk below watermark")
-
-        try:
-            header = read_header(temp_path, self.recognition)
-        except HeaderError as exc:
-            temp_path.unlink(missing_ok=True)
-            log.warning("refused instance on association %s: %s", association_id, exc.reason)
-            return _failure(STATUS_CANNOT_UNDERSTAND, exc.reason)
-
         requested_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
-        if requested_uid != header.sop_instance_uid:
-            # The peer would record Success for a UID the node never stored (found by the fuzzer: a damaged
-            # but still valid SOP Instance UID in the dataset).
-            temp_path.unlink(missing_ok=True)
-            log.warning("refused instance on association %s: dataset SOP Instance UID differs from the request",
-                        association_id)
-            return _failure(STATUS_CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request")
-
-        try:
-            stored = self.spool.commit_file(
-                temp_path, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-            )
-        except ValueError as exc:  # UIDs that cannot be path components
-            temp_path.unlink(missing_ok=True)
-            log.warning("refused instance on association %s: %s", association_id, exc)
-            return _failure(STATUS_CANNOT_UNDERSTAND, "invalid UID in dataset")
-        except OSError:
-            temp_path.unlink(missing_ok=True)
-            log.exception("cannot write instance %s to the spool", header.sop_instance_uid)
-            return _failure(STATUS_OUT_OF_RESOURCES, "Out of resources: cannot write to spool")
-
-        record = InstanceRecord(
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            accession_number=header.accession_number,
-            study_date=header.study_date,
-            modality=header.modality,
-            body_part_examined=header.body_part_examined,
-            series_number=header.series_number,
-            instance_number=header.instance_number,
-            spool_path=stored.relative_path,
-            size_bytes=stored.size,
-            sha256=stored.sha256,
-            calling_ae_title=calling,
-            association_id=association_id,
-        )
-        try:
-            result = self.index.index_instance(record)
-        except SQLAlchemyError:
-            if not stored.already_present:
-                self.spool.remove(stored.relative_path)  # never leave a file the index does not know
-            log.exception("index unavailable: refused instance %s", header.sop_instance_uid)
-            return _failure(STATUS_PROCESSING_FAILURE, "index database unavailable")
-
-        if stored.already_present and not self.spool.absolute(stored.relative_path).exists():
-            # Identical bytes were already in place, and retention purged the study between that check and this
-            # index commit (it removes files before it commits: storage/retention.py). Nothing is stored: refuse,
-            # so the peer sends again and the file is written afresh.
-            log.warning("instance %s: the stored copy was purged by retention meanwhile; refused (to be re-sent)",
-                        header.sop_instance_uid)
-            return _failure(STATUS_PROCESSING_FAILURE, "stored copy purged meanwhile; send again")
-
-        if result.outcome is IndexOutcome.REPLACED and result.previous_spool_path:
-            if result.previous_spool_path != stored.relative_path:
-                self.spool.remove(result.previous_spool_path)
-            log.info(
-                "instance %s replaced (study %s) on association %s",
-                header.sop_instance_uid, header.study_instance_uid, association_id,
-            )
+        # Watermark, header checks, fsync + rename + index commit: node/intake.py, shared with STOW-RS.
+        result = self.intake.store(temp_path, calling_ae_title=calling, association_id=association_id,
+                                   expected_sop_instance_uid=requested_uid)
+        if isinstance(result, Refused):
+            return _failure(result.status, result.reason)
         with self._lock:
             self._counts[id(assoc)] = self._counts.get(id(assoc), 0) + 1
-        log.debug("stored %s (%s, %d bytes)", header.sop_instance_uid, result.outcome.value, stored.size)
         return STATUS_SUCCESS
-            intake_kind=header.intake_kind,
-            intake_reason=header.intake_reason,

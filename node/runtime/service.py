@@ -28,7 +28,8 @@ from storage.spool import Spool
 
 log = logging.getLogger("msknode.serve")
 
-ROLES = ("all", "receiver", "scheduler", "worker", "sender", "web")
+ROLES = ("all", "receiver", "scheduler", "worker", "sender", "web", "dicomweb")
+STOW_PART_PREFIX = "stow-"  # node.dicomweb.stow.PART_PREFIX: the receiver's sweep leaves these to the dicomweb role
 
 
 @dataclass
@@ -104,7 +105,7 @@ def run_receiver(runtime: Runtime, stop: threading.Event) -> None:
     interrupted = runtime.intake.close_interrupted_associations()
     if interrupted:
         log.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
-    swept = runtime.spool.sweep_incoming()
+    swept = runtime.spool.sweep_incoming(skip_prefix=STOW_PART_PREFIX)
     if swept:
         log.info("removed %d unacknowledged partial file(s) from the spool", swept)
     # Peers (and their host names) refreshed in the background: the association-request path never waits
@@ -238,8 +239,60 @@ def run_web(runtime: Runtime, stop: threading.Event) -> None:
         thread.join(15)
 
 
+def run_dicomweb(runtime: Runtime, stop: threading.Event) -> None:
+    """STOW-RS on ``[dicomweb] host:port`` (uvicorn in a thread, until ``stop``), storing through node/intake.py."""
+    import ssl
+
+    import uvicorn
+
+    from node.dicomweb.app import create_app
+    from node.dicomweb.stow import PART_PREFIX
+    from node.intake import Intake
+
+    settings = runtime.settings
+    web = settings.dicomweb
+    swept = runtime.spool.sweep_incoming(only_prefix=PART_PREFIX)
+    if swept:
+        log.info("removed %d unacknowledged partial STOW-RS file(s) from the spool", swept)
+    runtime.peers.start()
+    intake = Intake(runtime.intake, runtime.spool, settings.storage.min_free_disk_mb,
+                    ResultRecognition.from_settings(settings.intake, settings.results.manufacturer))
+    runtime.intake.start_writer()
+    app = create_app(web, runtime.peers.effective_peers, intake, runtime.intake)
+    tls: dict[str, object] = {}
+    if web.tls.enabled:
+        from node.dicom.tls import server_context
+
+        server_context(web.tls, "dicomweb.tls")  # a bad certificate or a readable key stops start-up, key named
+        tls = {"ssl_certfile": str(web.tls.certificate), "ssl_keyfile": str(web.tls.private_key)}
+        if web.tls.ca_certificates is not None:
+            tls["ssl_ca_certs"] = str(web.tls.ca_certificates)
+            tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED if web.tls.require_client_certificate else ssl.CERT_OPTIONAL
+    config = uvicorn.Config(app, host=web.host, port=web.port, log_config=None, access_log=False, lifespan="off",
+                            server_header=False, limit_concurrency=web.max_concurrent_requests,
+                            timeout_keep_alive=5, **tls)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="msknode-dicomweb", daemon=True)
+    thread.start()
+    scheme = "https" if web.tls.enabled else "http"
+    deadline = 30.0
+    while not server.started and thread.is_alive() and deadline > 0 and not stop.is_set():
+        stop.wait(0.05)
+        deadline -= 0.05
+    runtime.detail.update(listening=f"{web.host}:{web.port}", protocol="STOW-RS")
+    log.info("listening as STOW-RS on %s://%s:%d%s/studies", scheme, web.host, web.port, web.base_path)
+    try:
+        while not stop.wait(0.5):
+            if not thread.is_alive():
+                raise RuntimeError(f"the STOW-RS server stopped (is {web.host}:{web.port} in use?)")
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        runtime.peers.stop()
+
+
 RUNNERS = {"receiver": run_receiver, "scheduler": run_scheduler, "worker": run_worker, "sender": run_sender,
-           "web": run_web}
+           "web": run_web, "dicomweb": run_dicomweb}
 
 
 def serve(settings: Settings, role: str = "all", stop_event: threading.Event | None = None,

@@ -6,6 +6,7 @@ way an admin would: the spool directory, the database rows and the log.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -68,6 +69,13 @@ class Peer:
     may_send: bool = True
     receives_results: bool = False
     priority: str = "routine"
+    # DICOMweb: the token it presents to the node's STOW-RS (written hashed), and how results reach it
+    stow_token: str | None = None
+    protocol: str = "dimse"
+    url: str | None = None
+    auth: str = "none"
+    username: str | None = None
+    secret_file: Path | None = None
 
 
 DEFAULT_PEERS = (
@@ -96,6 +104,8 @@ class NodeConfig:
     roles: Sequence[str] = ("receiver",)
     # The web role's port (written as [web] only when set; the dashboard tests add "web" to the roles).
     web_port: int | None = None
+    # The dicomweb role's port (written as [dicomweb] only when set; STOW-RS tests add "dicomweb" to the roles).
+    dicomweb_port: int | None = None
 
     @property
     def spool_dir(self) -> Path:
@@ -150,6 +160,14 @@ class NodeConfig:
                 f"secret_key_file = {toml_value(self.directory / 'web-secret')}",
                 "",
             ]
+        if self.dicomweb_port is not None:
+            lines += [
+                "[dicomweb]",
+                'host = "127.0.0.1"',
+                f"port = {self.dicomweb_port}",
+                "timeout_seconds = 20",
+                "",
+            ]
         for peer in self.peers:
             lines += [
                 "[[peers]]",
@@ -160,6 +178,13 @@ class NodeConfig:
                 f"may_send = {toml_value(peer.may_send)}",
                 f"receives_results = {toml_value(peer.receives_results)}",
                 f'priority = "{peer.priority}"',
+                f'protocol = "{peer.protocol}"',
+                f'auth = "{peer.auth}"',
+                *([f"stow_token_sha256 = {toml_value(hashlib.sha256(peer.stow_token.encode()).hexdigest())}"]
+                  if peer.stow_token else []),
+                *([f"url = {toml_value(peer.url)}"] if peer.url else []),
+                *([f"username = {toml_value(peer.username)}"] if peer.username else []),
+                *([f"secret_file = {toml_value(peer.secret_file)}"] if peer.secret_file else []),
                 "",
             ]
         self.directory.mkdir(parents=True, exist_ok=True)
