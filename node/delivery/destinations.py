@@ -6,8 +6,9 @@ yielded as each one is known so that the sender records it before the next trans
 speaks its protocol and nothing else (no database, no spool paths): the sender hands it a function that
 reads a result's dataset.
 
-Today every peer is a DIMSE peer (:mod:`node.delivery.dimse`, C-STORE). A DICOMweb STOW-RS destination joins
-by implementing :class:`Destination` and calling :func:`register` for its protocol name.
+A peer's ``protocol`` names its destination: ``dimse`` (:mod:`node.delivery.dimse`, C-STORE) or ``dicomweb``
+(:mod:`node.delivery.dicomweb`, STOW-RS). Another protocol joins by implementing :class:`Destination` and
+calling :func:`register` for its name.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def protocols() -> list[str]:
 
 
 def protocol_of(peer: PeerSettings) -> str:
-    """The protocol a peer receives results over. Every configured peer is a DIMSE peer today."""
-    return "dimse"
+    """The protocol a peer receives results over: its ``protocol`` field (``dimse``, ``dicomweb``)."""
+    return peer.protocol
 
 
 def build(protocol: str, **options: object) -> Destination:

@@ -1,7 +1,8 @@
 """The sender role: deliver result objects from the outbox to every destination peer.
 
 For each destination with rows due, one batch is claimed (with a lease) and handed to the peer's
-:class:`~node.delivery.destinations.Destination` (today the DIMSE one, :mod:`node.delivery.dimse`), and each
+:class:`~node.delivery.destinations.Destination` (DIMSE, :mod:`node.delivery.dimse`, or DICOMweb STOW-RS,
+:mod:`node.delivery.dicomweb`), and each
 outcome is recorded as soon as it is known: delivered → done; transient → retried after an escalating delay
 (``sender.backoff_seconds``); permanent → dead letter with the reason. Nothing is retried forever: a row
 older than ``sender.max_age_hours`` is dead-lettered.
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import pydicom
 
-from node.delivery import dimse  # noqa: F401 -- registers the DIMSE destination
+from node.delivery import dicomweb, dimse  # noqa: F401 -- register the DICOMweb and DIMSE destinations
 from node.delivery.destinations import (
     DELIVERED,
     TRANSIENT,

@@ -106,6 +106,8 @@ class NodeConfig:
     web_port: int | None = None
     # The dicomweb role's port (written as [dicomweb] only when set; STOW-RS tests add "dicomweb" to the roles).
     dicomweb_port: int | None = None
+    # TOML appended as it is (whole tables, e.g. "[dicomweb.tls]\n...")
+    extra_toml: str = ""
 
     @property
     def spool_dir(self) -> Path:
@@ -187,6 +189,8 @@ class NodeConfig:
                 *([f"secret_file = {toml_value(peer.secret_file)}"] if peer.secret_file else []),
                 "",
             ]
+        if self.extra_toml:
+            lines += ["", self.extra_toml, ""]
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(lines))
         return self.path
