@@ -175,7 +175,7 @@ class Sender:
     def _record(self, peer: PeerSettings, item: Delivery, outcome: Outcome) -> None:
         if outcome.kind == DELIVERED:
             self.outbox.delivered(item.id, self.owner, outcome.status)
-            if outcome.status != "0x0000":
+            if outcome.status not in ("0x0000", "200"):  # a DIMSE warning status, an HTTP 202
                 log.warning("delivery %d to %s: %s %s", item.id, peer.name, outcome.status, outcome.detail)
         elif outcome.kind == TRANSIENT:
             self._give_up_or_retry(item, outcome.status, outcome.detail)

@@ -42,14 +42,15 @@ class Orthanc:
         self.modalities = modalities
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = directory / "orthanc.log"
+        self.http_headers: dict[str, str] = {}  # sent with every REST request (e.g. basic auth)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 60.0) -> "Orthanc":
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = {
+    def config(self) -> dict[str, Any]:
+        """Orthanc's configuration file (a subclass adds plugins: tests/helpers/orthanc.py)."""
+        return {
             "Name": "msknode-test-pacs",
             "StorageDirectory": str(self.directory / "storage"),
             "IndexDirectory": str(self.directory / "index"),
@@ -68,8 +69,11 @@ class Orthanc:
             "StableAge": 3600,
             "SaveJobs": False,
         }
+
+    def start(self, timeout: float = 60.0) -> "Orthanc":
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
+        path.write_text(json.dumps(self.config(), indent=2))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([self.binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -94,7 +98,7 @@ class Orthanc:
     # -- REST --------------------------------------------------------------------------------
     def _request(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None,
                  raw: bool = False) -> Any:
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=self.http_headers)
         if content_type:
             request.add_header("Content-Type", content_type)
         with urllib.request.urlopen(request, timeout=120) as response:

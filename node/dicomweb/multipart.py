@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 MAX_HEADER_BYTES = 16 * 1024
+MAX_BOUNDARY = 256
 
 
 class MultipartError(ValueError):
@@ -86,8 +87,9 @@ async def read_parts(chunks: AsyncIterator[bytes], boundary: str, open_sink: Cal
     past it :class:`BodyTooLarge` is raised (the sink of the part being read is aborted). A body that ends
     before the closing delimiter raises :class:`MultipartError` after aborting the open sink.
     """
-    if not boundary or len(boundary) > 70:
-        raise MultipartError("multipart boundary missing or longer than 70 characters")
+    # RFC 2046 allows 70 characters; Orthanc's STOW-RS client sends longer ones, so a generous bound only.
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise MultipartError(f"multipart boundary missing or longer than {MAX_BOUNDARY} characters")
     dash = b"--" + boundary.encode("latin-1")
     delimiter = b"\r\n" + dash
     state = _State()
