@@ -86,10 +86,14 @@ def peers_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
         typer.echo(json.dumps([peer.model_dump(mode="json") for peer in peers], indent=2))
         return
     table = Table(title=f"{len(peers)} peer(s)")
-    for column in ("name", "ae_title", "host", "port", "may_send", "receives_results", "priority", "source"):
+    for column in ("name", "ae_title", "host", "port", "protocol", "may_send", "receives_results", "priority",
+                   "source"):
         table.add_column(column)
     for peer in peers:
-        table.add_row(peer.name, peer.ae_title, peer.host, str(peer.port), "yes" if peer.may_send else "no",
+        protocol = f"dicomweb {peer.url}" if peer.protocol == "dicomweb" else "dimse"
+        if peer.stow_token_sha256:
+            protocol += " (+STOW-RS in)"
+        table.add_row(peer.name, peer.ae_title, peer.host, str(peer.port), protocol, "yes" if peer.may_send else "no",
                       "yes" if peer.receives_results else "no", peer.priority, peer.source)
     console.print(table)
 
@@ -104,6 +108,15 @@ MaySendOption = Annotated[Optional[bool], typer.Option("--may-send/--no-may-send
 PriorityOption = Annotated[Optional[str], typer.Option("--priority", help="routine | high | urgent")]
 SettleOption = Annotated[Optional[float], typer.Option("--settle-seconds", help="Overrides pipeline.settle_seconds.")]
 TlsOption = Annotated[Optional[bool], typer.Option("--tls/--no-tls", help="Send results over DICOM TLS.")]
+ProtocolOption = Annotated[Optional[str], typer.Option("--protocol", help="How results go to it: dimse | dicomweb.")]
+UrlOption = Annotated[Optional[str], typer.Option("--url", help="DICOMweb base URL (results: STOW-RS to <url>/studies).")]
+AuthOption = Annotated[Optional[str], typer.Option("--auth", help="DICOMweb auth to the peer: none | bearer | basic.")]
+UsernameOption = Annotated[Optional[str], typer.Option("--username", help="User name for --auth basic.")]
+SecretFileOption = Annotated[Optional[Path], typer.Option("--secret-file", help="File holding the bearer token or password.")]
+CaFileOption = Annotated[Optional[Path], typer.Option("--ca-file", help="PEM CA bundle for the peer's https url.")]
+VerifyTlsOption = Annotated[Optional[bool], typer.Option("--verify-tls/--no-verify-tls", help="Verify the https url's certificate.")]
+StowTokenOption = Annotated[Optional[str], typer.Option(
+    "--stow-token-sha256", help="SHA-256 of the token the peer presents to our STOW-RS (see `msknode peers token`).")]
 
 
 def _fields(**values: Any) -> dict[str, Any]:
@@ -121,6 +134,14 @@ def peers_add(
     priority: PriorityOption = None,
     settle_seconds: SettleOption = None,
     tls: TlsOption = None,
+    protocol: ProtocolOption = None,
+    url: UrlOption = None,
+    auth: AuthOption = None,
+    username: UsernameOption = None,
+    secret_file: SecretFileOption = None,
+    ca_file: CaFileOption = None,
+    verify_tls: VerifyTlsOption = None,
+    stow_token_sha256: StowTokenOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Add a peer; the running node accepts it on its next association."""
@@ -130,7 +151,10 @@ def peers_add(
         try:
             peer = peer_from_fields(_fields(name=name, ae_title=ae_title, host=host, port=port,
                                             receives_results=receives_results, may_send=may_send,
-                                            priority=priority, settle_seconds=settle_seconds, tls=tls))
+                                            priority=priority, settle_seconds=settle_seconds, tls=tls,
+                                            protocol=protocol, url=url, auth=auth, username=username,
+                                            secret_file=secret_file, ca_file=ca_file, verify_tls=verify_tls,
+                                            stow_token_sha256=stow_token_sha256))
             saved = PeerDirectory(ctx.settings, ctx.database).add(peer, _actor())
         except PeerError as exc:
             raise _fail(f"cannot add peer {name!r}: {exc}") from None
@@ -148,6 +172,14 @@ def peers_edit(
     priority: PriorityOption = None,
     settle_seconds: SettleOption = None,
     tls: TlsOption = None,
+    protocol: ProtocolOption = None,
+    url: UrlOption = None,
+    auth: AuthOption = None,
+    username: UsernameOption = None,
+    secret_file: SecretFileOption = None,
+    ca_file: CaFileOption = None,
+    verify_tls: VerifyTlsOption = None,
+    stow_token_sha256: StowTokenOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Change some fields of a peer (the others are kept); applies to the next association."""
@@ -160,12 +192,41 @@ def peers_edit(
             raise _fail(f"no peer named {name!r}")
         fields = current.model_dump(exclude={"source"})
         fields.update(_fields(ae_title=ae_title, host=host, port=port, receives_results=receives_results,
-                              may_send=may_send, priority=priority, settle_seconds=settle_seconds, tls=tls))
+                              may_send=may_send, priority=priority, settle_seconds=settle_seconds, tls=tls,
+                              protocol=protocol, url=url, auth=auth, username=username, secret_file=secret_file,
+                              ca_file=ca_file, verify_tls=verify_tls, stow_token_sha256=stow_token_sha256))
         try:
             saved = directory.update(name, peer_from_fields(fields), _actor())
         except PeerError as exc:
             raise _fail(f"cannot change peer {name!r}: {exc}") from None
     console.print(f"changed peer {saved.name} ({saved.ae_title}@{saved.host}:{saved.port})")
+
+
+@peers_app.command("token")
+def peers_token(
+    name: Annotated[str, typer.Argument(help="The peer that will push to the node by STOW-RS.")],
+    config: ConfigOption = None,
+) -> None:
+    """Issue a new STOW-RS bearer token for a peer: its SHA-256 is stored (the old token stops working), the token
+    is printed once. For a peer defined only in the config file, put the printed hash in its stow_token_sha256."""
+    from node.dicomweb.auth import hash_token, new_token
+    from node.peers import PeerDirectory, PeerError, peer_from_fields
+
+    token = new_token()
+    with _open(config) as ctx:
+        directory = PeerDirectory(ctx.settings, ctx.database)
+        current = directory.get(name)
+        if current is None:
+            raise _fail(f"no peer named {name!r}")
+        fields = current.model_dump(exclude={"source"})
+        fields["stow_token_sha256"] = hash_token(token)
+        try:
+            directory.update(name, peer_from_fields(fields), _actor())
+        except PeerError as exc:
+            raise _fail(f"cannot change peer {name!r}: {exc}") from None
+    console.print(f"STOW-RS token for peer {name} (shown once; the node keeps only its SHA-256):")
+    typer.echo(token)
+    console.print(f"stow_token_sha256 = \"{hash_token(token)}\"")
 
 
 @peers_app.command("remove")

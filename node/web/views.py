@@ -81,9 +81,16 @@ def _peer_fields(form: dict[str, str], name: str | None = None) -> dict[str, Any
         "receives_results": "receives_results" in form,
         "priority": form.get("priority", "routine"),
         "tls": "tls" in form,
+        # DICOMweb: results by STOW-RS to url; the hash of the token the peer presents to our STOW-RS
+        "protocol": form.get("protocol", "dimse"),
+        "auth": form.get("auth", "none"),
+        "verify_tls": "verify_tls" in form,
     }
     if form.get("settle_seconds", "").strip():
         fields["settle_seconds"] = form["settle_seconds"].strip()
+    for key in ("url", "username", "secret_file", "ca_file", "stow_token_sha256"):
+        if form.get(key, "").strip():
+            fields[key] = form[key].strip()
     return fields
 
 

@@ -486,3 +486,23 @@ def test_accounts_and_session_expiry_on_postgresql(postgres_url: str) -> None:
         _accounts_behave(database)
     finally:
         database.dispose()
+
+
+def test_a_dicomweb_peer_is_added_and_edited_in_the_form(env) -> None:
+    _, _, _, app = env
+    browser = login(app)
+    fields = {"name": "vna", "ae_title": "VNA", "host": "127.0.0.1", "port": "104", "may_send": "on",
+              "receives_results": "on", "protocol": "dicomweb", "auth": "bearer", "verify_tls": "on",
+              "secret_file": "/etc/msknode/vna-token", "stow_token_sha256": "ab" * 32}
+    refused = browser.post("/peers", data={**fields, "csrf_token": csrf_of(browser)})  # no url
+    assert refused.status_code == 400 and "url: needed" in refused.text
+    added = browser.post("/peers", data={**fields, "url": "https://vna.example.org/dicom-web",
+                                         "csrf_token": csrf_of(browser)})
+    assert added.status_code == 303
+    page = browser.get("/peers").text
+    assert "STOW-RS https://vna.example.org/dicom-web (STOW-RS in)" in page
+    edit = browser.get("/peers/vna/edit").text
+    assert 'value="https://vna.example.org/dicom-web"' in edit and 'value="' + "ab" * 32 + '"' in edit
+    changed = browser.post("/peers/vna", data={**fields, "url": "https://vna.example.org/dicom-web",
+                                               "auth": "basic", "csrf_token": csrf_of(browser)})
+    assert changed.status_code == 400 and "username: needed" in changed.text
