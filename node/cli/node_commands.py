@@ -81,11 +81,21 @@ def serve(
 
 
 def _check_triage_names(settings: Settings, source: str) -> None:
-    """Triage rules may only name study attributes and outputs of the configured model's heads."""
+    """Triage rules may only name study attributes and the configured models' reported heads (``<model>.<head>``,
+    bare for the first model); a ``[[models]]`` entry's ``heads`` must exist in its model (heads' JSON, no weights)."""
+    from node.pipeline.models import configured_head_labels
     from node.pipeline.triage import Triage, TriageError, head_labels_from_model
 
+    models, problems = configured_head_labels(settings.model_entries, head_labels_from_model)
+    if problems:
+        raise ConfigError(source, problems)
     try:
-        Triage(settings.triage, head_labels_from_model(settings.engine.model))
+        if models is None:  # a model given as a file: its heads are checked when the worker has loaded it
+            Triage(settings.triage, None)
+        elif len(models) == 1:
+            Triage(settings.triage, next(iter(models.values())), models)
+        else:
+            Triage(settings.triage, None, models)
     except TriageError as exc:
         raise ConfigError(source, exc.problems) from None
 

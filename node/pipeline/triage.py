@@ -16,6 +16,10 @@ Names (see docs/configuration.md, ``[triage]``):
   several-label head (``lesion``) is its class (study: the worst — the latest label in the head's order —
   among the images' top classes), and ``<head>_<label>`` the label's probability (study: highest).
 
+Several models (``[[models]]``): every model's outputs are also named ``<model>.<name>`` with the model's
+configured name (``knee.kl_grade``, ``knee.kl_grade_4``, ``mae.abnormality_score``); the bare names are the
+**first** configured model's, so rules written for a one-model node keep working.
+
 A missing value (no calibration, no header attribute) makes every comparison with it false. The grammar
 itself (parse, check, evaluate) is :mod:`node.pipeline.triage_rules`; this module adds the names, their types
 and the priorities, and :class:`Triage` is the one place that decides a study's priority.
@@ -61,6 +65,20 @@ def value_kinds(head_labels: Mapping[str, Sequence[str]]) -> dict[str, type]:
             kinds[head] = str
             for label in labels:
                 kinds[f"{head}_{label}"] = float
+    return kinds
+
+
+def model_value_kinds(models: Mapping[str, Mapping[str, Sequence[str]]]) -> dict[str, type]:
+    """Names for several models ({configured name: head labels}, in configuration order): ``<model>.<name>``
+    for every model's outputs, and the bare names for the first model's."""
+    kinds: dict[str, type] = {name: str for name in STRING_ATTRIBUTES}
+    for index, (model, labels) in enumerate(models.items()):
+        for name, kind in value_kinds(labels).items():
+            if name in STRING_ATTRIBUTES:
+                continue
+            kinds[f"{model}.{name}"] = kind
+            if index == 0:
+                kinds[name] = kind
     return kinds
 
 
@@ -160,9 +178,15 @@ class Triage:
     storage never computes a priority.
     """
 
-    def __init__(self, settings: TriageSettings, head_labels: Mapping[str, Sequence[str]] | None) -> None:
+    def __init__(self, settings: TriageSettings, head_labels: Mapping[str, Sequence[str]] | None,
+                 models: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> None:
+        """``head_labels``: one model's heads (bare names); ``models``: several models' ({configured name: head
+        labels}, first model's names also bare; :func:`model_value_kinds`), used instead when given."""
         self.settings = settings
-        self.kinds = value_kinds(head_labels) if head_labels is not None else None
+        if models is not None:
+            self.kinds: dict[str, type] | None = model_value_kinds(models)
+        else:
+            self.kinds = value_kinds(head_labels) if head_labels is not None else None
         self.rules = compile_rules(settings, self.kinds)
 
     def starting(self, calling_ae: str | None, peer_name: str | None, peer_priority: str | None) -> PriorityDecision:
@@ -257,6 +281,26 @@ def study_values(
                 values[head] = labels[top]
             for label, probability in zip(labels, probabilities):
                 _keep_max(values, f"{head}_{label}", float(probability))
+    return values
+
+
+def model_study_values(
+    per_model: Sequence[tuple[str, Iterable[tuple[float | None, float | None, Mapping[str, Sequence[float]]]],
+                              Mapping[str, Sequence[str]]]],
+    attributes: Mapping[str, str | None],
+) -> dict[str, Any]:
+    """Several models' study values: (configured name, images, head labels) per model, in configuration order.
+
+    Every value is named ``<model>.<name>``; the first model's are also bare (:func:`model_value_kinds`)."""
+    values: dict[str, Any] = {name: attributes.get(name) for name in STRING_ATTRIBUTES}
+    for index, (model, images, labels) in enumerate(per_model):
+        own = study_values(images, labels, attributes)
+        for name, value in own.items():
+            if name in STRING_ATTRIBUTES:
+                continue
+            values[f"{model}.{name}"] = value
+            if index == 0:
+                values[name] = value
     return values
 
 

@@ -1,8 +1,9 @@
 """The grammar of a triage rule's ``when``: parse, check and evaluate, never ``eval``.
 
 A ``when`` is parsed with :mod:`ast` and only a small grammar is accepted: comparisons
-(``== != < <= > >= in not in``), ``and`` / ``or`` / ``not``, names, and number / string constants (a tuple or
-list of constants on the right of ``in``). Anything else — calls, attributes, arithmetic, subscripts — is a
+(``== != < <= > >= in not in``), ``and`` / ``or`` / ``not``, names (``fracture``, or a model's output as
+``model.head``: one dot between two plain names, nothing else), and number / string constants (a tuple or
+list of constants on the right of ``in``). Anything else — calls, other attributes, arithmetic, subscripts — is a
 ``ValueError``. A missing value (a name without a value) makes every comparison with it false.
 
 This module knows neither the settings nor which names exist: :mod:`node.settings` checks a rule's syntax
@@ -48,6 +49,15 @@ def _constant(node: ast.AST) -> Any:
     raise ValueError(f"only numbers and quoted strings may be compared, not {ast.unparse(node)!r}")
 
 
+def name_of(node: ast.AST) -> str | None:
+    """The name an operand stands for: ``fracture`` (a Name) or ``knee.kl_grade`` (a Name's one attribute)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return f"{node.value.id}.{node.attr}"
+    return None
+
+
 def check(node: ast.AST, names: set[str], kinds: Mapping[str, type] | None) -> None:
     """Walk the tree, accepting only the grammar in the module docstring; collect the names used into ``names``.
 
@@ -65,14 +75,14 @@ def check(node: ast.AST, names: set[str], kinds: Mapping[str, type] | None) -> N
             if type(op) not in _COMPARISONS:
                 raise ValueError(f"operator {type(op).__name__} is not allowed")
             if isinstance(op, (ast.In, ast.NotIn)):
-                if not isinstance(right, (ast.Tuple, ast.List, ast.Set)) or not isinstance(left, ast.Name):
+                if not isinstance(right, (ast.Tuple, ast.List, ast.Set)) or name_of(left) is None:
                     raise ValueError("'in' needs a name on the left and a list of constants on the right")
                 constants = [_constant(element) for element in right.elts]
                 _check_operand(left, constants, names, kinds)
                 continue
             for side, other in ((left, right), (right, left)):
-                if isinstance(side, ast.Name):
-                    other_values = [_constant(other)] if not isinstance(other, ast.Name) else []
+                if name_of(side) is not None:
+                    other_values = [_constant(other)] if name_of(other) is None else []
                     _check_operand(side, other_values, names, kinds)
                 else:
                     _constant(side)
@@ -82,15 +92,17 @@ def check(node: ast.AST, names: set[str], kinds: Mapping[str, type] | None) -> N
         )
 
 
-def _check_operand(name: ast.Name, constants: list[Any], names: set[str], kinds: Mapping[str, type] | None) -> None:
-    names.add(name.id)
-    if kinds is None or name.id not in kinds:
+def _check_operand(node: ast.AST, constants: list[Any], names: set[str], kinds: Mapping[str, type] | None) -> None:
+    name = name_of(node)
+    assert name is not None
+    names.add(name)
+    if kinds is None or name not in kinds:
         return
     for constant in constants:
-        expected = kinds[name.id]
+        expected = kinds[name]
         if (expected is str) != isinstance(constant, str):
             wanted = "a quoted string" if expected is str else "a number"
-            raise ValueError(f"{name.id} is compared with {constant!r}, but it is {wanted}")
+            raise ValueError(f"{name} is compared with {constant!r}, but it is {wanted}")
 
 
 def check_expression(source: str) -> None:
@@ -99,8 +111,9 @@ def check_expression(source: str) -> None:
 
 
 def _operand(node: ast.AST, values: Mapping[str, Any]) -> Any:
-    if isinstance(node, ast.Name):
-        return values.get(node.id)
+    name = name_of(node)
+    if name is not None:
+        return values.get(name)
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
         return tuple(_constant(element) for element in node.elts)
     return _constant(node)

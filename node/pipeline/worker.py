@@ -1,6 +1,8 @@
 """The worker role: claim study jobs, run the engine on the eligible images, build the results, queue them.
 
-One model per process, loaded once. Images of several queued studies are batched together up to
+The configured models (``[[models]]``, or the one ``[engine] model``) are loaded once per process, whatever their
+family (``engines.family.ModelFamily``); every eligible image gets each model that applies to it
+(node/pipeline/models.py). Images of several queued studies are batched together, per model, up to
 ``engine.batch_size`` frames. Each image ends as *analysed* (with its outputs), *ineligible* (with the rule
 that excluded it) or *failed* (with the decode/preprocess error); one bad image never fails its study.
 A watchdog enforces ``pipeline.job_timeout_seconds``: past it the jobs are handed back and the process exits
@@ -35,7 +37,8 @@ from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
 from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
 from node.pipeline.eligibility import frame_count, ineligibility_reason, job_bound_reason
-from node.pipeline.triage import PriorityDecision, Triage, header_text, study_attributes, study_values, summarise
+from node.pipeline.models import ConfiguredModel, applicability_reason
+from node.pipeline.triage import PriorityDecision, Triage, header_text, model_study_values, study_attributes, summarise
 from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
 from node.results.sc import build_sc
 from node.results.sr import build_not_analysed_sr, build_sr
@@ -54,7 +57,8 @@ Triaged = tuple[PriorityDecision, list[NotificationEntry]]  # the study's priori
 
 @dataclass
 class Frame:
-    """One preprocessed frame waiting for the batched engine pass."""
+    """One preprocessed frame waiting for the batched engine pass of one model (``model``: index in the worker's
+    models; an image with several applicable models has one Frame per model)."""
 
     job_id: int
     input: JobInput
@@ -64,6 +68,7 @@ class Frame:
     display: np.ndarray
     geometry: Any
     outputs: dict[str, Any] = field(default_factory=dict)
+    model: int = 0
 
 
 @dataclass
@@ -93,8 +98,8 @@ def _dataset_bytes(dataset: Dataset) -> bytes:
 
 
 class Worker:
-    def __init__(self, settings: Settings, queue: JobQueue, job_inputs: JobInputs, spool: Spool, model: ModelFamily,
-                 calibration: Any = None, owner: str | None = None,
+    def __init__(self, settings: Settings, queue: JobQueue, job_inputs: JobInputs, spool: Spool,
+                 model: ModelFamily | Sequence[ConfiguredModel], calibration: Any = None, owner: str | None = None,
                  peers: Callable[[], Sequence[PeerSettings]] | None = None, counters: Counters | None = None,
                  detail: dict[str, Any] | None = None) -> None:
         self.settings = settings
@@ -104,8 +109,14 @@ class Worker:
         self.queue = queue
         self.job_inputs = job_inputs
         self.spool = spool
-        self.model = model  # the loaded model (engines.family.ModelFamily), one per process
-        self.calibration = calibration
+        # The configured models, in configuration order: a bare ModelFamily is the one model of the first entry.
+        if not isinstance(model, (list, tuple)):
+            model = [ConfiguredModel(settings.model_entries[0], model, calibration)]
+        self.models: list[ConfiguredModel] = list(model)
+        if not self.models:
+            raise ValueError("the worker needs at least one model")
+        self.model = self.models[0].model  # the first model (one-model callers and tests)
+        self.calibration = self.models[0].calibration
         self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
         self._held: list[int] = []
         self._held_lock = threading.Lock()
@@ -114,7 +125,10 @@ class Worker:
         self.lease_failures = BeatFailures(counters, detail if detail is not None else {}, "lease_renewal",
                                            "worker", "lease")
         # A remote backend (Triton) says whether its server is ready; in-process backends have no such method.
-        self.inference_ready: Callable[[], bool] | None = getattr(getattr(model, "backend", None), "ready", None)
+        readies = [ready for cm in self.models
+                   if (ready := getattr(getattr(cm.model, "backend", None), "ready", None)) is not None]
+        self.inference_ready: Callable[[], bool] | None = (
+            (lambda: all(ready() for ready in readies)) if readies else None)
         self._stop: threading.Event | None = None
         self._server_wait = 0.0  # seconds of the current batch spent waiting for the inference server
         self._waiting_since: float | None = None
@@ -277,19 +291,30 @@ class Worker:
                 continue  # a result indexed before intake recorded kinds (migration 0004): never an input
             peer = next((p for p in self.peers() if p.ae_title == (item.calling_ae_title or '').strip()), None)
             reason = ineligibility_reason(header, peer.name if peer else None, self.settings.eligibility)
+            applicable: list[int] = []
+            if not reason:
+                why_not = []
+                for index, configured in enumerate(self.models):
+                    excluded = applicability_reason(header, configured.entry)
+                    if excluded is None:
+                        applicable.append(index)
+                    else:
+                        why_not.append(f"{configured.name}: {excluded}")
+                if not applicable:
+                    reason = "no configured model applies (" + "; ".join(why_not) + ")"
             if reason:
                 work.outcomes.append(ImageOutcome(item.instance_id, "ineligible", reason))
                 work.not_analysed.append((header, reason))
                 continue
-            eligible.append((item, header))
-        bound = job_bound_reason(len(inputs), sum(frame_count(header) for _, header in eligible), pipeline)
+            eligible.append((item, header, applicable))
+        bound = job_bound_reason(len(inputs), sum(frame_count(header) for _, header, _ in eligible), pipeline)
         if bound:
-            for item, header in eligible:
+            for item, header, _ in eligible:
                 work.outcomes.append(ImageOutcome(item.instance_id, "ineligible", bound))
                 work.not_analysed.append((header, bound))
             work.bound_reason = bound
             return work
-        for item, header in eligible:
+        for item, header, applicable in eligible:
             try:
                 dataset = pydicom.dcmread(self.spool.absolute(item.spool_path))
             except Exception as exc:
@@ -297,8 +322,13 @@ class Worker:
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
                 work.not_analysed.append((header, reason))
                 continue
-            try:
-                prepared = preprocess(dataset, voi=self.settings.engine.voi, preprocessing=self.model.preprocessing)
+            try:  # once per distinct preprocessing among the applicable models
+                prepared_by: dict[str, Any] = {}
+                for index in applicable:
+                    wanted = self.models[index].model.preprocessing
+                    if repr(wanted) not in prepared_by:
+                        prepared_by[repr(wanted)] = preprocess(dataset, voi=self.settings.engine.voi,
+                                                               preprocessing=wanted)
             except PreprocessError as exc:
                 reason = f"cannot decode or preprocess: {exc}"
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
@@ -311,35 +341,58 @@ class Worker:
                 continue
             finally:
                 del dataset  # the pixel data goes now, not at the end of the job
-            for index in range(prepared.tensor.shape[0]):
-                work.frames.append(
-                    Frame(job.id, item, header, index, prepared.tensor[index], prepared.display[index], prepared.geometry)
-                )
+            first = next(iter(prepared_by.values()))
+            for index in range(first.tensor.shape[0]):
+                for model_index in applicable:
+                    prepared = prepared_by[repr(self.models[model_index].model.preprocessing)]
+                    work.frames.append(
+                        Frame(job.id, item, header, index, prepared.tensor[index], first.display[index],
+                              prepared.geometry, model=model_index)
+                    )
         return work
 
     def _infer(self, frames: list[Frame]) -> None:
-        """Embedding, heads and error map for all frames, in batches of ``engine.batch_size``."""
+        """Embedding, heads and (where the model has one) error map for all frames, per model, in batches of
+        ``engine.batch_size``."""
         engine = self.settings.engine
-        for start in range(0, len(frames), engine.batch_size):
-            chunk = frames[start : start + engine.batch_size]
-            x = torch.stack([frame.tensor for frame in chunk])
-            started, waited = time.perf_counter(), self._waited()
-            embedding = self._engine(lambda: self.model.embed(x))
-            heads = self.model.predict(x, embedding=embedding)
-            result = self._engine(lambda: self.model.error_map_result(x, seed=engine.seed, passes=engine.passes))
-            seconds = time.perf_counter() - started - (self._waited() - waited)
-            log.info("inference: %d frame(s) in %.2f s", len(chunk), seconds)
-            self._record_inference_seconds(seconds)
-            for row, frame in enumerate(chunk):
-                map224 = result.maps[row].numpy()
-                score = float(result.scores[row])
-                region = highest_error_region(map224, frame.geometry)
-                frame.outputs = {
-                    "score": score,
-                    "map224": map224,
-                    "region": None if region is None else region.polygon,
-                    "heads": {name: probs[row].tolist() for name, probs in heads.items()},
-                }
+        for model_index, configured in enumerate(self.models):
+            model = configured.model
+            mine = [frame for frame in frames if frame.model == model_index]
+            for start in range(0, len(mine), engine.batch_size):
+                chunk = mine[start : start + engine.batch_size]
+                x = torch.stack([frame.tensor for frame in chunk])
+                started, waited = time.perf_counter(), self._waited()
+                embedding = self._engine(lambda: model.embed(x))
+                heads = model.predict(x, embedding=embedding)
+                result = None
+                if model.supports_error_map:
+                    result = self._engine(lambda: model.error_map_result(x, seed=engine.seed, passes=engine.passes))
+                seconds = time.perf_counter() - started - (self._waited() - waited)
+                log.info("inference (%s): %d frame(s) in %.2f s", configured.name, len(chunk), seconds)
+                self._record_inference_seconds(seconds)
+                for row, frame in enumerate(chunk):
+                    outputs: dict[str, Any] = {
+                        "score": None, "map224": None, "region": None,
+                        "heads": {name: probs[row].tolist() for name, probs in heads.items()
+                                  if name in configured.heads},
+                    }
+                    if result is not None:
+                        map224 = result.maps[row].numpy()
+                        region = highest_error_region(map224, frame.geometry)
+                        outputs.update(score=float(result.scores[row]), map224=map224,
+                                       region=None if region is None else region.polygon)
+                    frame.outputs = outputs
+
+    def _model_info(self, loaded: ModelFamily) -> ModelInfo:
+        """What the results say about a model: identity, weights hash, error-map settings (None without a map)."""
+        engine = self.settings.engine
+        spec = loaded.error_map_spec if loaded.supports_error_map else None
+        return ModelInfo(
+            name=loaded.name, version=str(loaded.version), encoder_sha256=loaded.encoder_hash,
+            passes=engine.passes if spec else None, mask_ratio=float(spec.mask_ratio) if spec else None,
+            seed=engine.seed, backend=f"{loaded.backend_name}/{loaded.precision}",
+            manufacturer=self.settings.results.manufacturer,
+        )
 
     def _record_inference_seconds(self, seconds: float) -> None:
         """One engine pass (a batch) into the /metrics histogram; a database hiccup must not fail the batch."""
@@ -373,11 +426,11 @@ class Worker:
 
     @functools.cached_property
     def triage(self) -> Triage:
-        """The compiled ``[triage]`` rules, checked against this model's head names (once per process)."""
-        labels = {name: list(head.labels) for name, head in self.model.heads.items()}
-        return Triage(self.settings.triage, labels)
+        """The compiled ``[triage]`` rules, checked against every configured model's reported heads (once per
+        process): ``<model>.<name>`` for each model, bare names for the first."""
+        return Triage(self.settings.triage, None, {cm.name: cm.head_labels() for cm in self.models})
 
-    def _triage_study(self, work: JobWork, images: list[Any], state: str, created: datetime,
+    def _triage_study(self, work: JobWork, images: list[tuple[int, Any]], state: str, created: datetime,
                       model_name: str) -> Triaged:
         """The study's priority as triage decides it (self.triage.final) and its notifications.
 
@@ -388,11 +441,18 @@ class Worker:
         calling_ae = work.frames[0].input.calling_ae_title if work.frames else None
         peer = next((p for p in self.peers() if calling_ae and p.ae_title == calling_ae.strip()), None)
         peer_name, peer_priority = (peer.name, peer.priority) if peer else (None, None)
-        labels = {name: list(head.labels) for name, head in self.model.heads.items()}
-        values = None if state != "done" else study_values(
-            ((image.score, image.percentile, {h.name: h.probabilities for h in image.heads}) for image in images),
-            labels, study_attributes(header, calling_ae, peer_name),
-        )
+        per_model = [
+            (cm.name,
+             [(image.score, image.percentile, {h.name: h.probabilities for h in image.heads})
+              for index, image in images if index == model_index],
+             cm.head_labels())
+            for model_index, cm in enumerate(self.models)
+        ]
+        labels = list(self.models[0].heads)  # the values a notification shows (every model's when several)
+        if len(self.models) > 1:
+            labels += [f"{cm.name}.{head}" for cm in self.models for head in cm.heads]
+        values = None if state != "done" else model_study_values(
+            per_model, study_attributes(header, calling_ae, peer_name))
         decision = self.triage.final(job.priority, calling_ae, peer_name, peer_priority, values)
         if values is None:
             return decision, []
@@ -408,43 +468,48 @@ class Worker:
         self, work: JobWork
     ) -> tuple[str, str | None, list[OutboxEntry], list[ImageOutcome], Triaged]:
         job, settings = work.job, self.settings
-        loaded = self.model
-        model = ModelInfo(
-            name=loaded.name, version=str(loaded.version), encoder_sha256=loaded.encoder_hash,
-            passes=settings.engine.passes, mask_ratio=float(loaded.error_map_spec.mask_ratio), seed=settings.engine.seed,
-            backend=f"{loaded.backend_name}/{loaded.precision}", manufacturer=settings.results.manufacturer,
-        )
+        infos = [self._model_info(cm.model) for cm in self.models]
+        # The study's model (series identity, device observer): the first configured model with a result here.
+        used = sorted({frame.model for frame in work.frames})
+        primary = used[0] if used else 0
+        model = infos[primary]
         outcomes = list(work.outcomes)
-        images = []
+        images: list[tuple[int, ImageResult]] = []
+        per_frame: dict[tuple[int, int], dict[str, Any]] = {}  # (instance, frame) -> its outcome's outputs
         for frame in work.frames:
             out = frame.outputs
+            configured = self.models[frame.model]
             percentile = None
-            if self.calibration is not None:
-                percentile = float(score_percentile(out["score"], self.calibration))
+            if configured.calibration is not None and out["score"] is not None:
+                percentile = float(score_percentile(out["score"], configured.calibration))
             head_outputs = []
             for name, probs in out["heads"].items():
-                head = loaded.heads[name]
+                head = configured.heads[name]
                 head_outputs.append(HeadOutput(name, list(head.labels), [float(p) for p in probs], head.activation))
             display = frame.display
-            images.append(
-                ImageResult(
-                    source=frame.header, score=out["score"], percentile=percentile, heads=head_outputs,
-                    region=out["region"], display=display, error_map=_resize(out["map224"], display.shape),
-                    frame_index=frame.frame_index, source_sha256=frame.input.sha256,
-                )
-            )
-            outcomes.append(
-                ImageOutcome(
-                    frame.input.instance_id, "analysed", score=out["score"], frame_index=frame.frame_index,
-                    outputs={"percentile": percentile, "heads": out["heads"],
-                             "region": None if out["region"] is None else np.asarray(out["region"]).round(1).tolist()},
-                )
-            )
+            images.append((frame.model, ImageResult(
+                source=frame.header, score=out["score"], percentile=percentile, heads=head_outputs,
+                region=out["region"], display=display,
+                error_map=None if out["map224"] is None else _resize(out["map224"], display.shape),
+                frame_index=frame.frame_index, source_sha256=frame.input.sha256,
+                model=None if frame.model == primary else infos[frame.model],
+            )))
+            region = None if out["region"] is None else np.asarray(out["region"]).round(1).tolist()
+            mine = {"score": out["score"], "percentile": percentile, "heads": out["heads"], "region": region}
+            key = (frame.input.instance_id, frame.frame_index)
+            if key not in per_frame:  # one outcome per (instance, frame): the first model's values at the top
+                per_frame[key] = {"percentile": percentile, "heads": out["heads"], "region": region, "models": {}}
+                outcomes.append(ImageOutcome(frame.input.instance_id, "analysed", score=out["score"],
+                                             frame_index=frame.frame_index, outputs=per_frame[key]))
+            per_frame[key]["models"][configured.name] = mine
         created = self.job_inputs.job_created_at(job.id) or datetime.now(timezone.utc)
         triaged = self._triage_study(work, images, "done" if images else "not_analysed", created,
-                                     f"{model.name} {model.version}")
+                                     ", ".join(f"{infos[i].name} {infos[i].version}" for i in used)
+                                     or f"{model.name} {model.version}")
+        with_map = [image for _, image in images if image.error_map is not None]
+        images_only = [image for _, image in images]
         study = StudyResult(
-            study_instance_uid=job.study_instance_uid, images=images, not_analysed=work.not_analysed,
+            study_instance_uid=job.study_instance_uid, images=images_only, not_analysed=work.not_analysed,
             priority=_priority_name(triaged[0].rank), model=model, created_at=created, node_name=settings.node.ae_title,
             revision=max(1, job.study_revision),  # numbers the objects: a viewer shows the newest revision's SR
         )
@@ -461,8 +526,8 @@ class Worker:
         base = settings.results.series_number_base
         if images:
             objects.append(("SR", build_sr(study, base, previous)))
-            if settings.results.send_secondary_capture:
-                for number, image in enumerate(images, start=1):
+            if settings.results.send_secondary_capture:  # only models with an error map have one to show
+                for number, image in enumerate(with_map, start=1):
                     objects.append(("SC", build_sc(image, study, base + 1, position=number)))
             state, reason = "done", None
         else:

@@ -24,13 +24,16 @@ MAX_REVISION = (2**31 - 1) // SC_BLOCK - 1
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which model produced the results, with the error-map parameters that make them reproducible."""
+    """Which model produced the results, with the error-map parameters that make them reproducible.
+
+    ``passes`` and ``mask_ratio`` are None (both) for a model without an error map (e.g. a DINOv3 encoder with
+    heads): its algorithm identification then carries no error-map parameters."""
 
     name: str
     version: str
     encoder_sha256: str
-    passes: int
-    mask_ratio: float
+    passes: int | None
+    mask_ratio: float | None
     seed: int | None
     backend: str
     manufacturer: str = "msknode"
@@ -40,8 +43,14 @@ class ModelInfo:
             raise ValueError("model name and version are required")
         if len(self.encoder_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.encoder_sha256):
             raise ValueError("encoder_sha256 must be 64 lower-case hex digits")
-        if self.passes < 1 or not 0.0 < self.mask_ratio < 1.0:
+        if (self.passes is None) != (self.mask_ratio is None):
+            raise ValueError("passes and mask_ratio are given together (error map) or both None (no error map)")
+        if self.passes is not None and (self.passes < 1 or not 0.0 < self.mask_ratio < 1.0):
             raise ValueError("passes must be >= 1 and mask_ratio in (0, 1)")
+
+    @property
+    def has_error_map(self) -> bool:
+        return self.passes is not None
 
     @property
     def identity(self) -> str:
@@ -85,28 +94,29 @@ class ImageResult:
 
     ``source`` is the received header (pixel data not needed and never copied). ``region`` is the closed
     highest-error outline in *source* pixel coordinates (column, row); ``display`` and ``error_map`` share one
-    size: the source aspect ratio with the long side at most 2048 px.
+    size: the source aspect ratio with the long side at most 2048 px. A model without an error map gives
+    ``score``, ``error_map`` (and ``percentile``, ``region``) None: its group holds the heads' values only.
     """
 
     source: Dataset
-    score: float
+    score: float | None
     percentile: float | None
     heads: list[HeadOutput]
     region: np.ndarray | None
     display: np.ndarray
-    error_map: np.ndarray
+    error_map: np.ndarray | None
     frame_index: int = 0
     source_sha256: str = ""  # hash of the stored instance; distinguishes a replaced instance with the same UID
     model: ModelInfo | None = None  # the model that produced this result; None: the study's model
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.score):
+        if self.score is not None and not math.isfinite(self.score):
             raise ValueError("score must be finite")
         if self.percentile is not None and not (math.isfinite(self.percentile) and 0.0 <= self.percentile <= 100.0):
             raise ValueError("percentile must be in [0, 100]")
         if self.display.ndim != 2 or self.display.dtype != np.uint8:
             raise ValueError("display must be a 2-D uint8 grey image")
-        if self.error_map.shape != self.display.shape:
+        if self.error_map is not None and self.error_map.shape != self.display.shape:
             raise ValueError("error_map must have the display's shape")
         if max(self.display.shape) > 2048:
             raise ValueError("display long side must be <= 2048 px")

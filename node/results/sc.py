@@ -45,6 +45,8 @@ def build_sc(
     """
     if not any(im is image for im in study.images):
         raise ValueError("the image must be one of the study's analysed images")
+    if image.error_map is None:
+        raise ValueError("the image's model has no error map: no secondary capture")
     model = study.model_of(image)
     instance_number = sc_instance_number(study.revision, position)
     source = normalised(image.source)

@@ -218,7 +218,7 @@ def _digest(study: StudyResult, series_number: int, previous: list[Dataset], kin
                 "frame": im.frame_index,
                 "sha256": im.source_sha256,
                 "model": None if im.model is None else [im.model.identity, im.model.backend, im.model.manufacturer],
-                "score": repr(float(im.score)),
+                "score": None if im.score is None else repr(float(im.score)),
                 "percentile": None if im.percentile is None else repr(float(im.percentile)),
                 "heads": [
                     [h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation]
@@ -277,10 +277,10 @@ def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
         version=model.version,
         family=dcm_codes.cid7162.ArtificialIntelligence,
         manufacturer=model.manufacturer,
-        parameters=[
-            f"passes={model.passes}",
-            f"mask_ratio={model.mask_ratio!r}",
-            f"seed={model.seed}",
+        parameters=(
+            [f"passes={model.passes}", f"mask_ratio={model.mask_ratio!r}", f"seed={model.seed}"]
+            if model.has_error_map else []
+        ) + [
             f"backend={model.backend}",
             f"encoder_sha256={model.encoder_sha256}",
         ],
@@ -450,7 +450,8 @@ def ordered_measurements(image: ImageResult) -> list[Measurement]:
         first.append(
             Measurement(name=codes.ABNORMALITY_PERCENTILE, value=float(image.percentile), unit=codes.UNITS_PERCENT)
         )
-    first.append(Measurement(name=codes.ABNORMALITY_SCORE, value=float(image.score), unit=codes.UNITS_SCORE))
+    if image.score is not None:  # a model without an error map has no abnormality score
+        first.append(Measurement(name=codes.ABNORMALITY_SCORE, value=float(image.score), unit=codes.UNITS_SCORE))
     return first + rest
 
 

@@ -170,27 +170,39 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
 
     from storage.counters import Counters
 
+    from node.pipeline.models import ConfiguredModel, reported_heads
+
     engine = runtime.settings.engine
     _yield_cpu_to_intake(engine.idle_priority, engine.nice)
     precision = None if engine.precision == "auto" else engine.precision
-    runtime.detail.update(engine_loaded=False, model=str(engine.model))
-    if engine.backend == "triton":  # weights loaded here (hash, heads); the graphs run on the Triton server
-        from engines.backends import BackendUnavailable, triton_backend
+    entries = runtime.settings.model_entries
+    runtime.detail.update(engine_loaded=False, model=str(entries[0].path), models=[str(e.path) for e in entries])
+    loaded: list[ConfiguredModel] = []
+    for index, entry in enumerate(entries):  # every configured model, whatever its family
+        if engine.backend == "triton":  # weights loaded here (hash, heads); the graphs run on the Triton server
+            from engines.backends import BackendUnavailable, triton_backend
 
-        model = engines.load(engine.model, backend="cpu")
-        model.backend = triton_backend(  # type: ignore[attr-defined]
-            engine.triton_url, engine.triton_model or model.name, model.encoder_hash,
-            protocol=engine.triton_protocol, timeout_seconds=engine.triton_timeout_seconds,
-            needs_reconstruct=model.supports_error_map,
-        )
-        try:
-            model.backend.check()  # a server serving other weights stops the worker here (TritonError)
-        except BackendUnavailable as exc:
-            log.warning("%s; the worker waits for it", exc)
-    else:
-        model = engines.load(engine.model, backend=engine.backend, precision=precision)
-    calibration = load_calibration(engine.model, model.encoder_hash) if Path(engine.model).is_dir() else None
-    runtime.detail.update(engine_loaded=True, engine={**model.describe(), "model": str(engine.model)})
+            model = engines.load(entry.path, backend="cpu")
+            served = (engine.triton_model if len(entries) == 1 else "") or model.name
+            model.backend = triton_backend(  # type: ignore[attr-defined]
+                engine.triton_url, served, model.encoder_hash,
+                protocol=engine.triton_protocol, timeout_seconds=engine.triton_timeout_seconds,
+                needs_reconstruct=model.supports_error_map,
+            )
+            try:
+                model.backend.check()  # a server serving other weights stops the worker here (TritonError)
+            except BackendUnavailable as exc:
+                log.warning("%s; the worker waits for it", exc)
+        else:
+            model = engines.load(entry.path, backend=engine.backend, precision=precision)
+        calibration = load_calibration(entry.path, model.encoder_hash) if Path(entry.path).is_dir() else None
+        heads = reported_heads(entry, model.heads, f"models[{index}].heads")
+        loaded.append(ConfiguredModel(entry, model, calibration, heads))
+    described = [{**cm.model.describe(), "model": str(cm.entry.path), "configured_name": cm.name,
+                  "reported_heads": sorted(cm.heads)} for cm in loaded]
+    runtime.detail.update(engine_loaded=True, engine=described[0], engines=described)
+    model = loaded  # type: ignore[assignment]
+    calibration = None
     worker = Worker(runtime.settings, JobQueue(runtime.database), JobInputs(runtime.database), runtime.spool,
                     model, calibration, peers=runtime.peers.effective_peers, counters=Counters(runtime.database),
                     detail=runtime.detail)

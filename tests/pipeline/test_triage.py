@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from node.settings import ConfigError, TriageSettings, parse_settings
-from node.pipeline.triage import PriorityDecision, Triage, TriageError, head_labels_from_model, study_values
+from node.pipeline.triage import (PriorityDecision, Triage, TriageError, head_labels_from_model, model_study_values,
+                                  study_values)
 
 HEADS = {"fracture": ["fracture"], "lesion": ["none", "lytic", "sclerotic"]}
 
@@ -77,7 +78,8 @@ def test_peer_priority_is_the_floor_and_queue_time_rules_raise_it() -> None:
     "expression",
     [
         "__import__('os').system('true')",
-        "fracture.real > 0.5",
+        "fracture.real.imag > 0.5",  # one dot (model.head) is a name; more is an attribute chain
+        "fracture().x > 0.5",
         "fracture * 2 > 1",
         "[x for x in ()]",
         "lambda: 1",
@@ -103,6 +105,24 @@ def test_unknown_names_and_type_mismatches_are_refused_with_the_key_path() -> No
     assert problems[1].startswith("triage.rules[2].when: lesion is compared with 0.5")
     assert problems[2].startswith("triage.rules[3].when: fracture is compared with 'yes'")
     assert len(problems) == 3
+
+
+def test_model_dot_head_names_each_models_outputs_and_bare_names_are_the_first_models() -> None:
+    models = {"mae": HEADS, "knee": {"kl_grade": ["0", "1", "2", "3", "4"]}}
+    triage = Triage(rules(("kl4", "knee.kl_grade == '4' or knee.kl_grade_4 >= 0.9", "urgent"),
+                          ("fx", "fracture >= 0.85 and mae.abnormality_score > 0", "high")), None, models)
+    assert triage.rules[0].names == {"knee.kl_grade", "knee.kl_grade_4"}
+    with pytest.raises(TriageError) as caught:  # bare names are the first model's only; unknown model refused
+        Triage(rules(("a", "kl_grade == '4'", "urgent"), ("b", "hip.kl_grade == '4'", "urgent"),
+                     ("c", "knee.kl_grade > 3", "urgent")), None, models)
+    assert [p.split(":")[0] for p in caught.value.problems] == [f"triage.rules[{i}].when" for i in range(3)]
+    values = model_study_values(
+        [("mae", [(0.2, None, {"fracture": [0.9]})], HEADS),
+         ("knee", [(None, None, {"kl_grade": [0.0, 0.05, 0.05, 0.1, 0.8]})], models["knee"])],
+        {"modality": "CR"})
+    assert values["fracture"] == values["mae.fracture"] == 0.9 and values["knee.kl_grade"] == "4"
+    assert "kl_grade" not in values and values.get("knee.abnormality_score") is None
+    assert triage.decide(values, PriorityDecision(0, "x")).reason == "kl4"
 
 
 def test_study_values_take_the_highest_probability_and_the_worst_class() -> None:

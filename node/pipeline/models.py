@@ -1,0 +1,96 @@
+"""The configured models of a worker (``[[models]]``, or the one ``[engine] model``) and which images each is for.
+
+A :class:`ConfiguredModel` pairs a ``[[models]]`` entry with the loaded model (any family, through the
+``engines.family.ModelFamily`` protocol: the worker never asks which family) and its calibration.
+:func:`applicability_reason` decides from a header alone whether a model applies to an image (pure); an image
+admitted by ``[eligibility]`` gets every model that applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from engines.family import ModelFamily
+from node.settings import ModelEntry
+
+
+def _upper(value: object) -> str:
+    return str(value or "").strip().upper()
+
+
+def applicability_reason(header: Dataset, entry: ModelEntry) -> str | None:
+    """None if ``entry``'s model applies to the image, else why not (no PHI). An empty filter admits anything;
+    View Position and laterality filters never exclude an image that lacks the attribute."""
+    modality = _upper(header.get("Modality"))
+    if entry.modalities and modality not in entry.modalities:
+        return f"modality {modality or 'missing'}"
+    body_part = _upper(header.get("BodyPartExamined"))
+    if entry.body_parts and body_part not in entry.body_parts:
+        return f"body part {body_part or 'missing'}"
+    view = _upper(header.get("ViewPosition"))
+    if entry.view_positions and view and view not in entry.view_positions:
+        return f"view position {view}"
+    laterality = _upper(header.get("Laterality") or header.get("ImageLaterality"))
+    if entry.lateralities and laterality and laterality not in entry.lateralities:
+        return f"laterality {laterality}"
+    sop_class = str(header.get("SOPClassUID", ""))
+    if entry.sop_classes and sop_class not in entry.sop_classes:
+        return f"SOP class {sop_class or 'missing'}"
+    return None
+
+
+@dataclass
+class ConfiguredModel:
+    """One configured model, loaded: its entry, the model (any family), its calibration and reported heads."""
+
+    entry: ModelEntry
+    model: ModelFamily
+    calibration: Any = None
+    heads: Mapping[str, Any] = field(default_factory=dict)  # the reported heads (entry.heads, or all)
+
+    def __post_init__(self) -> None:
+        if not self.heads:
+            self.heads = reported_heads(self.entry, self.model.heads)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def head_labels(self) -> dict[str, list[str]]:
+        return {name: list(head.labels) for name, head in self.heads.items()}
+
+
+def reported_heads(entry: ModelEntry, available: Mapping[str, Any], key: str = "models[0].heads") -> dict[str, Any]:
+    """The heads ``entry`` reports: all of ``available``, or those it lists (``ValueError`` naming ``key`` for a
+    listed head the model lacks)."""
+    if entry.heads is None:
+        return dict(available)
+    missing = [name for name in entry.heads if name not in available]
+    if missing:
+        raise ValueError(f"{key}: model {entry.path} has no head(s) {', '.join(missing)} "
+                         f"(it has: {', '.join(sorted(available)) or 'none'})")
+    return {name: available[name] for name in entry.heads}
+
+
+def configured_head_labels(entries: Sequence[ModelEntry], head_labels_of: Any) -> tuple[dict[str, dict[str, list[str]]] | None, list[str]]:
+    """{configured name: head labels} for triage checks without loading weights, and the problems found.
+
+    ``head_labels_of(path)`` reads a model folder's head files (None when it cannot without loading the weights:
+    then the names are checked when the worker starts, and None is returned)."""
+    models: dict[str, dict[str, list[str]]] = {}
+    problems: list[str] = []
+    for index, entry in enumerate(entries):
+        labels = head_labels_of(Path(entry.path))
+        if labels is None:
+            return None, problems
+        try:
+            models[entry.name] = reported_heads(entry, labels, f"models[{index}].heads")
+        except ValueError as exc:
+            problems.append(str(exc))
+            models[entry.name] = {}
+    return models, problems
