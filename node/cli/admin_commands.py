@@ -380,8 +380,11 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     )
     engine = report["engine"]
     if engine:
-        console.print(f"engine: {engine.get('backend')} {engine.get('precision')} on {engine.get('device')} "
-                      f"— {engine.get('model')}")
+        for item in report.get("engines") or [engine]:  # one line per configured model
+            console.print(f"model {item.get('configured_name', '')}: {item.get('family', '')} {item.get('name', '')} "
+                          f"{item.get('version', '')} ({str(item.get('encoder_sha256', ''))[:12]}) — "
+                          f"{item.get('backend')} {item.get('precision')} on {item.get('device')} — {item.get('model')}"
+                          f" — heads {', '.join(item.get('reported_heads', item.get('heads', []))) or 'none'}")
     else:
         console.print(f"engine: no live worker has it loaded (configured: {report['engine_configured']['backend']})")
 

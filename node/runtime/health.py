@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from node.settings import Settings
-from node.runtime.status import engine_from_roles, live_roles, spool_disk
+from node.runtime.status import engine_from_roles, engines_from_roles, live_roles, spool_disk
 from storage.db import Database
 from storage.status import ping
 
@@ -73,10 +73,14 @@ def check_scp(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
 
 
 def check_engine(database: Database) -> dict[str, Any]:
-    engine = engine_from_roles(live_roles(database))
+    roles = live_roles(database)
+    engine = engine_from_roles(roles)
     if engine is None:
         return {"ok": False, "error": "no live worker reports a loaded engine"}
-    return {"ok": True, **engine}
+    models = [{key: item.get(key) for key in ("configured_name", "family", "name", "version", "encoder_sha256",
+                                               "heads", "reported_heads", "backend", "precision", "device", "model")
+               if key in item} for item in engines_from_roles(roles)]
+    return {"ok": True, **engine, "models": models}  # the first model's keys at the top (one-model readers)
 
 
 def check_health(settings: Settings, database: Database) -> tuple[bool, dict[str, Any]]:

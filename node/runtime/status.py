@@ -97,6 +97,27 @@ def engine_from_roles(roles: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def engines_from_roles(roles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every model a live worker reports loaded (configured name, family, name, version, hash, backend...), in
+    configuration order; [] when none."""
+    for row in roles:
+        if row["role"] == "worker" and row["alive"] and row["detail"].get("engine_loaded"):
+            listed = row["detail"].get("engines")
+            return [dict(item) for item in listed] if listed else [dict(row["detail"].get("engine") or {})]
+    return []
+
+
+def configured_models(settings: Settings) -> list[dict[str, Any]]:
+    """The configured models and what each applies to (``[[models]]`` or the one ``[engine] model``)."""
+    out = []
+    for entry in settings.model_entries:
+        applies = {key: getattr(entry, key) for key in ("modalities", "body_parts", "view_positions", "lateralities",
+                                                         "sop_classes") if getattr(entry, key)}
+        out.append({"name": entry.name, "path": str(entry.path), "applies_to": applies or "every eligible image",
+                    "heads": "all" if entry.heads is None else list(entry.heads)})
+    return out
+
+
 def spool_disk(settings: Settings) -> dict[str, Any]:
     """Free space of the spool's filesystem (its nearest existing ancestor if the spool is not made yet)."""
     path = settings.storage.spool_dir.resolve()
@@ -133,5 +154,8 @@ def collect_status(settings: Settings, database: Database) -> dict[str, Any]:
         "failed_jobs": depths["jobs"].get("failed", 0),
         "disk": spool_disk(settings),
         "engine": engine_from_roles(roles),
-        "engine_configured": {"model": str(settings.engine.model), "backend": settings.engine.backend},
+        "engines": engines_from_roles(roles),
+        "engine_configured": {"model": ", ".join(str(e.path) for e in settings.model_entries),
+                              "backend": settings.engine.backend},
+        "models_configured": configured_models(settings),
     }

@@ -43,7 +43,7 @@ def create_app(settings: Settings, database: Database, spool: Spool) -> "Securit
     """The dashboard app; the caller owns ``database`` and ``spool``."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     web = WebContext(settings, database, spool, Accounts(database), templates, load_secret(settings.web.secret_key_file),
-                     DashboardData(database, settings.engine.model),
+                     DashboardData(database, [(e.name, e.path) for e in settings.model_entries]),
                      LoginThrottle(settings.web.login_max_failures, settings.web.login_window_minutes))
     routes = [
         Route("/login", login_form, methods=["GET"]),

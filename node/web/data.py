@@ -7,6 +7,7 @@ URL, so none ends up in proxy logs or browser history.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,21 @@ def findings(heads: dict[str, list[float]] | None, labels: dict[str, list[str]])
         best = max(range(len(probabilities)), key=lambda i: probabilities[i])
         label = names[best] if best < len(names) else str(best)
         result.append((name, label, float(probabilities[best])))
+    return result
+
+
+def model_findings(outputs: dict[str, Any] | None, labels: dict[str, dict[str, list[str]]],
+                   first: str | None) -> list[tuple[str, str, float]]:
+    """Findings of an image row: every model's heads (``outputs["models"]``), named ``<model>.<head>`` except the
+    first configured model's; rows written before several models (only ``outputs["heads"]``) as before."""
+    outputs = outputs or {}
+    per_model = outputs.get("models")
+    if not per_model:
+        return findings(outputs.get("heads"), labels.get(first or "", {}))
+    result = []
+    for model, values in per_model.items():
+        for head, label, probability in findings((values or {}).get("heads"), labels.get(model, {})):
+            result.append((head if model == first else f"{model}.{head}", label, probability))
     return result
 
 
@@ -111,9 +127,13 @@ def _merge_findings(rows: list[list[tuple[str, str, float]]]) -> list[tuple[str,
 class DashboardData:
     """Read-only queries for the pages; one instance per app."""
 
-    def __init__(self, database: Database, model_dir: Path) -> None:
+    def __init__(self, database: Database, model_dir: Path | Sequence[tuple[str, Path]]) -> None:
+        """``model_dir``: the one model's folder, or (configured name, folder) of every configured model."""
         self.db = database
-        self.labels = head_labels(model_dir)
+        models = [("", Path(model_dir))] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        self.model_labels = {name: head_labels(Path(folder)) for name, folder in models}
+        self.first = models[0][0] if models else ""
+        self.labels = self.model_labels.get(self.first, {})
 
     def studies(self, limit: int = 200) -> list[StudyRow]:
         """Most urgent first, then the most recently received."""
@@ -159,7 +179,8 @@ class DashboardData:
             percentiles = [p for p in ((r.outputs or {}).get("percentile") for r in analysed) if p is not None]
             row.max_score = max(scores) if scores else None
             row.max_percentile = max(percentiles) if percentiles else None
-            row.findings = _merge_findings([findings((r.outputs or {}).get("heads"), self.labels) for r in analysed])
+            row.findings = _merge_findings([model_findings(r.outputs, self.model_labels, self.first)
+                                            for r in analysed])
         return row
 
     def study(self, study_id: int) -> tuple[StudyRow, str, list[ImageRow], list[DeliveryRow]] | None:
@@ -192,7 +213,7 @@ class DashboardData:
                         body_part=instance.body_part_examined, sop_instance_uid=instance.sop_instance_uid,
                         state=result.state if result else None, reason=result.reason if result else None,
                         score=result.score if result else None, percentile=outputs.get("percentile"),
-                        findings=findings(outputs.get("heads"), self.labels), region=outputs.get("region"),
+                        findings=model_findings(outputs, self.model_labels, self.first), region=outputs.get("region"),
                     )
                 )
             deliveries = [

@@ -4,6 +4,7 @@ peers, associations, queues and dead letters, system status. Plus the open /heal
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -194,8 +195,10 @@ def config_problems(web: WebContext, status: dict[str, Any]) -> list[str]:
             problems.append(f"pipeline.roles: role {role} is configured but has not reported a heartbeat recently")
     if not status["disk"]["above_watermark"]:
         problems.append("storage.min_free_disk_mb: free disk on the spool is below the watermark; intake refuses")
-    if not web.settings.engine.model.exists():
-        problems.append(f"engine.model: {web.settings.engine.model} does not exist")
+    for index, entry in enumerate(web.settings.model_entries):
+        if not Path(entry.path).exists():
+            key = f"models[{index}].path" if web.settings.models else "engine.model"
+            problems.append(f"{key}: {entry.path} does not exist")
     for peer in _directory(web).list():
         if not peer.addresses:
             problems.append(f"peers.{peer.name}.host: {peer.host!r} does not resolve")
