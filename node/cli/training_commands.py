@@ -76,8 +76,11 @@ def heads_train(
     test_fraction: float = typer.Option(0.25, "--test-fraction", min=0.05, max=0.9),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="heads folder (default: <model>/heads)"),
+    pooling: str = typer.Option("cls", "--pooling", help="feature the head reads: cls (every family) or patch_mean "
+                                                         "(mean of the patch tokens; families that offer it, e.g. DINOv3)"),
 ) -> None:
-    """Fit a linear probe on frozen CLS embeddings of labelled DICOM files; save it in format 3e."""
+    """Fit a linear probe on frozen embeddings (CLS, or mean patch token) of labelled DICOM files; save it in
+    format 3e. Any model family (MAE, DINOv3)."""
     import numpy as np
     import torch
 
@@ -100,6 +103,10 @@ def heads_train(
     if not classes and set(targets) - {0, 1}:
         class_names = [f"{name}{k}" for k in range(max(targets) + 1)]
     loaded = _load_model(model, load_heads=False)
+    offered = tuple(getattr(loaded, "poolings", ("cls",)))  # a capability, not a family check
+    if pooling not in offered:
+        typer.echo(f"--pooling {pooling}: model {model} offers {', '.join(offered)}", err=True)
+        raise typer.Exit(code=2)
     embeddings: list[torch.Tensor] = []
     kept: list[int] = []
     with _progress() as bar:
@@ -111,7 +118,7 @@ def heads_train(
                 log.warning("skipping %s: %s", row["file"], exc)
                 bar.advance(task)
                 continue
-            embeddings.append(loaded.embed(x[:1]))
+            embeddings.append(loaded.embed(x[:1]) if pooling == "cls" else loaded.embed(x[:1], pooling=pooling))
             kept.append(target)
             bar.advance(task)
     if len(set(kept)) < 2:
@@ -123,6 +130,7 @@ def heads_train(
         name,
         loaded.encoder_hash,
         provenance={"data": str(data), "labels": str(labels), "column": column, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        pooling=pooling,
     )
     weights, meta = save_head(head, out or (Path(model) / "heads"))
     for key, value in fit.metrics.items():
@@ -147,6 +155,10 @@ def calibrate(
     from engines.training.inputs import dicom_inputs
 
     loaded = _load_model(model, load_heads=False)
+    if not loaded.supports_error_map:
+        typer.echo(f"model {model} ({loaded.family}) has no error map, so no abnormality score to calibrate; its "
+                   "heads' probabilities are used as fitted (msknode heads train)", err=True)
+        raise typer.Exit(code=2)
     files = _dicom_files([data])
     scores: list[float] = []
     with _progress() as bar:
