@@ -40,7 +40,31 @@ class DemoStudy:
     files: list[Path]
 
 
-def _write_config(path: Path, node_port: int, web_port: int, pacs_ae: str, pacs_port: int, model: Path) -> None:
+def _models_toml(model: Path, knee_model: Path | None) -> str:
+    """``[engine] model`` alone, or two model families: the MAE on every eligible image and the DINOv3 KL grader on
+    knees, with a triage rule on its KL head."""
+    if knee_model is None:
+        return f'[engine]\nmodel = "{model}"\n'
+    return f"""[[models]]
+name = "mae"
+path = "{model}"
+
+[[models]]
+name = "knee"
+path = "{knee_model}"
+body_parts = ["KNEE"]
+modalities = ["CR", "DX"]
+heads = ["kl_grade"]
+
+[[triage.rules]]
+name = "severe knee osteoarthritis"
+when = "knee.kl_grade == '4'"
+priority = "high"
+"""
+
+
+def _write_config(path: Path, node_port: int, web_port: int, pacs_ae: str, pacs_port: int, model: Path,
+                  knee_model: Path | None = None) -> None:
     work = path.parent
     path.write_text(
         f"""[node]
@@ -57,9 +81,7 @@ min_free_disk_mb = 100
 settle_seconds = 1.0
 poll_seconds = 0.5
 
-[engine]
-model = "{model}"
-
+{_models_toml(model, knee_model)}
 [web]
 host = "127.0.0.1"
 port = {web_port}
@@ -162,7 +184,9 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
         console.print(f"PACS: Orthanc not installed; a pynetdicom Storage SCP on 127.0.0.1:{pacs_port} -> {work / 'pacs'}")
     config = work / "msknode.toml"
     web_port = free_port()
-    _write_config(config, node_port, web_port, pacs_ae, pacs_port, model)
+    knee_model = REPO / "models" / "demo-dinov3"  # the second family (DINOv3, KL grade on knees), when present
+    _write_config(config, node_port, web_port, pacs_ae, pacs_port, model,
+                  knee_model if (knee_model / "config.json").is_file() else None)
     password = _create_demo_user(config)
     log_path = work / "node.log"
     with open(log_path, "wb") as log:
