@@ -18,6 +18,7 @@ from typing import Any
 
 from node.demo.pacs import free_port, orthanc_binary
 from tests.helpers.components import component_missing
+from tests.helpers.orthanc import Orthanc
 
 VIEWER_DIR = Path(__file__).resolve().parent
 OHIF_DIST = VIEWER_DIR / "node_modules" / "@ohif" / "app" / "dist"
@@ -25,6 +26,9 @@ DCMJS = VIEWER_DIR / "node_modules" / "dcmjs"
 DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc/plugins"))
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_HINT = "`make test` runs tests/setup/install_viewer.sh (npm ci in tests/viewer)"
+# Orthanc's DICOMweb plugin as OHIF reads it (full metadata: no per-instance reads for the study's metadata).
+DICOMWEB_SETTINGS = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
+                     "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
 
 
 def dicomweb_plugin() -> Path | None:
@@ -79,8 +83,7 @@ class DicomWebOrthanc:
             "AuthenticationEnabled": False,
             "DicomServerEnabled": False,
             "Plugins": [str(self.plugin)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
-                         "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "DicomWeb": DICOMWEB_SETTINGS,
             "ConcurrentJobs": 2,
             "SaveJobs": False,
         }
@@ -119,6 +122,23 @@ class DicomWebOrthanc:
                                          headers={"Content-Type": "application/dicom"})
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
+
+
+class DicomWebPacs(Orthanc):
+    """Orthanc as the PACS of the product loop (C-STORE in and out, ``modalities`` it pushes to: the node) that
+    OHIF reads through the same DICOMweb plugin settings as :class:`DicomWebOrthanc`."""
+
+    def __init__(self, directory: Path, modalities: dict[str, tuple[str, str, int]]) -> None:
+        plugin = dicomweb_plugin()
+        if plugin is None:
+            component_missing("Orthanc DICOMweb plugin not installed (Debian package orthanc-dicomweb)")
+        super().__init__(directory, modalities)
+        self.plugin = plugin
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        config.update({"Plugins": [str(self.plugin)], "DicomWeb": DICOMWEB_SETTINGS})
+        return config
 
 
 def app_config(origin: str) -> str:
@@ -165,7 +185,7 @@ def app_config(origin: str) -> str:
 class ViewerServer:
     """Serves the OHIF dist (index.html for every app route), our app-config.js, and proxies /dicom-web/."""
 
-    def __init__(self, dist: Path, orthanc: DicomWebOrthanc) -> None:
+    def __init__(self, dist: Path, orthanc: DicomWebOrthanc | DicomWebPacs) -> None:
         self.dist, self.orthanc = dist.resolve(), orthanc
         self.port = free_port()
         self.requests: list[tuple[str, int]] = []  # (path, status) of every proxied DICOMweb request
@@ -224,6 +244,8 @@ class ViewerServer:
             if request.headers.get(header):
                 upstream.add_header(header, request.headers[header])
         upstream.add_header("Host", f"127.0.0.1:{self.port}")  # Orthanc builds BulkDataURIs from it
+        for header, value in getattr(self.orthanc, "http_headers", {}).items():  # e.g. the PACS's basic auth
+            upstream.add_header(header, value)
         try:
             with urllib.request.urlopen(upstream, timeout=120) as response:
                 status, data, content_type = response.status, response.read(), response.headers.get("Content-Type")
