@@ -197,3 +197,18 @@ def test_config_check_checks_rule_names_and_heads_against_every_model(folders) -
     with pytest.raises(ConfigError) as caught:
         _check_triage_names(heads, "t.toml")
     assert caught.value.problems[0].startswith("models[0].heads: model") and "no head(s) kl " in caught.value.problems[0]
+
+
+def test_status_and_health_list_every_model(folders) -> None:
+    from node.runtime.status import configured_models, engine_from_roles, engines_from_roles
+
+    mae_folder, dino_folder = folders
+    settings = settings_for(mae_folder, dino_folder)
+    listed = configured_models(settings)
+    assert [(m["name"], m["applies_to"]) for m in listed] == [
+        ("mae", "every eligible image"), ("knee", {"modalities": ["CR", "DX"], "body_parts": ["KNEE"]})]
+    engines = [{"configured_name": "mae", "family": "mae"}, {"configured_name": "knee", "family": "dinov3"}]
+    row = {"role": "worker", "alive": True, "detail": {"engine_loaded": True, "engine": engines[0], "engines": engines}}
+    assert engines_from_roles([row]) == engines and engine_from_roles([row]) == engines[0]
+    old = {"role": "worker", "alive": True, "detail": {"engine_loaded": True, "engine": {"family": "mae"}}}
+    assert engines_from_roles([old]) == [{"family": "mae"}]  # a worker of before several models
