@@ -21,6 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
@@ -131,6 +132,9 @@ def _dirty_file(base: pydicom.Dataset, charset: bytes | None, values: dict[str, 
             del ds[keyword]
         if raw is not None:
             ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+    # Declare the new character set as the one "read", so pydicom writes the raw bytes as they are instead of
+    # decoding and re-encoding them (which fails for e.g. a DS of high-bit bytes under ISO_IR 192 or GB18030).
+    ds.set_original_encoding(False, True, convert_encodings(ds.get("SpecificCharacterSet")))
     ds.save_as(path, enforce_file_format=True)
 
 

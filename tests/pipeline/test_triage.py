@@ -247,7 +247,8 @@ def test_worker_stores_priority_writes_it_into_results_and_queues_one_notificati
     assert sorted((n.channel, n.target) for n in notes) == [("smtp", "a@example.org"),
                                                              ("webhook", "http://127.0.0.1:9/hook")]
     payload = notes[0].payload
-    assert payload["priority"] == "URGENT" and payload["accession_number"] == "ACC-77"
+    assert payload["priority"] == "URGENT"
+    assert "accession_number" not in payload and "ACC-77" not in str(payload)  # PHI only with include_phi
     assert payload["study_instance_uid"] == source.StudyInstanceUID
     assert payload["link"] == f"https://node.example.org/studies/{study.id}"
     assert payload["findings"]["rule"] == "fracture" and payload["findings"]["values"]["fracture"] > 0.85

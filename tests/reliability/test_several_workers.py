@@ -141,6 +141,18 @@ class Node:
         return None if (waiting or busy_job or busy_out) else "quiet"
 
 
+def act_on_live_owner(node: Node, study_uid: str, act, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
+    """Kill or stall the live worker holding a job of the study. Under load the first owner seen may already be
+    gone (killed for another study and restarted under a new pid): look again until a live one is hit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = node.processing(study_uid, 1)
+        if held is not None and act(held[1]):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no live worker held a job of {study_uid} within {timeout:.0f} s")
+
+
 def drive(node: Node, scenario: str, plan: StudyPlan, late: list[StudyPlan], notes: list[str],
           errors: list[BaseException]) -> None:
     try:
@@ -148,9 +160,11 @@ def drive(node: Node, scenario: str, plan: StudyPlan, late: list[StudyPlan], not
         _, owner = wait_for(lambda: node.processing(plan.study_uid, 1), 60, f"{plan.study_uid} processing", 0.1)
         node.send(late[0])  # revision 2 arrives while revision 1 is being processed
         notes.append(f"{scenario}: late instance while revision 1 processing")
-        if scenario == "kill" and node.kill(owner):
+        if scenario == "kill":
+            act_on_live_owner(node, plan.study_uid, node.kill)
             notes.append("kill: worker SIGKILLed mid-job")
-        elif scenario == "stall" and node.stall(owner, LEASE * 2.5):
+        elif scenario == "stall":
+            act_on_live_owner(node, plan.study_uid, lambda holder: node.stall(holder, LEASE * 2.5))
             notes.append("stall: worker stopped past its lease, then woken")
         elif scenario == "plain":
             # A third revision while the second is being processed.
