@@ -12,7 +12,6 @@ import socket
 import ssl
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -25,50 +24,16 @@ from node.settings import PeerSettings, TlsSettings, parse_settings
 from node.dicom.tls import TlsConfigError, client_tls_args, server_context
 from tests.helpers.dicomdata import make_instances
 from tests.helpers.node import NODE_AE, NodeConfig, NodeProcess, free_port
+from tests.helpers.pki import Pki, make_pki
 from tests.helpers.tools import require_tool
 
 pytestmark = pytest.mark.dcmtk
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path  # signed by another CA
-    stranger_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(directory: Path, name: str, ca: str, subject: str, san: str | None) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-subj", subject,
-             "-out", f"{name}.csr", cwd=directory)
-    extensions = directory / f"{name}.ext"
-    extensions.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "2", "-sha256", "-extfile", extensions.name, "-out", f"{name}.pem",
-             cwd=directory)
-    os.chmod(directory / f"{name}.key", 0o600)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     require_tool("storescu")
-    directory = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "otherca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
-                 "-days", "2", "-subj", f"/CN=msknode test {ca}", cwd=directory)
-    _issue(directory, "server", "ca", "/CN=localhost", "DNS:localhost,IP:127.0.0.1")
-    _issue(directory, "client", "ca", "/CN=pacs-client", None)
-    _issue(directory, "stranger", "otherca", "/CN=stranger", None)
-    return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-               directory / "client.pem", directory / "client.key",
-               directory / "stranger.pem", directory / "stranger.key")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_node(directory: Path, pki: Pki, *, mutual: bool) -> NodeProcess:
