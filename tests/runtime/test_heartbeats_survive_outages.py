@@ -83,15 +83,18 @@ def heartbeat_failures(database: Database, role: str, kind: str) -> float:
                if name == "heartbeat_failures" and labels == {"role": role, "kind": kind})
 
 
-def test_worker_lease_renewal_survives_a_database_outage_and_renews_after_it(pg: Database) -> None:
+def test_worker_lease_renewal_survives_a_database_outage_and_renews_after_it(pg: Database, tmp_path) -> None:
+    import engines
     from node.pipeline.worker import Worker
     from node.settings import parse_settings
+    from tests.helpers.models import tiny_model
 
     lease = 4.5  # the loop renews every lease / 3 = 1.5 s
     settings = parse_settings({"pipeline": {"lease_seconds": lease}}, resolve_hosts=False)
     queue = JobQueue(pg)
     detail: dict = {}
-    worker = Worker(settings, queue, None, None, None, owner="worker@test:1", counters=Counters(pg),  # type: ignore[arg-type]
+    model = engines.load(tiny_model(tmp_path / "model", width=32, layers=1), backend="cpu")
+    worker = Worker(settings, queue, None, None, model, owner="worker@test:1", counters=Counters(pg),  # type: ignore[arg-type]
                     detail=detail)
     job_id = processing_job(pg, queue, worker.owner, lease)
     worker._held = [job_id]  # as while the job is processing
