@@ -169,6 +169,41 @@ def build_plan(
     return bytes(plan)
 
 
+def tensorrt_from_export(
+    export_key: list[Any],
+    graphs: tuple[str, ...],
+    export: Callable[[Path, BatchProfile], None],
+    shapes: Callable[[str, BatchProfile], dict[str, tuple[tuple[int, ...], ...]]],
+    precision: str = "fp16",
+    cache_dir: Path | None = None,
+    profile: BatchProfile | None = None,
+    trt: ModuleType | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TensorRTBackend:
+    """The TensorRT plumbing every family shares: ONNX export cached on disk, then one plan per graph.
+
+    The family supplies only what differs: ``export_key`` (JSON-able; everything its ONNX files depend on, e.g.
+    the encoder hash and input size), its ``graphs``, ``export(onnx_dir, profile)`` writing ``<graph>.onnx``
+    files there, and ``shapes(graph, profile)`` (input -> (min, opt, max)). The ONNX folder is
+    ``<cache>/onnx/<sha256(export_key)[:24]>``; the plans are keyed by :class:`PlanKey`.
+    """
+    trt = trt or import_tensorrt()
+    if not torch.cuda.is_available():
+        raise RuntimeError("TensorRT needs a CUDA device")
+    directory = Path(cache_dir or DEFAULT_CACHE_DIR)
+    profile = profile or BatchProfile()
+    key = hashlib.sha256(json.dumps(export_key).encode()).hexdigest()
+    onnx_dir = directory / "onnx" / key[:24]
+    if not all((onnx_dir / f"{g}.onnx").is_file() for g in graphs):
+        if progress:
+            progress("exporting ONNX")
+        export(onnx_dir, profile)
+    inputs = {g: (onnx_dir / f"{g}.onnx", shapes(g, profile)) for g in graphs}
+    return TensorRTBackend.from_onnx(
+        inputs, precision=precision, cache_dir=directory, profile=profile, trt=trt, progress=progress
+    )
+
+
 class EngineRunner:
     """One deserialised engine and its execution context, fed with torch CUDA tensors."""
 

@@ -66,8 +66,8 @@ def test_auto_falls_back_to_cuda_when_tensorrt_fails(tiny_model, monkeypatch):
         "engines.backends.tensorrt_backend.TensorRTBackend.from_onnx",
         classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(ImportError("no tensorrt"))),
     )
-    monkeypatch.setattr("engines.mae.backend.import_tensorrt", lambda: types.SimpleNamespace())  # export skipped:
-    monkeypatch.setattr("engines.mae.backend.export_onnx", lambda *a, **k: None)  # the build fails after it
+    monkeypatch.setattr("engines.backends.tensorrt_backend.import_tensorrt", lambda: types.SimpleNamespace())
+    monkeypatch.setattr("engines.mae.backend.export_onnx", lambda *a, **k: None)  # export skipped: the build fails
     backend = build_backend(tiny_model, backend="auto")
     assert backend.name == "cuda" and built == {"device": "cuda", "precision": "fp16"}
 
@@ -170,3 +170,62 @@ def test_profile_shapes_cover_the_worker_batches():
     assert masked["pixels"][2] == (16, 3, 224, 224)
     with pytest.raises(ValueError, match="graph"):
         graph_shapes(BatchProfile(), vitl, "unknown")
+
+
+def fake_tensorrt_build(monkeypatch, exports: list, builds: list) -> None:
+    """CUDA present, a stand-in tensorrt module, ONNX "exported" as placeholder files, plan builds recorded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        "engines.backends.tensorrt_backend.TensorRTBackend.from_onnx",
+        classmethod(lambda cls, inputs, **kwargs: builds.append((inputs, kwargs)) or "built"),
+    )
+
+    def export(network, onnx_dir, graphs=("encoder_full",), **kwargs):
+        exports.append(onnx_dir)
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        for graph in graphs:
+            (onnx_dir / f"{graph}.onnx").write_bytes(b"onnx")
+
+    monkeypatch.setattr("engines.mae.backend.export_onnx", export)
+    monkeypatch.setattr("engines.dinov3.backend.export_onnx", export)
+
+
+def test_both_families_share_the_tensorrt_export_and_plan_plumbing(tiny_model, tmp_path, monkeypatch):
+    """engines.backends.tensorrt_backend.tensorrt_from_export: ONNX exported once per export key, each family's
+    graphs and shapes handed to the plan builder, one ONNX folder per (family, weights, input size)."""
+    from engines.dinov3 import backend as dinov3_backend
+    from engines.dinov3.network import DINOv3Config, DINOv3ViT
+    from engines.mae import backend as mae_backend
+
+    exports, builds = [], []
+    fake_tensorrt_build(monkeypatch, exports, builds)
+    trt = types.SimpleNamespace()
+    profile = BatchProfile(max_images=8)
+    for _ in range(2):
+        assert mae_backend.tensorrt_backend(tiny_model, cache_dir=tmp_path, profile=profile, trt=trt) == "built"
+    assert len(exports) == 1 and len(builds) == 2  # the second call found the ONNX files: no second export
+    inputs, kwargs = builds[-1]
+    expected_graphs = {"encoder_full", "encoder_masked", "decoder"} if tiny_model.has_decoder else {"encoder_full"}
+    assert set(inputs) == expected_graphs
+    assert inputs["encoder_full"] == (exports[0] / "encoder_full.onnx",
+                                      graph_shapes(profile, tiny_model.config, "encoder_full"))
+    assert kwargs["cache_dir"] == tmp_path and kwargs["profile"] == profile and kwargs["precision"] == "fp16"
+
+    network = DINOv3ViT(DINOv3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, image_size=64)).init_weights(seed=0)
+    dinov3_backend.tensorrt_backend(network, 64, 64, precision="bf16", cache_dir=tmp_path, trt=trt)
+    dinov3_backend.tensorrt_backend(network, 64, 64, cache_dir=tmp_path, trt=trt)
+    dinov3_backend.tensorrt_backend(network, 96, 96, cache_dir=tmp_path, trt=trt)  # another input size
+    assert len(exports) == 3 and len({*exports}) == 3 and all(p.parent == tmp_path / "onnx" for p in exports)
+    inputs, kwargs = builds[-1]
+    assert set(inputs) == {"encoder_full"} and inputs["encoder_full"][1]["pixels"][2] == (16, 3, 96, 96)
+    assert builds[-3][1]["precision"] == "bf16"
+
+
+def test_tensorrt_plumbing_needs_cuda(tiny_model, tmp_path, monkeypatch):
+    from engines.mae import backend as mae_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        mae_backend.tensorrt_backend(tiny_model, cache_dir=tmp_path, trt=types.SimpleNamespace())
+    assert not (tmp_path / "onnx").exists()  # nothing exported for a backend that cannot run
