@@ -566,10 +566,12 @@ def add_algorithm_equipment(dataset: Dataset, study: StudyResult, models: Sequen
     ``models`` defaults to every model with a result in the study.
     """
     for model in (study.models if models is None else models):
-        _add_algorithm_item(dataset, study, model)
+        dataset.ContributingEquipmentSequence.append(
+            algorithm_equipment_item(model, study.created_at, study.node_name))
 
 
-def _add_algorithm_item(dataset: Dataset, study: StudyResult, model: ModelInfo) -> None:
+def algorithm_equipment_item(model: ModelInfo, created: datetime, node_name: str) -> Dataset:
+    """One IHE AIR Contributing Equipment item for ``model`` (also used by the MRI SEG / SR / SC builders)."""
     purpose = Dataset()
     purpose.CodeValue = codes.PROCESSING_ALGORITHM.value
     purpose.CodingSchemeDesignator = codes.PROCESSING_ALGORITHM.scheme_designator
@@ -580,6 +582,6 @@ def _add_algorithm_item(dataset: Dataset, study: StudyResult, model: ModelInfo) 
     item.ManufacturerModelName = model.name
     item.SoftwareVersions = model.version
     item.DeviceUID = device_uid(model)
-    item.ContributionDateTime = DT(study.created_at)
-    item.ContributionDescription = f"AI algorithm {model.name} {model.version} (node {study.node_name})"
-    dataset.ContributingEquipmentSequence.append(item)
+    item.ContributionDateTime = DT(created)
+    item.ContributionDescription = f"AI algorithm {model.name} {model.version} (node {node_name})"
+    return item
