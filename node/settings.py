@@ -565,6 +565,123 @@ class WebSettings(_Section):
     login_window_minutes: int = Field(15, ge=1, le=1440)
 
 
+def _check_pattern(value: str | None) -> str | None:
+    """A regular expression (Python ``re``, searched case-insensitively), compiled once here to fail early."""
+    if value is None:
+        return None
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+    return value
+
+
+MriPlane = Literal["sagittal", "coronal", "axial"]
+
+
+class SeriesRule(_Section):
+    """[[mri.rules]]: one preference among an MR study's series; every condition given must hold for the rule
+    to add its ``score`` (negative: avoid). Conditions left out are not checked."""
+
+    name: str = Field(min_length=1, max_length=64)
+    score: float = Field(ge=-1000, le=1000)
+    planes: list[MriPlane] = Field(default_factory=list, description="the rule applies only to these planes; empty = all")
+    series_description: str | None = Field(None, description="regular expression searched in Series Description")
+    scanning_sequence: list[str] = Field(default_factory=list, description="any of these Scanning Sequence values "
+                                         "(SE, IR, GR, EP, RM)")
+    sequence_variant: list[str] = Field(default_factory=list, description="any of these Sequence Variant values "
+                                        "(SK, MTC, SS, TRSS, SP, MP, OSP, NONE)")
+    fat_saturated: bool | None = Field(None, description="fat suppression as detected (Scan Options FS, Spectrally "
+                                       "Selected Suppression FAT, or mri.fat_saturation_description)")
+    image_type: list[str] = Field(default_factory=list, description="all of these Image Type values present")
+    repetition_time_ms: tuple[float, float] | None = Field(None, description="[min, max] Repetition Time")
+    echo_time_ms: tuple[float, float] | None = Field(None, description="[min, max] Echo Time")
+    slices: tuple[int, int] | None = Field(None, description="[min, max] number of slices")
+
+    _check_description = field_validator("series_description")(_check_pattern)
+
+    @field_validator("repetition_time_ms", "echo_time_ms", "slices")
+    @classmethod
+    def _range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"[min, max] with min <= max, got {list(value)}")
+        return value
+
+    @field_validator("scanning_sequence", "sequence_variant", "image_type")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [value.strip().upper() for value in values]
+
+
+def _default_series_rules() -> list[SeriesRule]:
+    """Prefer fat-saturated PD / T2 (what knee MRI models are trained on); avoid T1 and short-TR series."""
+    return [
+        SeriesRule(name="fat-saturated", score=4, fat_saturated=True),
+        SeriesRule(name="proton-density", score=3, series_description=r"\b(PD|PDW|proton)"),
+        SeriesRule(name="t2-weighted", score=2, series_description=r"\bT2"),
+        SeriesRule(name="long-tr", score=1, repetition_time_ms=(1500, 20000)),
+        SeriesRule(name="t1-weighted", score=-10, series_description=r"\bT1"),
+        SeriesRule(name="short-tr", score=-5, repetition_time_ms=(0, 900)),
+    ]
+
+
+class MriSettings(_Section):
+    """[mri]: which series of an MR study feed a 3-D model (one per plane), chosen by rules, reasons recorded."""
+
+    planes: list[MriPlane] = Field(default_factory=lambda: ["sagittal", "coronal", "axial"], min_length=1,
+                                   description="planes to choose a series for")
+    plane_tolerance_degrees: float = Field(20.0, gt=0, le=45, description="how far a slice normal may tilt from "
+                                           "the patient axis of its plane before the series counts as oblique")
+    modalities: list[str] = Field(default_factory=lambda: ["MR"], min_length=1)
+    min_slices: int = Field(10, ge=2, le=10000, description="fewer slices: not a volume worth analysing")
+    min_score: float = Field(1.0, description="a series whose rules add up to less is never chosen (wrong contrast)")
+    excluded_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"],
+                                            description="a series with any of these Image Type values is rejected")
+    excluded_series_descriptions: list[str] = Field(
+        default_factory=lambda: [r"\b(loc|locali[sz]er|scout|survey|3.?plane|calibration)\b"],
+        description="regular expressions searched in Series Description; a match rejects the series",
+    )
+    fat_saturation_description: str = Field(
+        r"(\bFS\b|FAT.?SAT|\bSPAIR\b|\bSPIR\b|\bSTIR\b|\bFS[_ -]|[_ -]FS\b|\bDIXON.?W)",
+        description="Series Description pattern that counts as fat suppression when the header has no Scan Options FS",
+    )
+    rules: list[SeriesRule] = Field(default_factory=_default_series_rules)
+
+    _check_fat = field_validator("fat_saturation_description")(_check_pattern)
+
+    @field_validator("excluded_series_descriptions")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"item {index}: {value!r} is not a valid regular expression: {exc}") from None
+        return values
+
+    @field_validator("modalities", "excluded_image_types")
+    @classmethod
+    def _codes(cls, values: list[str]) -> list[str]:
+        return [value.strip().upper() for value in values]
+
+    @field_validator("planes")
+    @classmethod
+    def _planes_once(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError("each plane at most once")
+        return values
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_names_unique(cls, rules: list[SeriesRule]) -> list[SeriesRule]:
+        seen: dict[str, int] = {}
+        for index, rule in enumerate(rules):
+            if rule.name in seen:
+                raise ValueError(f"[{index}].name: duplicate rule name {rule.name!r} (also [{seen[rule.name]}])")
+            seen[rule.name] = index
+        return rules
+
+
 class LoggingSettings(_Section):
     """[logging]"""
 
@@ -591,6 +708,7 @@ class Settings(_Section):
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
+    mri: MriSettings = Field(default_factory=MriSettings)
 
     @model_validator(mode="after")
     def _unique_peers(self) -> "Settings":
