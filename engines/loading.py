@@ -14,13 +14,20 @@ from pathlib import Path
 from engines.dinov3.family import FAMILY as DINOV3, is_dinov3, load_dinov3
 from engines.family import ModelFamily
 from engines.mae.family import FAMILY as MAE, load_mae
+from engines.vit_classifier.family import FAMILY as VIT_CLASSIFIER, load_vit_classifier
+from engines.vit_classifier.loaders import is_vit_classifier
 
 #: family name -> loader(path, device=, backend=, precision=, load_heads=)
-LOADERS: dict[str, Callable[..., ModelFamily]] = {MAE: load_mae, DINOV3: load_dinov3}
+LOADERS: dict[str, Callable[..., ModelFamily]] = {
+    MAE: load_mae, DINOV3: load_dinov3, VIT_CLASSIFIER: load_vit_classifier,
+}
 
 
 def detect_family(path: str | Path) -> str:
-    """The model family of the checkpoint at ``path``: ``dinov3`` when its loaders recognise it, else ``mae``."""
+    """The model family of the checkpoint at ``path``: ``vit-classifier`` for a folder with ``head_layout.json``
+    (a multi-head HF ViT classifier), ``dinov3`` when its loaders recognise it, else ``mae``."""
+    if is_vit_classifier(path):
+        return VIT_CLASSIFIER
     if is_dinov3(path):
         return DINOV3
     return MAE

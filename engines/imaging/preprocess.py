@@ -113,6 +113,16 @@ def _model_tensor_from_uint8(image8: np.ndarray, preprocessing: PreprocessorConf
     return _normalise(resized, preprocessing)
 
 
+def tensor_from_uint8(image8: np.ndarray, preprocessing: PreprocessorConfig = IMAGENET_224) -> torch.Tensor:
+    """An 8-bit grey (H, W) or RGB (H, W, 3) image (or a crop of one) -> model input [3, H, W], with no further
+    min-max: SKELEX's region-guided classifier resizes crops of the already 8-bit image."""
+    if image8.dtype != np.uint8 or not (image8.ndim == 2 or (image8.ndim == 3 and image8.shape[-1] == 3)):
+        raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) image, got {image8.dtype} {image8.shape}")
+    if min(image8.shape[:2]) < 1:
+        raise ValueError(f"empty image {image8.shape}")
+    return _model_tensor_from_uint8(np.ascontiguousarray(image8), preprocessing)
+
+
 def prepare_array(pixels: np.ndarray, preprocessing: PreprocessorConfig = IMAGENET_224) -> torch.Tensor:
     """SKELEX's path from an array: min-max to uint8, grey -> RGB, bilinear 224 x 224, /255, ImageNet.
 

@@ -45,18 +45,36 @@ def highest_error_region(
     The convex hull of the component's pixel corners is the "simplified outline": few vertices, always a valid
     simple polygon for an SR SCOORD POLYGON. Returns None for a flat (all-equal) map.
     """
+    regions = high_error_regions(error_map, geometry, percentile, max_regions=1)
+    return regions[0] if regions else None
+
+
+def high_error_regions(
+    error_map: np.ndarray | Tensor, geometry: SourceGeometry, percentile: float = 98.0, max_regions: int = 3
+) -> list[Region]:
+    """The ``max_regions`` connected components of the top-percentile pixels with the largest summed error, best
+    first (ties keep label order), each as a convex outline; empty for a flat map. Region-guided classifiers
+    crop around them."""
     m = np.asarray(error_map, dtype=np.float64)
     if m.shape != tuple(geometry.model_size):
         raise ValueError(f"expected a {geometry.model_size[0]} x {geometry.model_size[1]} map, got {m.shape}")
+    if max_regions < 1:
+        raise ValueError(f"max_regions must be >= 1, got {max_regions}")
     if not np.isfinite(m).all() or m.max() <= m.min():
-        return None
+        return []
     threshold = float(np.percentile(m, percentile))
     # A mostly-flat map puts the percentile on its floor: then take everything above the floor.
     selected = m > threshold if threshold <= m.min() else m >= threshold
     labels, count = ndimage.label(selected, structure=np.ones((3, 3)))
     sums = ndimage.sum(m, labels, index=np.arange(1, count + 1))
-    best = int(np.argmax(sums)) + 1
-    rows, cols = np.nonzero(labels == best)
+    order = np.argsort(-np.asarray(sums), kind="stable")[:max_regions]
+    return [_component_region(m, labels, int(best) + 1, threshold, geometry) for best in order]
+
+
+def _component_region(
+    m: np.ndarray, labels: np.ndarray, label: int, threshold: float, geometry: SourceGeometry
+) -> Region:
+    rows, cols = np.nonzero(labels == label)
     corners = np.concatenate(
         [np.stack([cols + dc, rows + dr], axis=1) for dc in (0, 1) for dr in (0, 1)], axis=0
     ).astype(np.float64)
