@@ -160,8 +160,9 @@ def findings(probabilities: dict[str, float] | None = None) -> list[FindingResul
 
 
 def mri_study(*, planes: tuple[str, ...] = ("sagittal", "coronal", "axial"),
-              segmentation_plane: str | None = "sagittal", labels: np.ndarray | None = None, priority: str = "HIGH", revision: int = 1,
-              probabilities: dict[str, float] | None = None, **model) -> MRIStudyResult:
+              segmentation_plane: str | None = "sagittal", labels: np.ndarray | None = None,
+              priority: str = "HIGH", revision: int = 1, probabilities: dict[str, float] | None = None,
+              **model) -> MRIStudyResult:
     series = [plane_series(plane) for plane in planes]
     segmentation = None
     if segmentation_plane is not None:
