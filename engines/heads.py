@@ -12,6 +12,10 @@ Optional ``"pooling"`` says which feature the head reads: ``"cls"`` (the default
 means: every head written before the key existed) is the CLS token after the final norm; ``"patch_mean"`` is the
 mean of the normed patch tokens (a family that offers it, e.g. DINOv3, says so with ``poolings``). It is written
 only when it is not ``"cls"``, so existing head files read and re-write byte for byte.
+
+Optional ``"calibration"`` (written by ``msknode model calibrate --labels``): ``{"method": "temperature" | "platt",
+"scale": s, "offset": o, ...how it was fitted}``; :meth:`LinearHead.predict` then returns
+``activation(s * logits + o)`` (:class:`engines.calibration.LogitCalibration`). Absent: the probabilities as fitted.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from engines.calibration import LOGIT_CALIBRATION_METHODS, LogitCalibration
 
 HEAD_FORMAT = "msknode-head/1"
 ACTIVATIONS = ("sigmoid", "softmax", "identity")
@@ -47,6 +53,7 @@ class LinearHead(nn.Module):
         encoder_sha256: str | None = None,
         provenance: dict[str, Any] | None = None,
         pooling: str = "cls",
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -64,13 +71,37 @@ class LinearHead(nn.Module):
         self.provenance = dict(provenance or {})
         self.pooling = pooling
         self.linear = nn.Linear(in_features, len(labels))
+        self.calibration: dict[str, Any] | None = None
+        self.logit_calibration: LogitCalibration | None = None
+        if calibration is not None:
+            self.set_calibration(calibration)
 
     @property
     def in_features(self) -> int:
         return self.linear.in_features
 
+    def set_calibration(self, calibration: dict[str, Any] | None) -> None:
+        """Attach (or, with None, remove) a logit calibration: ``method``, ``scale``, ``offset`` plus free-form
+        notes on how it was fitted (kept in the head file). Refused where the method does not fit the activation."""
+        if calibration is None:
+            self.calibration = self.logit_calibration = None
+            return
+        expected = LOGIT_CALIBRATION_METHODS.get(self.activation)
+        if expected is None or (self.activation == "sigmoid" and len(self.labels) != 1):
+            raise ValueError(f"head {self.name!r}: only softmax and single-label sigmoid heads take a calibration")
+        try:
+            logit = LogitCalibration(str(calibration["method"]), float(calibration["scale"]),
+                                     float(calibration.get("offset", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"head {self.name!r}: invalid calibration {calibration!r}: {exc}") from exc
+        if logit.method != expected:
+            raise ValueError(f"head {self.name!r}: a {self.activation} head is calibrated by {expected}, "
+                             f"not {logit.method}")
+        self.calibration = dict(calibration)
+        self.logit_calibration = logit
+
     def forward(self, embedding: Tensor) -> Tensor:
-        """Logits [B, K]."""
+        """Logits [B, K] as fitted (before any calibration)."""
         return self.linear(embedding.to(self.linear.weight.dtype))
 
     def activate(self, logits: Tensor) -> Tensor:
@@ -81,8 +112,11 @@ class LinearHead(nn.Module):
         return logits
 
     def predict(self, embedding: Tensor) -> Tensor:
-        """Probabilities (or values, for ``identity``) [B, K]."""
-        return self.activate(self.forward(embedding))
+        """Probabilities (or values, for ``identity``) [B, K], calibrated when the head carries a calibration."""
+        logits = self.forward(embedding)
+        if self.logit_calibration is not None:
+            logits = self.logit_calibration.apply(logits)
+        return self.activate(logits)
 
     def check_encoder(self, encoder_sha256: str) -> None:
         if self.encoder_sha256 is not None and self.encoder_sha256 != encoder_sha256:
@@ -103,6 +137,8 @@ class LinearHead(nn.Module):
         }
         if self.pooling != "cls":
             meta["pooling"] = self.pooling
+        if self.calibration is not None:
+            meta["calibration"] = self.calibration
         return meta
 
 
@@ -146,6 +182,7 @@ def load_head(path: str | Path, encoder_sha256: str | None = None) -> LinearHead
         encoder_sha256=meta["encoder_sha256"],
         provenance=meta.get("provenance"),
         pooling=meta.get("pooling", "cls"),
+        calibration=meta.get("calibration"),
     )
     with torch.no_grad():
         head.linear.weight.copy_(weight)

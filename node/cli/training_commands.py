@@ -60,6 +60,44 @@ def _load_model(model: Path, load_heads: bool = True):
         raise typer.Exit(code=2) from exc
 
 
+def _read_labels(labels: Path, column: str) -> tuple[list[dict[str, str]], list[int]]:
+    """Rows of a labels CSV (a 'file' column and the label column) and their integer labels, or exit 2."""
+    with labels.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "file" not in rows[0] or column not in rows[0]:
+        typer.echo(f"{labels}: needs columns 'file' and {column!r}", err=True)
+        raise typer.Exit(code=2)
+    try:
+        targets = [int(float(r[column])) for r in rows]
+    except ValueError as exc:
+        typer.echo(f"{labels}: column {column!r} must hold integer labels ({exc})", err=True)
+        raise typer.Exit(code=2) from exc
+    return rows, targets
+
+
+def _labelled_embeddings(loaded: Any, data: Path, rows: list[dict[str, str]], targets: list[int], pooling: str):
+    """(embeddings [N, D], their labels) of the readable files among ``rows``; unreadable files are skipped."""
+    import torch
+
+    from engines.training.inputs import dicom_inputs
+
+    embeddings: list[torch.Tensor] = []
+    kept: list[int] = []
+    with _progress() as bar:
+        task = bar.add_task("embedding", total=len(rows))
+        for row, target in zip(rows, targets):
+            try:
+                x, _, _ = dicom_inputs(data / row["file"], loaded.preprocessing)
+            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the fit
+                log.warning("skipping %s: %s", row["file"], exc)
+                bar.advance(task)
+                continue
+            embeddings.append(loaded.embed(x[:1]) if pooling == "cls" else loaded.embed(x[:1], pooling=pooling))
+            kept.append(target)
+            bar.advance(task)
+    return (torch.cat(embeddings) if embeddings else torch.empty(0)), kept
+
+
 # ---------------------------------------------------------------------------------------------------------
 # heads train
 # ---------------------------------------------------------------------------------------------------------
@@ -82,23 +120,12 @@ def heads_train(
     """Fit a linear probe on frozen embeddings (CLS, or mean patch token) of labelled DICOM files; save it in
     format 3e. Any model family (MAE, DINOv3)."""
     import numpy as np
-    import torch
 
     from engines.heads import save_head
-    from engines.training.inputs import dicom_inputs
     from engines.training.probes import fit_linear_probe, probe_to_head
 
     column = column or name
-    with labels.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "file" not in rows[0] or column not in rows[0]:
-        typer.echo(f"{labels}: needs columns 'file' and {column!r}", err=True)
-        raise typer.Exit(code=2)
-    try:
-        targets = [int(float(r[column])) for r in rows]
-    except ValueError as exc:
-        typer.echo(f"{labels}: column {column!r} must hold integer labels ({exc})", err=True)
-        raise typer.Exit(code=2) from exc
+    rows, targets = _read_labels(labels, column)
     class_names = [c.strip() for c in classes.split(",")] if classes else [name]
     if not classes and set(targets) - {0, 1}:
         class_names = [f"{name}{k}" for k in range(max(targets) + 1)]
@@ -107,24 +134,11 @@ def heads_train(
     if pooling not in offered:
         typer.echo(f"--pooling {pooling}: model {model} offers {', '.join(offered)}", err=True)
         raise typer.Exit(code=2)
-    embeddings: list[torch.Tensor] = []
-    kept: list[int] = []
-    with _progress() as bar:
-        task = bar.add_task("embedding", total=len(rows))
-        for row, target in zip(rows, targets):
-            try:
-                x, _, _ = dicom_inputs(data / row["file"], loaded.preprocessing)
-            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the fit
-                log.warning("skipping %s: %s", row["file"], exc)
-                bar.advance(task)
-                continue
-            embeddings.append(loaded.embed(x[:1]) if pooling == "cls" else loaded.embed(x[:1], pooling=pooling))
-            kept.append(target)
-            bar.advance(task)
+    embeddings, kept = _labelled_embeddings(loaded, data, rows, targets, pooling)
     if len(set(kept)) < 2:
         typer.echo("need at least two classes among the readable files", err=True)
         raise typer.Exit(code=2)
-    fit = fit_linear_probe(torch.cat(embeddings), np.asarray(kept), class_names, test_fraction=test_fraction, seed=seed)
+    fit = fit_linear_probe(embeddings, np.asarray(kept), class_names, test_fraction=test_fraction, seed=seed)
     head = probe_to_head(
         fit,
         name,
@@ -145,19 +159,34 @@ def heads_train(
 
 def calibrate(
     model: Path = typer.Option(DEFAULT_MODEL, "--model", help="checkpoint folder; calibration.json is written beside it"),
-    data: Path = typer.Option(..., "--data", help="folder of the site's normal studies (DICOM)"),
+    data: Path = typer.Option(..., "--data", help="folder of the site's normal studies (DICOM); with --labels, the "
+                                                  "folder of the files the labels CSV names"),
     passes: int = typer.Option(10, "--passes", min=1),
-    seed: int = typer.Option(0, "--seed", help="error-map mask seed (use the node's)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="where to write calibration.json (default: the model folder)"),
+    seed: int = typer.Option(0, "--seed", help="error-map mask seed (use the node's); with --labels, the split seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write calibration.json (default: the model "
+                                                           "folder); with --labels, the heads folder"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV ('file' + label column) of labelled studies: "
+                                          "calibrate a head's probabilities (any family; the only kind for a "
+                                          "model without an error map, e.g. DINOv3)"),
+    head: Optional[str] = typer.Option(None, "--head", help="with --labels: the head to calibrate (default: the "
+                                                            "model's only head)"),
+    column: Optional[str] = typer.Option(None, "--column", help="with --labels: label column (default: the head name)"),
+    test_fraction: float = typer.Option(0.3, "--test-fraction", min=0.0, max=0.9,
+                                        help="with --labels: share held out to report ECE on data the fit did not see"),
 ) -> None:
-    """Store the distribution of abnormality scores over normal studies, for percentiles in results."""
+    """Store the distribution of abnormality scores over normal studies, for percentiles in results; or, with
+    --labels, fit temperature / Platt scaling of a head's probabilities on labelled studies (ECE before and after)."""
     from engines.calibration import CALIBRATION_FILE, Calibration
+
+    if labels is not None:
+        _calibrate_head(model, data, labels, head, column, test_fraction, seed, out)
+        return
     from engines.training.inputs import dicom_inputs
 
     loaded = _load_model(model, load_heads=False)
     if not loaded.supports_error_map:
-        typer.echo(f"model {model} ({loaded.family}) has no error map, so no abnormality score to calibrate; its "
-                   "heads' probabilities are used as fitted (msknode heads train)", err=True)
+        typer.echo(f"model {model} ({loaded.family}) has no error map, so no abnormality score to calibrate; "
+                   "calibrate its heads' probabilities instead: --labels CSV --head NAME", err=True)
         raise typer.Exit(code=2)
     files = _dicom_files([data])
     scores: list[float] = []
@@ -188,6 +217,90 @@ def calibrate(
     path = calibration.save(target if target.suffix == ".json" else Path(target) / CALIBRATION_FILE)
     summary = calibration.summary()
     typer.echo(f"{summary['n']} images: median {summary['p50']:.5f}, p95 {summary['p95']:.5f}, p99 {summary['p99']:.5f}; saved {path}")
+
+
+def _calibrate_head(
+    model: Path, data: Path, labels: Path, head_name: Optional[str], column: Optional[str], test_fraction: float,
+    seed: int, out: Optional[Path],
+) -> None:
+    """Temperature (softmax) or Platt (one sigmoid label) scaling of one head, fitted on labelled studies and
+    stored in the head's JSON; ECE and log loss before/after on the held-out share (and on the fit share)."""
+    import numpy as np
+    import torch
+
+    from engines.calibration import (
+        class_probabilities,
+        expected_calibration_error,
+        fit_logit_calibration,
+        log_loss,
+    )
+    from engines.heads import save_head
+    from engines.training.probes import stratified_split
+
+    loaded = _load_model(model, load_heads=True)
+    if head_name is None:
+        if len(loaded.heads) != 1:
+            typer.echo(f"--head NAME needed: model {model} has heads {', '.join(sorted(loaded.heads)) or '(none)'}",
+                       err=True)
+            raise typer.Exit(code=2)
+        head_name = next(iter(loaded.heads))
+    head = loaded.heads.get(head_name)
+    if head is None:
+        typer.echo(f"model {model} has no head {head_name!r} (heads: {', '.join(sorted(loaded.heads)) or 'none'})",
+                   err=True)
+        raise typer.Exit(code=2)
+    if head.activation not in ("softmax", "sigmoid") or (head.activation == "sigmoid" and len(head.labels) != 1):
+        typer.echo(f"head {head_name!r} ({head.activation}, {len(head.labels)} labels) cannot be calibrated: only "
+                   "softmax heads (temperature) and one-label sigmoid heads (Platt)", err=True)
+        raise typer.Exit(code=2)
+    classes = 2 if head.activation == "sigmoid" else len(head.labels)
+    rows, targets = _read_labels(labels, column or head_name)
+    if any(t < 0 or t >= classes for t in targets):
+        typer.echo(f"{labels}: labels must be 0..{classes - 1} for head {head_name!r} ({', '.join(head.labels)})",
+                   err=True)
+        raise typer.Exit(code=2)
+    embeddings, kept = _labelled_embeddings(loaded, data, rows, targets, head.pooling)
+    if len(set(kept)) < 2:
+        typer.echo("need at least two classes among the readable files", err=True)
+        raise typer.Exit(code=2)
+    with torch.no_grad():
+        logits = head(embeddings).double()  # as fitted: any calibration already on the head is refitted
+    y = np.asarray(kept)
+    if test_fraction > 0:
+        fit_idx, held_idx = stratified_split(y, test_fraction, seed)
+    else:
+        fit_idx, held_idx = np.arange(len(y)), np.arange(0)
+    fitted = fit_logit_calibration(logits[fit_idx], y[fit_idx], head.activation)
+
+    def scores(idx: np.ndarray) -> dict[str, float]:
+        t = torch.as_tensor(y[idx])
+        before, after = (class_probabilities(logits[idx], head.activation, c) for c in (None, fitted))
+        return {"ece_before": expected_calibration_error(before, t), "ece_after": expected_calibration_error(after, t),
+                "log_loss_before": log_loss(before, t), "log_loss_after": log_loss(after, t)}
+
+    on_fit = scores(fit_idx)
+    held_out = scores(held_idx) if len(held_idx) else None
+    record: dict[str, Any] = {"method": fitted.method, "scale": fitted.scale, "offset": fitted.offset}
+    if fitted.method == "temperature":
+        record["temperature"] = fitted.temperature
+    record.update({
+        "fitted_on": int(len(fit_idx)), "held_out": int(len(held_idx)), "ece_bins": 15,
+        "fit": {k: round(v, 6) for k, v in on_fit.items()},
+        "held_out_metrics": {k: round(v, 6) for k, v in held_out.items()} if held_out else None,
+        "data": str(data), "labels": str(labels), "column": column or head_name, "seed": seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    head.set_calibration(record)
+    folder = out or (Path(model) / "heads" if Path(model).is_dir() else Path(model).parent / "heads")
+    _, meta = save_head(head, folder)
+    what = (f"temperature {fitted.temperature:.3f}" if fitted.method == "temperature"
+            else f"Platt scale {fitted.scale:.3f}, offset {fitted.offset:+.3f}")
+    typer.echo(f"head {head_name}: {what} (fitted on {len(fit_idx)} images)")
+    for label, metrics, n in (("held out", held_out, len(held_idx)), ("fit set", on_fit, len(fit_idx))):
+        if metrics:
+            typer.echo(f"{label} ({n}): ECE {metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f}, "
+                       f"log loss {metrics['log_loss_before']:.3f} -> {metrics['log_loss_after']:.3f}")
+    typer.echo(f"saved {meta}")
 
 
 # ---------------------------------------------------------------------------------------------------------
