@@ -421,6 +421,13 @@ class ModelEntry(_Section):
     sop_classes: list[str] = Field(default_factory=list, description="SOP Class UID; empty = any")
     heads: list[str] | None = Field(None, description="heads reported and offered to triage; absent = all the "
                                                       "model's heads")
+    regions_from: str | None = Field(None, description="for a region-guided classifier (a folder with "
+                                     "head_layout.json): the [[models]] name of the error-map model whose "
+                                     "high-error regions it crops; absent = whole image only")
+    max_regions: int = Field(3, ge=1, le=8, description="regions_from: high-error regions cropped per image")
+    region_context: float = Field(2.0, ge=1.0, le=8.0, description="regions_from: crop side = this x the region's")
+    region_min_fraction: float = Field(0.25, gt=0.0, le=1.0,
+                                       description="regions_from: smallest crop side, share of the image's short side")
 
     @field_validator("name")
     @classmethod
@@ -730,6 +737,10 @@ class Settings(_Section):
             seen[entry.name] = index
         if self.models and "model" in self.engine.model_fields_set:
             raise ValueError("engine.model: give either [engine] model (one model) or [[models]] (several), not both")
+        for index, entry in enumerate(self.models):
+            if entry.regions_from is not None and (entry.regions_from == entry.name or entry.regions_from not in seen):
+                raise ValueError(f"models[{index}].regions_from: {entry.regions_from!r} names no other [[models]] "
+                                 f"entry (have: {', '.join(n for n in seen if n != entry.name) or 'none'})")
         return self
 
     @property

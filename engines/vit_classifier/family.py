@@ -25,8 +25,10 @@ from torch import Tensor, nn
 
 from engines.backends import Backend, select_backend
 from engines.family import ErrorMapResult, ErrorMapSpec
+from engines.imaging.geometry import SourceGeometry
 from engines.imaging.preprocess import tensor_from_uint8
 from engines.imaging.preprocessor_config import PreprocessorConfig
+from engines.imaging.regions import high_error_regions
 from engines.mae.network import MAEConfig, MaskedAutoencoderViT, count_parameters, encoder_sha256
 from engines.vit_classifier.layout import HeadLayout
 from engines.vit_classifier.loaders import FORMAT, ClassifierCheckpoint, load_classifier_checkpoint
@@ -37,6 +39,7 @@ from engines.vit_classifier.region_guided import (
     RegionGuidedResult,
     activate,
     aggregate,
+    boxes_around_regions,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class ViTClassifierModel:
 
     family = FAMILY
     supports_error_map = False
+    supports_region_guided = True  # region_guided / region_guided_from_error_map (the node's worker asks this)
     error_map_spec: ErrorMapSpec | None = None
 
     def __init__(
@@ -245,6 +249,17 @@ class ViTClassifierModel:
         whole = tensor_from_uint8(image8, self.preprocessing) if whole is None else self._check_input(whole)[0]
         x = torch.cat([whole[None], self.crop_tensors(image8, boxes)])
         return aggregate(self.probabilities(x).numpy(), [whole_box, *boxes], self.layout, excluded_labels)
+
+    def region_guided_from_error_map(
+        self, image8: np.ndarray, geometry: SourceGeometry, error_map: np.ndarray | None, whole: Tensor | None = None,
+        max_regions: int = 3, context: float = 2.0, min_fraction: float = 0.25, percentile: float = 98.0,
+    ) -> RegionGuidedResult:
+        """:meth:`region_guided` with crops around ``error_map``'s highest-error regions (model-space map of the
+        same image, e.g. the MAE's); no map, or a flat one: the whole image only. ``image8`` shows the source
+        (any size: the node's display image), ``geometry`` maps the map's regions onto it."""
+        regions = [] if error_map is None else high_error_regions(error_map, geometry, percentile, max_regions)
+        boxes = boxes_around_regions(regions, geometry, image8.shape[:2], context=context, min_fraction=min_fraction)
+        return self.region_guided(image8, boxes, whole=whole)
 
     def error_map_result(self, x: Tensor, noise: Tensor | None = None, seed: int | None = None,
                          passes: int = 10) -> ErrorMapResult:

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+import numpy as np
+
 from engines.family import ModelFamily
 from node.settings import ModelEntry
 
@@ -63,6 +65,61 @@ class ConfiguredModel:
 
     def head_labels(self) -> dict[str, list[str]]:
         return {name: list(head.labels) for name, head in self.heads.items()}
+
+    @property
+    def region_guided(self) -> bool:
+        """Whether this model scores the whole image and crops (SKELEX's region-guided classifier)."""
+        return bool(getattr(self.model, "supports_region_guided", False))
+
+
+def check_region_sources(models: Sequence[ConfiguredModel]) -> dict[int, int | None]:
+    """{index of a region-guided model: index of the model whose error map gives its regions (None: whole image
+    only)}; ``ValueError`` naming the key when ``regions_from`` names a model that cannot give regions."""
+    by_name = {cm.name: index for index, cm in enumerate(models)}
+    sources: dict[int, int | None] = {}
+    for index, cm in enumerate(models):
+        wanted = cm.entry.regions_from
+        if not cm.region_guided:
+            if wanted is not None:
+                raise ValueError(f"models[{index}].regions_from: {cm.entry.path} is a {cm.model.family} model, not a "
+                                 "region-guided classifier (a folder with head_layout.json)")
+            continue
+        if wanted is None:
+            sources[index] = None
+            continue
+        source = by_name.get(wanted)
+        if source is None or source == index or not models[source].model.supports_error_map:
+            raise ValueError(f"models[{index}].regions_from: {wanted!r} is not another configured model with an "
+                             "error map")
+        sources[index] = source
+    return sources
+
+
+def region_guided_outputs(configured: ConfiguredModel, tensor: Any, display: np.ndarray, geometry: Any,
+                          error_map: np.ndarray | None) -> dict[str, Any]:
+    """One frame through a region-guided model: the whole image plus crops of ``display`` around ``error_map``'s
+    highest-error regions (the ``regions_from`` model's map of the same frame; None: whole image only), maxima
+    per output as SKELEX's External_validation.py. Returns the worker's per-frame outputs: every reported value
+    is a probability on its own (a maximum over crops), the findings' decisions, and the crop that gave the first
+    finding's score as a polygon in source pixels (None when it was the whole image)."""
+    entry, model = configured.entry, configured.model
+    result = model.region_guided_from_error_map(  # type: ignore[attr-defined]
+        display, geometry, error_map, whole=tensor, max_regions=entry.max_regions, context=entry.region_context,
+        min_fraction=entry.region_min_fraction,
+    )
+    values = result.head_values(model.layout)  # type: ignore[attr-defined]
+    region = None
+    if result.findings and result.findings[0].crop != 0:
+        box = result.boxes[result.findings[0].crop]
+        left, top, right, bottom = box.scaled(geometry.columns / display.shape[1], geometry.rows / display.shape[0])
+        region = np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]])
+    return {
+        "score": None, "map224": None, "region": region,
+        "heads": {name: values[name] for name in configured.heads},
+        "activations": {name: "sigmoid" for name in configured.heads},  # maxima over crops, each on its own
+        "findings": {f.name: f.decision for f in result.findings if f.decision is not None and f.name in configured.heads},
+        "crops": len(result.boxes),
+    }
 
 
 def reported_heads(entry: ModelEntry, available: Mapping[str, Any], key: str = "models[0].heads") -> dict[str, Any]:

@@ -37,7 +37,7 @@ from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
 from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
 from node.pipeline.eligibility import frame_count, ineligibility_reason, job_bound_reason
-from node.pipeline.models import ConfiguredModel, applicability_reason
+from node.pipeline.models import ConfiguredModel, applicability_reason, check_region_sources, region_guided_outputs
 from node.pipeline.triage import PriorityDecision, Triage, header_text, model_study_values, study_attributes, summarise
 from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
 from node.results.sc import build_sc
@@ -117,6 +117,8 @@ class Worker:
             raise ValueError("the worker needs at least one model")
         self.model = self.models[0].model  # the first model (one-model callers and tests)
         self.calibration = self.models[0].calibration
+        # region-guided classifiers -> the model whose error map gives their crops (checked here, at start)
+        self.region_sources = check_region_sources(self.models)
         self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
         self._held: list[int] = []
         self._held_lock = threading.Lock()
@@ -355,9 +357,13 @@ class Worker:
         """Embedding, heads and (where the model has one) error map for all frames, per model, in batches of
         ``engine.batch_size``."""
         engine = self.settings.engine
-        for model_index, configured in enumerate(self.models):
+        # region-guided models last: their crops come from another model's error map of the same frame
+        for model_index, configured in sorted(enumerate(self.models), key=lambda pair: pair[1].region_guided):
             model = configured.model
             mine = [frame for frame in frames if frame.model == model_index]
+            if configured.region_guided:
+                self._infer_region_guided(model_index, configured, mine, frames)
+                continue
             for start in range(0, len(mine), engine.batch_size):
                 chunk = mine[start : start + engine.batch_size]
                 x = torch.stack([frame.tensor for frame in chunk])
@@ -382,6 +388,22 @@ class Worker:
                         outputs.update(score=float(result.scores[row]), map224=map224,
                                        region=None if region is None else region.polygon)
                     frame.outputs = outputs
+
+    def _infer_region_guided(self, model_index: int, configured: ConfiguredModel, mine: list[Frame],
+                             frames: list[Frame]) -> None:
+        """Whole image + crops around the ``regions_from`` model's highest-error regions of the same frame (whole
+        image only where that model did not run), one frame at a time (1 + max_regions crops per pass)."""
+        source = self.region_sources.get(model_index)
+        maps = {(f.job_id, f.input.instance_id, f.frame_index): f.outputs.get("map224")
+                for f in frames if source is not None and f.model == source}
+        for frame in mine:
+            started, waited = time.perf_counter(), self._waited()
+            error_map = maps.get((frame.job_id, frame.input.instance_id, frame.frame_index))
+            frame.outputs = self._engine(lambda: region_guided_outputs(
+                configured, frame.tensor, frame.display, frame.geometry, error_map))
+            seconds = time.perf_counter() - started - (self._waited() - waited)
+            log.info("inference (%s): 1 frame, %d crop(s) in %.2f s", configured.name, frame.outputs["crops"], seconds)
+            self._record_inference_seconds(seconds)
 
     def _model_info(self, loaded: ModelFamily) -> ModelInfo:
         """What the results say about a model: identity, weights hash, error-map settings (None without a map)."""
@@ -485,7 +507,9 @@ class Worker:
             head_outputs = []
             for name, probs in out["heads"].items():
                 head = configured.heads[name]
-                head_outputs.append(HeadOutput(name, list(head.labels), [float(p) for p in probs], head.activation))
+                head_outputs.append(HeadOutput(name, list(head.labels), [float(p) for p in probs],
+                                               out.get("activations", {}).get(name, head.activation),
+                                               finding=out.get("findings", {}).get(name)))
             display = frame.display
             images.append((frame.model, ImageResult(
                 source=frame.header, score=out["score"], percentile=percentile, heads=head_outputs,
@@ -496,6 +520,8 @@ class Worker:
             )))
             region = None if out["region"] is None else np.asarray(out["region"]).round(1).tolist()
             mine = {"score": out["score"], "percentile": percentile, "heads": out["heads"], "region": region}
+            if out.get("findings"):
+                mine["findings"] = out["findings"]
             key = (frame.input.instance_id, frame.frame_index)
             if key not in per_frame:  # one outcome per (instance, frame): the first model's values at the top
                 per_frame[key] = {"percentile": percentile, "heads": out["heads"], "region": region, "models": {}}

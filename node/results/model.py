@@ -70,6 +70,9 @@ class HeadOutput:
     probabilities: list[float]
     activation: Activation
     unit: str = ""  # UCUM code of an identity head's values (e.g. "a" for years); empty: "{value}"
+    # The categorical result a model's own rule decided (e.g. a region-guided classifier's "present" / "malignant");
+    # the SR writes it as a qualitative evaluation. None: softmax heads report their argmax, others nothing.
+    finding: str | None = None
 
     def __post_init__(self) -> None:
         if self.activation not in ("sigmoid", "softmax", "identity"):
@@ -81,6 +84,8 @@ class HeadOutput:
                 raise ValueError(f"head {self.name!r}: value {p!r} is not finite")
             if self.activation != "identity" and not 0.0 <= p <= 1.0:
                 raise ValueError(f"head {self.name!r}: probability {p!r} outside [0, 1]")
+        if self.finding is not None and not self.finding.strip():
+            raise ValueError(f"head {self.name!r}: an empty finding")
 
     @property
     def top_label(self) -> str:

@@ -222,7 +222,8 @@ def _digest(study: StudyResult, series_number: int, previous: list[Dataset], kin
                 "percentile": None if im.percentile is None else repr(float(im.percentile)),
                 "heads": [
                     [h.name, h.labels, [repr(float(p)) for p in h.probabilities], h.activation]
-                    + ([h.unit] if h.unit else []) for h in im.heads
+                    + ([h.unit] if h.unit else []) + ([["finding", h.finding]] if h.finding is not None else [])
+                    for h in im.heads
                 ],
                 "region": None if im.region is None else np.asarray(im.region, dtype=np.float64).tolist(),
             }
@@ -456,11 +457,13 @@ def ordered_measurements(image: ImageResult) -> list[Measurement]:
 
 
 def class_evaluations(heads: Sequence[HeadOutput]) -> list[QualitativeEvaluation]:
-    """The argmax class of every softmax head (e.g. Kellgren-Lawrence grade = KL3)."""
+    """The decided finding of a head that has one (a region-guided classifier's "Bone tumour: present"), else the
+    argmax class of every softmax head (e.g. Kellgren-Lawrence grade = KL3)."""
     return [
-        QualitativeEvaluation(codes.head_concept(head.name), codes.class_value(head.name, head.top_label))
+        QualitativeEvaluation(codes.head_concept(head.name),
+                              codes.class_value(head.name, head.finding if head.finding is not None else head.top_label))
         for head in heads
-        if head.activation == "softmax"
+        if head.finding is not None or head.activation == "softmax"
     ]
 
 

@@ -1,0 +1,167 @@
+"""A region-guided classifier in the node (issue #16): ``[[models]]`` names it and the error-map model whose
+regions it crops (``regions_from``). The worker runs the MAE first, then the classifier on the whole image plus
+crops around the MAE's highest-error regions of the same frame; the image's stored outputs and the SR group
+(its own algorithm identification, findings as qualitative evaluations) carry exactly what the engine computes
+from that map; dciodvfy finds no error. Bad ``regions_from`` values are refused naming the key."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from node.settings import ConfigError, parse_settings
+from storage.db import Database
+from storage.intake import InstanceRecord, IntakeRepository
+from storage.models import ImageResultRow, OutboxItem, Study
+from storage.spool import Spool
+from tests.engines.test_vit_classifier import brightness_classifier
+from tests.helpers.models import tiny_model
+from tests.helpers.tools import require_tool
+from tests.pipeline.test_several_models import _groups, tiny_dinov3
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    return tiny_model(base / "mae-tiny", width=32, layers=1), brightness_classifier(base / "tumour-toy")
+
+
+def settings_for(mae: Path, classifier: Path, **entry):
+    return parse_settings({
+        "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
+        "engine": {"batch_size": 4, "passes": 2},
+        "models": [{"name": "mae", "path": str(mae)},
+                   {"name": "tumour", "path": str(classifier), "regions_from": "mae", "max_regions": 2, **entry}],
+        "triage": {"rules": [{"name": "tumour", "when": "tumour.bone_tumour > 0.5", "priority": "urgent"}]},
+    })
+
+
+def _store(tmp_path: Path, spool: Spool, index: IntakeRepository, association, ds) -> None:
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    staged = spool.incoming / "rx.dcm"
+    shutil.copyfile(path, staged)
+    stored = spool.commit_file(staged, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    index.index_instance(InstanceRecord(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID,
+        None, None, ds.Modality, ds.BodyPartExamined, None, None, stored.relative_path, stored.size, stored.sha256,
+        "PACS", association))
+
+
+def _evaluations(sr: pydicom.Dataset) -> dict[str, str]:
+    """Qualitative evaluations (CODE items) anywhere in the tree: concept meaning -> value meaning."""
+    found: dict[str, str] = {}
+
+    def walk(items):
+        for item in items:
+            if item.ValueType == "CODE":
+                found[item.ConceptNameCodeSequence[0].CodeMeaning] = item.ConceptCodeSequence[0].CodeMeaning
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def test_classifier_crops_the_mae_regions_and_reports_in_the_sr(tmp_path: Path, folders) -> None:
+    import engines
+    from engines.training import phantoms
+    from node.pipeline.models import ConfiguredModel
+    from node.pipeline.worker import Worker
+    from storage import completion
+    from storage.job_inputs import JobInputs
+    from storage.migrate import upgrade
+    from storage.queue import JobQueue
+
+    mae_folder, classifier_folder = folders
+    settings = settings_for(mae_folder, classifier_folder)
+    loaded = [ConfiguredModel(entry, engines.load(entry.path, backend="cpu")) for entry in settings.model_entries]
+    assert [cm.model.family for cm in loaded] == ["mae", "vit-classifier"]
+    url = f"sqlite:///{tmp_path}/m.db"
+    upgrade(url)
+    database = Database(url)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    worker = Worker(settings, JobQueue(database), JobInputs(database), spool, loaded, owner="w")
+    index = IntakeRepository(database)
+    association = index.association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    knee = phantoms.to_dataset(phantoms.generate("knee", seed=5, findings=["sclerotic"]), patient_index=1,
+                               study_key="rg", instance_number=1)
+    _store(tmp_path, spool, index, association, knee)
+    completion.tick(database, JobQueue(database), lambda _ae: 0, force_complete_seconds=0)
+    assert worker.run_once() == 1
+
+    with database.session() as session:
+        study = session.scalar(select(Study))
+        (row,) = session.scalars(select(ImageResultRow)).all()
+        outbox = session.scalars(select(OutboxItem)).all()
+    assert study.status == "done"
+    assert sorted(item.kind for item in outbox) == ["SC", "SR"]  # the classifier has no error map to show
+    reported = row.outputs["models"]["tumour"]
+    assert list(reported["heads"]) == ["bone_tumour", "malignancy", "abnormal", "implant", "tumour_class",
+                                       "fracture_type", "site"]
+
+    # The same values straight from the engines: the MAE's seeded map of this frame, then the classifier.
+    mae, classifier = loaded[0].model, loaded[1].model
+    prepared = engines.preprocess(pydicom.dcmread(spool.absolute(
+        next(p for p in spool.root.rglob("*.dcm") if knee.SOPInstanceUID in p.name))), voi=settings.engine.voi,
+        preprocessing=mae.preprocessing)
+    maps, _ = mae.error_map(prepared.tensor, seed=settings.engine.seed, passes=settings.engine.passes)
+    expected = classifier.region_guided_from_error_map(
+        prepared.display[0], prepared.geometry, maps[0].numpy(), whole=prepared.tensor[0], max_regions=2)
+    assert len(expected.boxes) == 3  # whole image + the two highest-error regions
+    values = expected.head_values(classifier.layout)
+    for name, stored in reported["heads"].items():
+        assert np.allclose(stored, values[name], atol=1e-6), name
+    decisions = {f.name: f.decision for f in expected.findings if f.decision is not None}
+    assert reported.get("findings", {}) == decisions and "bone_tumour" in decisions
+    assert study.priority == (2 if expected.findings[0].positive else 0)
+
+    sr = pydicom.dcmread(spool.absolute(next(i.path for i in outbox if i.kind == "SR")))
+    groups = _groups(sr)
+    toy = next(g for g in groups if g["algorithm"] == "tumour-toy")
+    assert toy["image"] == str(knee.SOPInstanceUID)
+    assert not any(p.startswith("passes=") for p in toy["parameters"])
+    assert f"encoder_sha256={classifier.encoder_hash}" in toy["parameters"]
+    assert _evaluations(sr)["AI class: bone_tumour"] == decisions["bone_tumour"]
+
+    dciodvfy = require_tool("dciodvfy")
+    for item in outbox:
+        report = subprocess.run([dciodvfy, "-new", str(spool.absolute(item.path))], capture_output=True, text=True)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], errors
+    database.dispose()
+
+
+def test_regions_from_is_checked(tmp_path: Path, folders) -> None:
+    import engines
+    from node.pipeline.models import ConfiguredModel, check_region_sources
+
+    mae_folder, classifier_folder = folders
+    with pytest.raises(ConfigError) as caught:
+        settings_for(mae_folder, classifier_folder, regions_from="nothing")
+    assert "models[1].regions_from: 'nothing' names no other [[models]] entry" in caught.value.problems[0]
+    with pytest.raises(ConfigError) as caught:
+        settings_for(mae_folder, classifier_folder, max_regions=0)
+    assert "models[1].max_regions" in caught.value.problems[0]
+    # a model without an error map cannot give regions; a non-classifier cannot take them
+    dino = tiny_dinov3(tmp_path / "dino")
+    settings = parse_settings({"models": [{"name": "knee", "path": str(dino)},
+                                          {"name": "tumour", "path": str(classifier_folder), "regions_from": "knee"}]})
+    loaded = [ConfiguredModel(e, engines.load(e.path, backend="cpu")) for e in settings.model_entries]
+    with pytest.raises(ValueError, match=r"models\[1\].regions_from: 'knee' is not another configured model with an "
+                                         "error map"):
+        check_region_sources(loaded)
+    settings = parse_settings({"models": [{"name": "a", "path": str(mae_folder)},
+                                          {"name": "b", "path": str(mae_folder), "regions_from": "a"}]})
+    loaded = [ConfiguredModel(e, engines.load(e.path, backend="cpu")) for e in settings.model_entries]
+    with pytest.raises(ValueError, match=r"models\[1\].regions_from: .* is a mae model, not a region-guided"):
+        check_region_sources(loaded)
+    settings = parse_settings({"models": [{"name": "tumour", "path": str(classifier_folder)}]})
+    loaded = [ConfiguredModel(e, engines.load(e.path, backend="cpu")) for e in settings.model_entries]
+    assert check_region_sources(loaded) == {0: None}  # no regions_from: whole image only
