@@ -1,13 +1,18 @@
-"""Receive throughput: DCMTK storescu -> msknode, against storescu -> DCMTK storescp, in the same run.
+"""Receive throughput: DCMTK storescu -> msknode, against storescu -> DCMTK storescp and -> Orthanc, in the same run.
 
 Two sets of instances (generated once into a cache directory):
   * CR  : 40 uncompressed 2500 x 2048 x 16-bit radiographs (~10 MB each),
   * J2K : 40 JPEG 2000 lossless DX radiographs of the same size (pydicom + pylibjpeg-openjpeg encoder).
-Each round sends each set once to storescp and once to msknode (alternating, fresh output directories),
-timing storescu's wall clock (one association per set, TCP_NODELAY=1 in its environment).
+Each round sends each set once to each receiver (the order rotates from round to round, fresh output
+directories every time), timing storescu's wall clock (one association per set, TCP_NODELAY=1 in its
+environment).
 
   storescp : ``storescp +xa -od DIR PORT`` (default options; ``+xa`` so it accepts JPEG 2000 too). It writes
-             each file without fsync.
+             each file without fsync and keeps no index.
+  Orthanc  : the Debian package's ``Orthanc`` (C-STORE SCP), its own storage and index directories, no plugins,
+             every other option at Orthanc's default: ``SyncStorageArea`` true (each stored file fsynced),
+             ``MaximumPduLength`` 16384, ``StorageCompression`` false, its built-in SQLite index. Skipped, with
+             a note, where Orthanc is not installed (tests/setup/install_debian_tools.sh installs it).
   msknode  : ``msknode serve`` (receiver role only, SQLite index), durability on: every instance is
              fsynced, renamed, its directory fsynced and its index row committed (synchronous=FULL)
              before the success status.
@@ -21,6 +26,7 @@ dataset is streamed to disk rather than held in memory.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +180,7 @@ class Peer:
     port: int
     process: subprocess.Popen[bytes]
     directory: Path
+    http_port: int | None = None  # Orthanc's REST API
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -198,6 +206,40 @@ def start_storescp(directory: Path) -> Peer:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, process)
     return Peer("storescp", port, process, out)
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+
+
+def orthanc_version(binary: str) -> str:
+    result = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    return (result.stdout or result.stderr).splitlines()[0].strip() if (result.stdout or result.stderr) else "?"
+
+
+def start_orthanc(directory: Path) -> Peer:
+    """Orthanc as a second C-STORE SCP: only what a benchmark needs is set, the rest is Orthanc's default."""
+    binary = orthanc_binary()
+    assert binary is not None
+    directory.mkdir(parents=True)
+    port, http_port = free_port(), free_port()
+    config = directory / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(directory / "storage"), "IndexDirectory": str(directory / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "Plugins": [],
+    }))
+    log = directory / "orthanc.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([binary, str(config)], stdout=handle, stderr=subprocess.STDOUT)
+    wait_for_port(port, process)
+    wait_for_port(http_port, process)
+    return Peer("Orthanc", port, process, directory / "storage", http_port=http_port)
+
+
+def count_orthanc_instances(peer: Peer) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{peer.http_port}/statistics", timeout=60) as response:
+        return int(json.loads(response.read())["CountInstances"])
 
 
 def start_msknode(directory: Path) -> Peer:
@@ -268,6 +310,12 @@ def machine_description() -> str:
             f"Python {platform.python_version()}, load average at start {load:.1f}")
 
 
+def dcmtk_version() -> str:
+    result = subprocess.run(["storescp", "--version"], capture_output=True, text=True)
+    lines = (result.stdout or result.stderr).splitlines()
+    return lines[0].strip() if lines else "?"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -282,7 +330,14 @@ def main() -> int:
         if shutil.which(tool) is None:
             console.print(f"[red]{tool} not installed (Debian package dcmtk)[/]")
             return 2
+    receivers = ["storescp", "msknode"]
+    orthanc = orthanc_binary()
+    if orthanc is None:
+        console.print("[yellow]Orthanc not installed (tests/setup/install_debian_tools.sh): not measured[/]")
+    else:
+        receivers.insert(1, "Orthanc")
     console.print(f"machine: {machine_description()}")
+    console.print(f"storescp/storescu: {dcmtk_version()}" + (f"; {orthanc_version(orthanc)}" if orthanc else ""))
     cache = args.cache_dir / CACHE_VERSION
     with Progress(console=console) as progress:
         sets = {
@@ -293,46 +348,57 @@ def main() -> int:
     for name, (files, _) in sets.items():
         console.print(f"{name}: {len(files)} files, {sizes[name] / 1e6:.0f} MB")
 
+    starters = {"storescp": start_storescp, "Orthanc": start_orthanc, "msknode": start_msknode}
+    called_ae = {"storescp": "STORESCP", "Orthanc": "ORTHANC", "msknode": "MSKNODE"}
     work_root = Path(tempfile.mkdtemp(prefix="msknode-bench-", dir=args.work_dir))
     times: dict[tuple[str, str], list[float]] = {}
+    started = time.monotonic()
     try:
         with Progress(console=console) as progress:
-            task = progress.add_task("rounds", total=args.rounds * len(sets) * 2)
+            task = progress.add_task("rounds", total=args.rounds * len(sets) * len(receivers))
             for round_number in range(args.rounds):
                 for name, (files, flag) in sets.items():
-                    # Alternate which receiver goes first so that neither always meets a warm page cache.
-                    order = ["storescp", "msknode"] if round_number % 2 == 0 else ["msknode", "storescp"]
-                    for receiver in order:
+                    # Rotate which receiver goes first so that none always meets a warm (or cold) page cache.
+                    shift = round_number % len(receivers)
+                    for receiver in receivers[shift:] + receivers[:shift]:
                         directory = work_root / f"r{round_number}-{receiver}-{name.split()[0]}"
-                        peer = start_storescp(directory) if receiver == "storescp" else start_msknode(directory)
+                        peer = starters[receiver](directory)
                         try:
-                            called = "STORESCP" if receiver == "storescp" else "MSKNODE"
-                            elapsed = send(peer, called, files, flag)
+                            elapsed = send(peer, called_ae[receiver], files, flag)
+                            stored = count_orthanc_instances(peer) if receiver == "Orthanc" else None
                         finally:
                             peer.stop()
                         if receiver == "msknode":
-                            rows = count_msknode_rows(directory)
-                            if rows != len(files):
-                                raise RuntimeError(f"msknode indexed {rows} of {len(files)} instances")
+                            stored = count_msknode_rows(directory)
+                        if stored is not None and stored != len(files):
+                            raise RuntimeError(f"{receiver} indexed {stored} of {len(files)} instances")
                         times.setdefault((name, receiver), []).append(elapsed)
                         shutil.rmtree(directory, ignore_errors=True)
                         progress.advance(task)
 
         table = Table(title=f"storescu -> receiver, {args.rounds} rounds (median; min-max)")
-        for column in ("set", "receiver", "seconds", "instances/s", "MB/s", "msknode/storescp"):
+        peers = [r for r in receivers if r != "msknode"]
+        columns = ["set", "receiver", "seconds", "instances/s", "MB/s"] + [f"msknode/{p}" for p in peers]
+        for column in columns:
             table.add_column(column, justify="right" if column != "set" else "left")
+        ratios: dict[tuple[str, str], float] = {}
         for name, (files, _) in sets.items():
-            medians = {r: statistics.median(times[(name, r)]) for r in ("storescp", "msknode")}
-            for receiver in ("storescp", "msknode"):
+            medians = {r: statistics.median(times[(name, r)]) for r in receivers}
+            for peer_name in peers:  # throughput ratio = inverse ratio of the times
+                ratios[(name, peer_name)] = medians[peer_name] / medians["msknode"]
+            for receiver in receivers:
                 values = times[(name, receiver)]
                 median = medians[receiver]
-                ratio = medians["storescp"] / medians["msknode"] if receiver == "msknode" else None
+                cells = [f"{ratios[(name, p)]:.2f}x" if receiver == "msknode" else "" for p in peers]
                 table.add_row(
                     name, receiver, f"{median:.2f} ({min(values):.2f}-{max(values):.2f})",
-                    f"{len(files) / median:.1f}", f"{sizes[name] / 1e6 / median:.0f}",
-                    f"{ratio:.2f}x" if ratio is not None else "",
+                    f"{len(files) / median:.1f}", f"{sizes[name] / 1e6 / median:.0f}", *cells,
                 )
         console.print(table)
+        for name in sets:
+            console.print(f"{name}: throughput " + ", ".join(
+                f"msknode/{p} {ratios[(name, p)]:.2f}x" for p in peers))
+        console.print(f"rounds took {time.monotonic() - started:.0f} s; load average now {os.getloadavg()[0]:.1f}")
 
         if not args.skip_large:
             large = build_large(cache / f"large{args.large_mb}.dcm", args.large_mb)

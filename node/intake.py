@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.dicom.header_checks import HeaderError, HeaderInfo, identify, read_header
 from node.dicom.provenance import ResultRecognition
 from storage.intake import IndexOutcome, InstanceRecord, IntakeRepository
-from storage.spool import Spool
+from storage.spool import ContentDigest, Spool
 
 log = logging.getLogger("msknode.intake")
 
@@ -79,12 +79,15 @@ class Intake:
 
     def store(self, temp_path: Path, *, calling_ae_title: str, association_id: str,
               expected_sop_instance_uid: str | None = None,
-              expected_study_instance_uid: str | None = None) -> Stored | Refused:
+              expected_study_instance_uid: str | None = None,
+              content_digest: ContentDigest | None = None) -> Stored | Refused:
         """Make ``temp_path`` (consumed) durable and indexed, or refuse it.
 
         ``expected_sop_instance_uid``: the C-STORE request's Affected SOP Instance UID, which the dataset must
         match (else the peer would record Success for a UID never stored). ``expected_study_instance_uid``: the
-        study of a STOW-RS ``/studies/{study}`` request, which the dataset must belong to.
+        study of a STOW-RS ``/studies/{study}`` request, which the dataset must belong to. ``content_digest``:
+        the file's (SHA-256, size) when the edge hashed it while writing it (storage.spool.HashingWriter), so the
+        spool need not read it back.
         """
         temp_path = Path(temp_path)
         if not self.has_room():
@@ -113,7 +116,8 @@ class Intake:
 
         try:
             stored = self.spool.commit_file(
-                temp_path, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+                temp_path, header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid,
+                content_digest,
             )
         except ValueError as exc:  # UIDs that cannot be path components
             temp_path.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -96,13 +96,22 @@ class _Intake:
     are the WHERE clause's parameters.
     """
 
-    select_study = select(_STUDIES.c.id, _STUDIES.c.accession_number).where(
-        _STUDIES.c.study_instance_uid == bindparam("uid"))
+    # The study, series and instance rows an instance may already have, in one statement (one row, NULLs for
+    # what does not exist yet): every C-STORE runs it while its sender waits.
+    _one_row = select(literal(1).label("one")).subquery("one_row")
+    select_existing = select(
+        _STUDIES.c.id.label("study_id"), _STUDIES.c.accession_number.label("study_accession_number"),
+        _SERIES.c.id.label("series_id"),
+        _INSTANCES.c.id.label("instance_id"), _INSTANCES.c.sha256.label("instance_sha256"),
+        _INSTANCES.c.spool_path.label("instance_spool_path"), _INSTANCES.c.series_id.label("instance_series_id"),
+    ).select_from(
+        _one_row
+        .outerjoin(_STUDIES, _STUDIES.c.study_instance_uid == bindparam("study_uid"))
+        .outerjoin(_SERIES, _SERIES.c.series_instance_uid == bindparam("series_uid"))
+        .outerjoin(_INSTANCES, _INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
+    )
     insert_study = insert(_STUDIES).returning(_STUDIES.c.id)
-    select_series = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
     insert_series = insert(_SERIES).returning(_SERIES.c.id)
-    select_instance = select(_INSTANCES.c.id, _INSTANCES.c.sha256, _INSTANCES.c.spool_path, _INSTANCES.c.series_id).where(
-        _INSTANCES.c.sop_instance_uid == bindparam("uid"))
     insert_instance = insert(_INSTANCES)
     touch_study = update(_STUDIES).where(_STUDIES.c.id == bindparam("key"))
     revise_study = update(_STUDIES).where(_STUDIES.c.id == bindparam("key")).values(
@@ -233,8 +242,11 @@ class IntakeRepository:
         receiver more CPU than SQLite's own work (py-spy under benchmarks/load.py).
         """
         connection = session.connection()
-        study = connection.execute(_Intake.select_study, {"uid": record.study_instance_uid}).first()
-        if study is None:
+        found = connection.execute(_Intake.select_existing, {
+            "study_uid": record.study_instance_uid, "series_uid": record.series_instance_uid,
+            "sop_uid": record.sop_instance_uid,
+        }).one()
+        if found.study_id is None:
             study_id = connection.execute(_Intake.insert_study, {
                 "study_instance_uid": record.study_instance_uid,
                 "accession_number": record.accession_number,
@@ -247,10 +259,10 @@ class IntakeRepository:
             }).scalar_one()
             accession_missing = False
         else:
-            study_id = study.id
-            accession_missing = bool(record.accession_number) and not study.accession_number
+            study_id = found.study_id
+            accession_missing = bool(record.accession_number) and not found.study_accession_number
 
-        series_id = connection.scalar(_Intake.select_series, {"uid": record.series_instance_uid})
+        series_id = found.series_id
         if series_id is None:
             series_id = connection.execute(_Intake.insert_series, {
                 "study_id": study_id,
@@ -260,11 +272,10 @@ class IntakeRepository:
                 "series_number": record.series_number,
             }).scalar_one()
 
-        existing = connection.execute(_Intake.select_instance, {"uid": record.sop_instance_uid}).first()
         study_changes: dict[str, Any] = {"key": study_id, "last_received_at": now}
         if accession_missing:
             study_changes["accession_number"] = record.accession_number
-        if existing is not None and existing.sha256 == record.sha256:
+        if found.instance_id is not None and found.instance_sha256 == record.sha256:
             connection.execute(_Intake.touch_study, study_changes)
             return IndexResult(IndexOutcome.DUPLICATE)
 
@@ -276,24 +287,24 @@ class IntakeRepository:
             connection.execute(_Intake.touch_study, study_changes)
         values = {name: getattr(record, name) for name in _INSTANCE_COLUMNS_FROM_RECORD}
         values.update(series_id=series_id, received_at=now)
-        if existing is None:
+        if found.instance_id is None:
             connection.execute(_Intake.insert_instance, {"sop_instance_uid": record.sop_instance_uid,
                                                          "replaced_count": 0, **values})
             return IndexResult(IndexOutcome.NEW)
 
         old_series_uid = connection.scalar(
-            select(_SERIES.c.series_instance_uid).where(_SERIES.c.id == existing.series_id)
+            select(_SERIES.c.series_instance_uid).where(_SERIES.c.id == found.instance_series_id)
         )
         connection.execute(
             insert(_REPLACEMENTS).values(
                 sop_instance_uid=record.sop_instance_uid,
                 study_instance_uid=record.study_instance_uid,
-                old_sha256=existing.sha256,
+                old_sha256=found.instance_sha256,
                 new_sha256=record.sha256,
                 old_series_instance_uid=old_series_uid or "",
                 replaced_at=now,
                 association_id=record.association_id,
             )
         )
-        connection.execute(_Intake.replace_instance, {"key": existing.id, **values})
-        return IndexResult(IndexOutcome.REPLACED, previous_spool_path=existing.spool_path)
+        connection.execute(_Intake.replace_instance, {"key": found.instance_id, **values})
+        return IndexResult(IndexOutcome.REPLACED, previous_spool_path=found.instance_spool_path)

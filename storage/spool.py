@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
 import shutil
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 INCOMING_DIR = ".incoming"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HASH_CHUNK = 1 << 20
+# HashingWriter hands the bytes written to its hashing thread in batches of about this size, and holds at most
+# _HASH_QUEUE_BATCHES of them before a write waits for the thread (bounded memory whatever the sender's pace).
+_HASH_BATCH_BYTES = 1 << 20
+_HASH_QUEUE_BATCHES = 8
 
 
 class SpoolError(Exception):
@@ -51,6 +59,134 @@ def sha256_of(path: Path) -> tuple[str, int]:
             digest.update(view[:count])
             size += count
     return digest.hexdigest(), size
+
+
+ContentDigest = tuple[str, int]  # (SHA-256 hex digest, size in bytes) of a file's whole content
+
+
+def _hash_batches(batches: "queue.Queue[list[bytes] | None]", digest: "hashlib._Hash", done: threading.Event) -> None:
+    """The hashing thread: hash each batch in order until the end marker (``None``)."""
+    try:
+        while (batch := batches.get()) is not None:
+            for chunk in batch:
+                digest.update(chunk)  # releases the GIL for all but tiny chunks
+    finally:
+        done.set()
+
+
+class HashingWriter:
+    """A binary file being written, SHA-256-hashed as it is written by a thread of its own.
+
+    Hashing a received file after it was written meant reading every byte back and hashing it while the sender
+    waited for its answer (about 7 ms per 10 MB here). Here each written chunk is also handed to a thread that
+    hashes it while the writer's thread receives the next one (hashlib releases the GIL), so at the end only the
+    last batch is left to hash. :meth:`content_digest` gives the digest of everything written, and only when
+    every byte went through :meth:`write` in order (``None`` after a seek or truncate: the caller then hashes
+    the file itself). The chunks written must not change afterwards (``bytes``; anything else is copied).
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.name: str = handle.name  # type: ignore[assignment]
+        self._size = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._in_order = True
+        self._result: ContentDigest | None = None
+        self._digest = hashlib.sha256()
+        self._batches: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=_HASH_QUEUE_BATCHES)
+        self._hashed = threading.Event()
+        self._thread: threading.Thread | None = None
+        # A writer dropped without close() (its transfer abandoned) still ends its thread.
+        self._finalizer = weakref.finalize(self, _end_thread, self._batches)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        written = self._handle.write(chunk)
+        if self._in_order and self._result is None and written == len(chunk):
+            self._size += len(chunk)
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            if self._pending_bytes >= _HASH_BATCH_BYTES:
+                self._hand_over()
+        else:
+            self._in_order = False
+        return written
+
+    def _hand_over(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=_hash_batches, args=(self._batches, self._digest, self._hashed),
+                                            name="msknode-hash", daemon=True)
+            self._thread.start()
+        self._batches.put(self._pending)
+        self._pending, self._pending_bytes = [], 0
+
+    def seek(self, *args: int) -> int:
+        self._in_order = False
+        return self._handle.seek(*args)
+
+    def truncate(self, size: int | None = None) -> int:
+        self._in_order = False
+        return self._handle.truncate(size)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def content_digest(self) -> ContentDigest | None:
+        """(SHA-256, size) of everything written so far, after flushing it to the file; ends the hashing.
+
+        ``None`` when the bytes did not all go through :meth:`write` in order. A write after this call makes
+        the file differ from the digest, so later calls give ``None``.
+        """
+        if not self._in_order:
+            return None
+        if self._result is not None:
+            return self._result
+        if not self._handle.closed:
+            self._handle.flush()
+        if self._thread is None:  # under one batch in all: hash it here
+            for chunk in self._pending:
+                self._digest.update(chunk)
+        else:
+            if self._pending:
+                self._batches.put(self._pending)
+            self._batches.put(None)
+            self._hashed.wait()
+        self._pending, self._pending_bytes = [], 0
+        self._result = (self._digest.hexdigest(), self._size)
+        return self._result
+
+    def close(self) -> None:
+        self._finalizer()  # the hashing thread ends (its queue gets the end marker)
+        self._handle.close()
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _end_thread(batches: "queue.Queue[list[bytes] | None]") -> None:
+    try:
+        batches.put_nowait(None)
+    except queue.Full:  # the thread is still busy: make room, it only needs to see the end marker
+        try:
+            while True:
+                batches.get_nowait()
+        except queue.Empty:
+            pass
+        batches.put_nowait(None)
 
 
 def fsync_file(path: Path) -> None:
@@ -122,13 +258,19 @@ class Spool:
         return self.root / relative_path
 
     # -- writing -----------------------------------------------------------------------------
-    def commit_file(self, temp_path: Path, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+    def commit_file(self, temp_path: Path, study_uid: str, series_uid: str, sop_uid: str,
+                    content_digest: ContentDigest | None = None) -> StoredFile:
         """Make ``temp_path`` durable under its UID-keyed name; ``temp_path`` is consumed.
 
         ``temp_path`` should live in :attr:`incoming` (same filesystem) so the move is a rename; any
-        other location is copied first.
+        other location is copied first. ``content_digest``: the file's (SHA-256, size) when its writer hashed it
+        already (:class:`HashingWriter`); it is used only if the file's size on disk matches, else the file is
+        hashed here.
         """
-        sha256, size = sha256_of(temp_path)
+        if content_digest is not None and os.stat(temp_path).st_size == content_digest[1]:
+            sha256, size = content_digest
+        else:
+            sha256, size = sha256_of(temp_path)
         relative = self.relative_path_for(study_uid, series_uid, sop_uid, sha256)
         destination = self.root / relative
         if destination.exists():

@@ -15,9 +15,14 @@ Patches
    (``_config.STORE_RECV_CHUNKED_DATASET``; ``_config.UNRESTRICTED_STORAGE_SERVICE`` so that private
    storage SOP classes are accepted too), and that file created in the spool's ``.incoming`` directory,
    so its final move is a rename rather than a copy: the module global ``NamedTemporaryFile`` that
-   ``pynetdicom.dimse_messages.DIMSEMessage.decode_msg`` calls is replaced by one bound to that directory.
+   ``pynetdicom.dimse_messages.DIMSEMessage.decode_msg`` calls is replaced by one bound to that directory,
+   whose file is SHA-256-hashed as it is written (:class:`storage.spool.HashingWriter`), so the handler gets
+   the digest with :func:`received_digest` instead of reading the file back.
    *Relies on*: ``pynetdicom._config`` having both flags; ``dimse_messages.NamedTemporaryFile`` being the
-   name ``decode_msg`` calls (with ``delete=False, mode="wb", suffix=".dcm"``).
+   name ``decode_msg`` calls (with ``delete=False, mode="wb", suffix=".dcm"``), and ``decode_msg`` writing
+   the file only with ``write`` (pydicom's ``write_file_meta_info`` too) and ``.file.flush()``, flushed after
+   every data fragment; ``StorageServiceClass.SCP`` closing it (``req._dataset_file.close()``) after the
+   handler returns. (A file written any other way is hashed by the spool instead: never a wrong digest.)
 2. :func:`discard_partial_transfer` — removes the chunked file of a C-STORE cut short (pynetdicom leaves
    it). *Relies on*: ``assoc.dimse.message._data_set_file`` being the open ``NamedTemporaryFile``
    while a dataset is being received.
@@ -75,15 +80,18 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pynetdicom import _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationServer, AssociationSocket
+
+from storage.spool import ContentDigest, HashingWriter
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +136,9 @@ UPSTREAM_SOURCES: dict[str, str] = {
     # 1, 2: the chunked file (NamedTemporaryFile, _data_set_file)
     "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
         "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    # 1: the handler runs before the chunked file is closed (the digest is taken then)
+    "pynetdicom.service_class.StorageServiceClass.SCP":
+        "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40",
     # 4: BulkReadSocket.recv replaces this
     "pynetdicom.transport.AssociationSocket.recv": "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
     # 3, 4: EVT_CONN_OPEN before assoc.start(); deepcopy(server.contexts)
@@ -157,8 +168,36 @@ def enable_chunked_storage(incoming: Path) -> None:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     with _incoming_dir_lock:
         dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
-            tempfile.NamedTemporaryFile, dir=str(incoming), prefix="rx-"
+            _received_file, dir=str(incoming), prefix="rx-"
         )
+
+
+class _ReceivedFile(HashingWriter):
+    """The chunked file of one C-STORE, hashed as pynetdicom writes it; ``decode_msg`` flushes ``.file``."""
+
+    @property
+    def file(self) -> "_ReceivedFile":
+        return self
+
+
+# The files being received, by path, until the handler asks for their digest (weak: an abandoned transfer's
+# file goes with its message).
+_being_received: "weakref.WeakValueDictionary[str, _ReceivedFile]" = weakref.WeakValueDictionary()
+
+
+def _received_file(**kwargs: Any) -> _ReceivedFile:
+    """``NamedTemporaryFile(**kwargs)``, wrapped so its bytes are hashed as they are written."""
+    handle = cast(BinaryIO, tempfile.NamedTemporaryFile(**kwargs))
+    received = _ReceivedFile(handle)
+    _being_received[str(received.name)] = received
+    return received
+
+
+def received_digest(dataset_path: Path | str) -> ContentDigest | None:
+    """(SHA-256, size) of the C-STORE dataset file at ``dataset_path`` (``event.dataset_path``), hashed while
+    pynetdicom wrote it; ``None`` when it was not written through :func:`enable_chunked_storage`'s files."""
+    received = _being_received.pop(str(dataset_path), None)
+    return received.content_digest() if received is not None else None
 
 
 # -- 2. the file of a transfer cut short -------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Each C-STORE arrives as a Part 10 file written by pynetdicom in chunks straight to the spool's
 ``.incoming`` directory (``STORE_RECV_CHUNKED_DATASET``), so a 500 MB instance never sits in memory.
-The handler reads only the header, makes the file durable (fsync + atomic rename + directory fsync),
-commits its index row, and only then answers Success. Every association, accepted or rejected, is written
+The file is SHA-256-hashed as it is written (the spool names it by that hash). The handler reads only the
+header, makes the file durable (fsync + atomic rename + directory fsync), commits its index row, and only
+then answers Success. Every association, accepted or rejected, is written
 to the audit table. Logs name AE titles and UIDs, never patient names or IDs.
 """
 
@@ -29,6 +30,7 @@ from node.dicom.pynetdicom_patches import (
     discard_partial_transfer,
     enable_chunked_storage,
     make_quiet,
+    received_digest,
 )
 from node.settings import NodeSettings, PeerSettings
 from node.dicom.tls import server_context
@@ -343,6 +345,8 @@ class Receiver:
         with self._lock:
             association_id = self._ids.get(id(assoc))
         temp_path = Path(event.dataset_path)
+        # Hashed while pynetdicom wrote it (node/dicom/pynetdicom_patches.py): the spool need not read it back.
+        digest = received_digest(temp_path)
         calling = assoc.requestor.ae_title.strip()
         if association_id is None:  # cannot happen for an accepted association; be safe
             temp_path.unlink(missing_ok=True)
@@ -351,7 +355,7 @@ class Receiver:
         requested_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
         # Watermark, header checks, fsync + rename + index commit: node/intake.py, shared with STOW-RS.
         result = self.intake.store(temp_path, calling_ae_title=calling, association_id=association_id,
-                                   expected_sop_instance_uid=requested_uid)
+                                   expected_sop_instance_uid=requested_uid, content_digest=digest)
         if isinstance(result, Refused):
             return _failure(result.status, result.reason)
         with self._lock:

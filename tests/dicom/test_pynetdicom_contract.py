@@ -182,6 +182,31 @@ def test_enable_chunked_storage_routes_the_file_into_the_directory(tmp_path: Pat
     assert Path(handle.name).parent == tmp_path and Path(handle.name).name.startswith("rx-")
 
 
+def test_decode_msg_writes_the_chunked_file_only_by_write_and_flush() -> None:
+    """The hashing file (patch 1) hashes what goes through ``write``; a seek would make it give no digest."""
+    source = inspect.getsource(DIMSEMessage.decode_msg)
+    uses = set(re.findall(r"_data_set_file\.([a-z_.]+)\(", source))
+    assert uses == {"write", "file.flush"}, uses
+    scp = inspect.getsource(_resolve("pynetdicom.service_class.StorageServiceClass.SCP"))
+    assert scp.index("evt.EVT_C_STORE") < scp.index("req._dataset_file.close()")  # the handler sees it open
+
+
+def test_the_chunked_file_is_hashed_as_decode_msg_writes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", _config.UNRESTRICTED_STORAGE_SERVICE)
+    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    patches.enable_chunked_storage(tmp_path)
+    handle = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    for fragment in (b"\x00" * 128, b"DICM", bytes(range(256)) * 5000, b"last"):
+        handle.write(fragment)
+        handle.file.flush()
+    path = Path(handle.name)
+    content = path.read_bytes()
+    assert patches.received_digest(path) == (hashlib.sha256(content).hexdigest(), len(content))
+    assert patches.received_digest(path) is None  # handed out once
+    handle.close()
+
+
 def test_server_gives_each_association_a_deepcopy_of_its_contexts() -> None:
     assert "deepcopy(self.server.contexts)" in inspect.getsource(RequestHandler._create_association)
     handle = inspect.getsource(RequestHandler.handle)

@@ -91,3 +91,25 @@ def test_duplicates_and_replacements(node_factory, database_url, tmp_path) -> No
         original.SOPInstanceUID, row.sha256, row_after.sha256,
     )
     assert node.incoming_files() == []
+
+
+def test_received_bytes_are_hashed_as_they_arrive_not_read_back(in_process_node, tmp_path, monkeypatch) -> None:
+    """A multi-megabyte instance in many PDUs: the indexed SHA-256 (and the name it gives the file) is the stored
+    file's, computed while pynetdicom wrote it: the spool never reads the file back to hash it."""
+    import storage.spool
+
+    node = in_process_node()
+    monkeypatch.setattr(storage.spool, "sha256_of", lambda path: pytest.fail("the received file was read back"))
+    files = [write_instance(small_instance(rows=1200, columns=1100, seed=seed), tmp_path / f"big{seed}.dcm")
+             for seed in (1, 2)]
+    result = storescu(node.port, files, extra=["--max-send-pdu", "16384"])  # about 160 data fragments each
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = node.instances()
+    assert len(rows) == 2
+    sent = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): path for path in files}
+    for row in rows:
+        stored = node.spool / row.spool_path
+        assert row.sha256 == sha256(stored) and row.size_bytes == stored.stat().st_size
+        assert row.sha256[:16] in stored.name
+        assert split_part10(stored)[1] == split_part10(sent[row.sop_instance_uid])[1]
+    assert node.incoming_files() == []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 
-from storage.spool import Spool, is_valid_uid
+from storage import spool as spool_module
+from storage.spool import HashingWriter, Spool, is_valid_uid
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 
@@ -78,3 +81,73 @@ def test_watermark(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     assert spool.has_room(0)
     assert not spool.has_room(spool.free_bytes() // (1024 * 1024) + 10_000)
+
+
+def hashing_writer(spool: Spool, name: str = "rx-hashed.dcm") -> HashingWriter:
+    return HashingWriter(open(spool.incoming / name, "wb"))
+
+
+@pytest.mark.parametrize("total", [0, 100, 5 * 1024 * 1024 + 17])  # nothing; under one batch; many batches
+def test_hashing_writer_digest_is_the_written_files(tmp_path: Path, total: int) -> None:
+    spool = Spool(tmp_path / "spool")
+    content = os.urandom(total)
+    with hashing_writer(spool) as writer:
+        offset, sizes = 0, [1, 4096, 131060, 700_000, 3]
+        while offset < total:  # uneven chunks, bytes and bytearray alike
+            size = sizes[offset % len(sizes)]
+            chunk = content[offset:offset + size]
+            writer.write(chunk if offset % 2 else bytearray(chunk))
+            offset += size
+        digest = writer.content_digest()
+        assert digest == (hashlib.sha256(content).hexdigest(), total)
+        assert writer.content_digest() == digest  # asked again, nothing written since
+        assert (spool.incoming / "rx-hashed.dcm").read_bytes() == content  # flushed before the digest is given
+
+
+def test_commit_with_the_writers_digest_does_not_read_the_file_back(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool")
+    content = os.urandom(3 * 1024 * 1024)
+    with hashing_writer(spool) as writer:
+        writer.write(content)
+        digest = writer.content_digest()
+    monkeypatch.setattr(spool_module, "sha256_of", lambda path: pytest.fail("the file was read back to hash it"))
+    stored = spool.commit_file(spool.incoming / "rx-hashed.dcm", STUDY, SERIES, SOP, digest)
+    assert stored.sha256 == hashlib.sha256(content).hexdigest() and stored.size == len(content)
+    assert spool.absolute(stored.relative_path).read_bytes() == content
+
+
+def test_a_digest_that_does_not_fit_the_file_is_not_trusted(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    path = incoming_file(spool, b"the bytes on disk")
+    stored = spool.commit_file(path, STUDY, SERIES, SOP, ("0" * 64, 3))  # another size: hashed afresh
+    assert stored.sha256 == hashlib.sha256(b"the bytes on disk").hexdigest()
+
+
+def test_no_digest_once_the_bytes_were_not_written_in_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with hashing_writer(spool) as writer:
+        writer.write(b"abcdef")
+        writer.seek(0)
+        writer.write(b"X")
+        assert writer.content_digest() is None
+    with hashing_writer(spool, "rx-later.dcm") as writer:
+        writer.write(b"abc")
+        assert writer.content_digest() is not None
+        writer.write(b"def")  # after the digest: the file no longer matches it
+        assert writer.content_digest() is None
+
+
+def test_abandoned_writers_end_their_hashing_threads(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    before = {thread for thread in threading.enumerate() if thread.name == "msknode-hash"}
+    closed = hashing_writer(spool, "rx-closed.dcm")
+    closed.write(os.urandom(3 * 1024 * 1024))
+    closed.close()  # a transfer cut short: closed, never asked for its digest
+    dropped = hashing_writer(spool, "rx-dropped.dcm")
+    dropped.write(os.urandom(3 * 1024 * 1024))
+    del dropped  # dropped without close
+    for thread in threading.enumerate():
+        if thread.name == "msknode-hash" and thread not in before:
+            thread.join(10)
+            assert not thread.is_alive()
