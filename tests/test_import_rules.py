@@ -22,7 +22,7 @@ PACKAGES = ("node", "engines", "storage")
 COMPOSITION_ROOTS = ("node.__main__", "node.cli", "node.runtime.service", "node.runtime.supervisor", "node.demo")
 
 # The model-family packages of engines/ (one per published system).
-FAMILIES = ("engines.mae", "engines.dinov3", "engines.vit_classifier")
+FAMILIES = ("engines.mae", "engines.dinov3", "engines.vit_classifier", "engines.orthodiffusion")
 
 # (importer prefix, forbidden prefixes, why)
 FORBIDDEN: list[tuple[str, tuple[str, ...], str]] = [
