@@ -30,7 +30,7 @@ from engines.imaging.preprocess import tensor_from_uint8
 from engines.imaging.preprocessor_config import PreprocessorConfig
 from engines.imaging.regions import high_error_regions
 from engines.mae.network import MAEConfig, MaskedAutoencoderViT, count_parameters, encoder_sha256
-from engines.vit_classifier.layout import HeadLayout
+from engines.vit_classifier.layout import HeadLayout, reported_labels
 from engines.vit_classifier.loaders import FORMAT, ClassifierCheckpoint, load_classifier_checkpoint
 from engines.vit_classifier.region_guided import (
     SKELEX_EXCLUDED_LABELS,
@@ -99,9 +99,11 @@ class ViTClassifierModel:
         self.version = version or self.encoder_hash[:12]
         self.preprocessing = preprocessing or PreprocessorConfig.square(encoder.config.image_size)
         self.backend = backend if backend is not None else select_backend(encoder, backend="cpu")
+        activations = {g.name: g.activation for g in layout.groups}
         self.heads: dict[str, OutputHead] = {
-            **{f.name: OutputHead(f.name, [f.label], "sigmoid", "finding") for f in layout.findings},
-            **{g.name: OutputHead(g.name, list(g.labels), g.activation, "group") for g in layout.groups},
+            name: OutputHead(name, labels, activations.get(name, "sigmoid"),
+                             "group" if name in activations else "finding")
+            for name, labels in reported_labels(layout).items()
         }
 
     @classmethod

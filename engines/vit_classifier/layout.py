@@ -191,6 +191,11 @@ def parse_layout(data: Any, source: str = LAYOUT_FILE) -> HeadLayout:
     return HeadLayout(num_outputs, tuple(groups), tuple(findings))
 
 
+def reported_labels(layout: HeadLayout) -> dict[str, list[str]]:
+    """What the node reports per name, in order: each finding (one label: its score), then each group's labels."""
+    return {**{f.name: [f.label] for f in layout.findings}, **{g.name: list(g.labels) for g in layout.groups}}
+
+
 def read_layout(folder: str | Path) -> HeadLayout:
     """The folder's ``head_layout.json``, validated."""
     path = Path(folder) / LAYOUT_FILE

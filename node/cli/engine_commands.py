@@ -58,6 +58,10 @@ def model_info(
             value = "\n".join(f"{n}: {h['activation']} {h['labels']}" for n, h in value.items()) or "none"
         elif isinstance(value, int) and key.endswith("parameters"):
             value = f"{value:,}"
+        elif isinstance(value, dict):  # e.g. a multi-head classifier's output groups and findings: one per line
+            value = "\n".join(f"{k}: {v}" for k, v in value.items()) or "none"
+        elif isinstance(value, list):
+            value = "\n".join(str(v) for v in value) or "none"
         table.add_row(key, str(value))
     console.print(table)
 

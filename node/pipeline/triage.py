@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.vit_classifier.layout import LAYOUT_FILE, HeadLayoutError, read_layout, reported_labels
 from node.pipeline.triage_rules import check, evaluate, parse
 from node.settings import PRIORITIES, TriageSettings, priority_rank
 
@@ -91,6 +92,11 @@ def head_labels_from_model(model: Path) -> dict[str, list[str]] | None:
     if not Path(model).is_dir():
         return None
     labels: dict[str, list[str]] = {}
+    if (Path(model) / LAYOUT_FILE).is_file():  # a multi-head classifier: its names are in its head layout
+        try:
+            labels.update(reported_labels(read_layout(model)))
+        except HeadLayoutError:
+            pass  # the loader reports a broken layout itself
     if heads_dir.is_dir():
         for meta in sorted(heads_dir.glob("*.json")):
             try:

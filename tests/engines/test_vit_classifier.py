@@ -345,3 +345,25 @@ def test_known_answer_tumour_only_in_the_error_region_crop(tmp_path):
 def test_activate_refuses_wrong_width():
     with pytest.raises(ValueError, match="expected 38 logits"):
         activate(torch.zeros(1, 37), skelex_region_guided_layout())
+
+
+def test_model_info_describes_the_layout(tmp_path):
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    folder = write_folder(tmp_path / "clf", hf_classifier())
+    result = CliRunner().invoke(app, ["model", "info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["family"] == "vit-classifier" and info["format"] == "hf-vit-multihead" and info["outputs"] == 38
+    assert info["output_groups"]["tumour_class"] == {
+        "activation": "softmax", "indices": "1-4", "labels": ["malignant", "intermediate", "benign", "No bone tumor"]}
+    assert info["findings"]["malignancy"]["rule"] == ">= 0.5" and info["findings"]["malignancy"]["requires"] == "bone_tumour"
+    table = CliRunner().invoke(app, ["model", "info", str(folder)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "fracture_type: {'activation': 'softmax', 'indices': '34-36'" in table.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / LAYOUT_FILE).write_text("{}")
+    result = CliRunner().invoke(app, ["model", "info", str(broken)])
+    assert result.exit_code == 1 and "head_layout.json: format" in result.output.replace("\n", "")

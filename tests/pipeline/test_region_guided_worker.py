@@ -165,3 +165,15 @@ def test_regions_from_is_checked(tmp_path: Path, folders) -> None:
     settings = parse_settings({"models": [{"name": "tumour", "path": str(classifier_folder)}]})
     loaded = [ConfiguredModel(e, engines.load(e.path, backend="cpu")) for e in settings.model_entries]
     assert check_region_sources(loaded) == {0: None}  # no regions_from: whole image only
+
+
+def test_config_check_knows_the_classifier_outputs_from_its_layout(folders) -> None:
+    from node.cli.node_commands import _check_triage_names
+
+    mae_folder, classifier_folder = folders
+    _check_triage_names(settings_for(mae_folder, classifier_folder), "t.toml")  # tumour.bone_tumour exists
+    bad = settings_for(mae_folder, classifier_folder)
+    bad.triage.rules[0].when = "tumour.osteosarcoma > 0.5"
+    with pytest.raises(ConfigError) as caught:
+        _check_triage_names(bad, "t.toml")
+    assert "unknown name(s) tumour.osteosarcoma" in caught.value.problems[0]
