@@ -9,15 +9,16 @@ Tree (codes in node/results/knee_codes.py, documented in docs/results.md)::
         TID 1410 "Knee MRI findings": SCOORD outline of the central slice of the first plane's series (a viewer
           places the group there), algorithm (TID 4019), per label its probability (NUM, %) in table order,
           and per label a qualitative evaluation: the finding (e.g. ACL tear) = Present / Absent (threshold)
-        TID 1411 per segmented structure (with the SEG): tracking identifier/UID as in the SEG, the referenced
-          segment (SEG SOP Instance, segment number, source series), Volume (SCT 118565006) in mm3
+        optional (segment_volumes), TID 1411 per segmented structure: tracking identifier/UID as in the SEG,
+          the referenced segment (SEG SOP Instance, segment number, source series), Volume (SCT 118565006) in mm3
       CONTAINS  Qualitative Evaluations: triage priority; per plane "AI input series" = Sagittal/Coronal/Axial with
         the series' Series Instance UID (UIDREF) and the selection reason (TEXT)
 
-Probabilities are in percent, as the radiograph SR writes them (OHIF prints "<meaning>: 91.00 %"). The findings
-group comes first, so a viewer that stops at the first group it cannot place still shows the findings; OHIF
-3.13 does not place TID 1411 groups (no SCOORD), so ``segment_volumes=False`` leaves them out for sites whose
-viewer cannot cope (the SEG carries the structures either way).
+Probabilities are in percent, as the radiograph SR writes them (OHIF prints "<meaning>: 91.00 %"). The TID 1411
+volume groups are standard but optional (``segment_volumes=True``): OHIF 3.13 reads
+``coords[0].ReferencedSOPSequence`` of every group, throws on one without a SCOORD and then places none, the
+findings group included (seen in the real OHIF 3.13.2 with this SR). So they are off by default; the SEG carries
+the structures either way, and OHIF shows it (11 segments, no error).
 """
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ def mri_sr_description(study: MRIStudyResult) -> str:
 
 
 def build_mri_sr(study: MRIStudyResult, series_number: int, seg: Dataset | None = None, previous: Previous = None,
-                 *, segment_volumes: bool = True) -> hd.sr.Comprehensive3DSR:
-    """The knee MRI findings SR; ``seg`` is the study's Segmentation (``build_seg``), required when the study has a
-    segmentation and ``segment_volumes`` is on, so each volume can name its segment."""
+                 *, segment_volumes: bool = False) -> hd.sr.Comprehensive3DSR:
+    """The knee MRI findings SR. With ``segment_volumes`` it adds a TID 1411 volume group per structure that names
+    its segment in ``seg`` (the study's Segmentation from ``build_seg``, then required). Off by default: OHIF 3.13
+    throws on a measurement group without SCOORD and then places no group at all (seen in a real OHIF run)."""
     if not study.findings and (study.segmentation is None or not segment_volumes):
         raise ValueError("nothing to report: no finding and no segment volume")
     volumes = segment_volumes and study.segmentation is not None

@@ -89,10 +89,10 @@ def _header(plane: str, series_number: int, instance: int, origin: np.ndarray, r
     ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.73.{series_number}.{instance}"
+    ds.SOPInstanceUID = f"{study_uid}.3.{series_number}.{instance}"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.74.{series_number}"
+    ds.SeriesInstanceUID = f"{study_uid}.4.{series_number}"
     ds.FrameOfReferenceUID = FRAME_OF_REFERENCE
     ds.PositionReferenceIndicator = ""
     ds.Modality = "MR"
@@ -162,13 +162,13 @@ def findings(probabilities: dict[str, float] | None = None) -> list[FindingResul
 def mri_study(*, planes: tuple[str, ...] = ("sagittal", "coronal", "axial"),
               segmentation_plane: str | None = "sagittal", labels: np.ndarray | None = None,
               priority: str = "HIGH", revision: int = 1, probabilities: dict[str, float] | None = None,
-              **model) -> MRIStudyResult:
-    series = [plane_series(plane) for plane in planes]
+              study_uid: str = STUDY_UID, **model) -> MRIStudyResult:
+    series = [plane_series(plane, study_uid=study_uid) for plane in planes]
     segmentation = None
     if segmentation_plane is not None:
         grid = next(s for s in series if s.plane == segmentation_plane)
         segmentation = SegmentationResult(plane=segmentation_plane,
                                           labels=labels_on(grid) if labels is None else labels)
-    return MRIStudyResult(study_instance_uid=STUDY_UID, planes=series, findings=findings(probabilities),
+    return MRIStudyResult(study_instance_uid=study_uid, planes=series, findings=findings(probabilities),
                           segmentation=segmentation, model=mri_model_info(**model), created_at=CREATED_AT,
                           priority=priority, revision=revision)

@@ -18,10 +18,10 @@ from tests.results.helpers import dciodvfy_errors, decode, dsrdump, encode, writ
 from tests.results.mri_sources import PROBABILITIES, mri_study
 
 
-def _built(tmp_path=None, **options):
+def _built(volumes: bool = True, **options):
     study = mri_study(**options)
     seg = build_seg(study, 9002)
-    return study, seg, build_mri_sr(study, 9000, seg)
+    return study, seg, build_mri_sr(study, 9000, seg, segment_volumes=volumes)
 
 
 def test_sr_passes_dciodvfy_and_dsrdump(tmp_path):
@@ -74,7 +74,7 @@ def test_findings_group_has_each_probability_and_a_present_absent_call(tmp_path)
 def test_threshold_decides_present():
     study = mri_study()
     strict = dataclasses.replace(study, findings=[FindingResult("ACL", 0.91, threshold=0.95)])
-    sr = decode(encode(build_mri_sr(strict, 9000, build_seg(strict, 9002))))
+    sr = decode(encode(build_mri_sr(strict, 9000)))
     text = str(sr.ContentSequence)
     assert ABSENT.value in text and PRESENT.value not in text
 
@@ -139,7 +139,7 @@ def test_rebuild_is_byte_identical_and_content_changes_the_instance_not_the_seri
 def test_a_newer_report_supersedes_the_older():
     _, _, older = _built()
     study = mri_study(revision=2)
-    newer = decode(encode(build_mri_sr(study, 9000, build_seg(study, 9002), previous=older)))
+    newer = decode(encode(build_mri_sr(study, 9000, build_seg(study, 9002), previous=older, segment_volumes=True)))
     (item,) = newer.PredecessorDocumentsSequence
     assert item.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == older.SOPInstanceUID
     assert int(newer.InstanceNumber) == 2 and newer.SeriesInstanceUID == older.SeriesInstanceUID
@@ -150,20 +150,22 @@ def test_without_segmentation_or_volumes(tmp_path):
     sr = build_mri_sr(study, 9000)
     assert dciodvfy_errors(write(sr, tmp_path / "sr.dcm"))[0] == []
     with_seg = mri_study()
-    plain = decode(encode(build_mri_sr(with_seg, 9000, segment_volumes=False)))
+    plain = build_mri_sr(with_seg, 9000)  # the default: no TID 1411 groups (OHIF 3.13 cannot place them)
+    assert dciodvfy_errors(write(plain, tmp_path / "plain.dcm"))[0] == []
     assert "Referenced Segment" not in str(plain.ContentSequence)
+    assert encode(build_mri_sr(with_seg, 9000, build_seg(with_seg, 9002))) == encode(plain), "seg unused then"
 
 
 def test_seg_is_required_and_must_match():
     study, seg, _ = _built()
     with pytest.raises(ValueError, match="pass its SEG"):
-        build_mri_sr(study, 9000)
+        build_mri_sr(study, 9000, segment_volumes=True)
     other = mri_study()
     labels = np.where(other.segmentation.labels <= 3, other.segmentation.labels, 0)
     fewer = dataclasses.replace(other, segmentation=dataclasses.replace(other.segmentation, labels=labels,
                                                                         structures=STRUCTURES[:3]))
     with pytest.raises(ValueError, match="structures"):
-        build_mri_sr(fewer, 9000, seg)
+        build_mri_sr(fewer, 9000, seg, segment_volumes=True)
     with pytest.raises(ValueError, match="nothing to report"):
-        build_mri_sr(dataclasses.replace(study, findings=[], segmentation=None), 9000)
+        build_mri_sr(dataclasses.replace(study, findings=[]), 9000)
     assert np.all(study.segmentation.labels == mri_study().segmentation.labels)

@@ -190,7 +190,7 @@ def test_code_table_uses_only_standard_sct_codes_or_the_declared_private_scheme(
 def test_orthanc_accepts_the_seg_sr_and_overlays(tmp_path):
     study = mri_study()
     seg = build_seg(study, 9002)
-    objects = {"SEG": seg, "SR": build_mri_sr(study, 9000, seg)}
+    objects = {"SEG": seg, "SR": build_mri_sr(study, 9000, seg, segment_volumes=True)}
     objects.update({f"SC{n}": sc for n, sc in enumerate(build_overlay_scs(study, 9001), start=1)})
     orthanc = Orthanc(tmp_path / "orthanc", {})
     orthanc.start()
