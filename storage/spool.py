@@ -64,14 +64,57 @@ def sha256_of(path: Path) -> tuple[str, int]:
 ContentDigest = tuple[str, int]  # (SHA-256 hex digest, size in bytes) of a file's whole content
 
 
-def _hash_batches(batches: "queue.Queue[list[bytes] | None]", digest: "hashlib._Hash", done: threading.Event) -> None:
-    """The hashing thread: hash each batch in order until the end marker (``None``)."""
-    try:
-        while (batch := batches.get()) is not None:
-            for chunk in batch:
-                digest.update(chunk)  # releases the GIL for all but tiny chunks
-    finally:
-        done.set()
+def _hash_batches(batches: "queue.Queue[list[bytes] | None]", digest: "hashlib._Hash") -> None:
+    """Hash each batch in order until the end marker (``None``)."""
+    while (batch := batches.get()) is not None:
+        for chunk in batch:
+            digest.update(chunk)  # releases the GIL for all but tiny chunks
+
+
+class _HashingThreads:
+    """Daemon threads that hash files as they are written, one file at a time each, kept for the next file.
+
+    A thread per file cost ~2 ms of the sender's wait under load (``Thread.start`` waits until the new thread has
+    run). Daemon threads: one waiting for an abandoned file's next batch never holds up the process's exit.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[queue.Queue[list[bytes] | None], hashlib._Hash, threading.Event]] = (
+            queue.SimpleQueue())
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def hash(self, batches: "queue.Queue[list[bytes] | None]", digest: "hashlib._Hash", done: threading.Event) -> None:
+        """Hash ``batches`` into ``digest`` in a thread of the pool; ``done`` is set after the end marker."""
+        with self._lock:
+            start = self._idle == 0
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1
+        self._jobs.put((batches, digest, done))
+        if start:  # every thread is busy with a file: one more (there are never more threads than files at once)
+            threading.Thread(target=self._work, name="msknode-hash", daemon=True).start()
+
+    @property
+    def busy(self) -> int:
+        """Threads hashing a file now."""
+        with self._lock:
+            return self._threads - self._idle
+
+    def _work(self) -> None:
+        while True:
+            batches, digest, done = self._jobs.get()
+            try:
+                _hash_batches(batches, digest)
+            finally:
+                with self._lock:
+                    self._idle += 1
+                done.set()
+
+
+_HASHING_THREADS = _HashingThreads()
 
 
 class HashingWriter:
@@ -96,9 +139,9 @@ class HashingWriter:
         self._digest = hashlib.sha256()
         self._batches: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=_HASH_QUEUE_BATCHES)
         self._hashed = threading.Event()
-        self._thread: threading.Thread | None = None
-        # A writer dropped without close() (its transfer abandoned) still ends its thread.
-        self._finalizer = weakref.finalize(self, _end_thread, self._batches)
+        self._hashing = False
+        # A writer dropped without close() (its transfer abandoned) still frees its hashing thread.
+        self._finalizer = weakref.finalize(self, _end_hashing, self._batches)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         chunk = data if isinstance(data, bytes) else bytes(data)
@@ -114,10 +157,9 @@ class HashingWriter:
         return written
 
     def _hand_over(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=_hash_batches, args=(self._batches, self._digest, self._hashed),
-                                            name="msknode-hash", daemon=True)
-            self._thread.start()
+        if not self._hashing:
+            self._hashing = True
+            _HASHING_THREADS.hash(self._batches, self._digest, self._hashed)
         self._batches.put(self._pending)
         self._pending, self._pending_bytes = [], 0
 
@@ -154,7 +196,7 @@ class HashingWriter:
             return self._result
         if not self._handle.closed:
             self._handle.flush()
-        if self._thread is None:  # under one batch in all: hash it here
+        if not self._hashing:  # under one batch in all: hash it here
             for chunk in self._pending:
                 self._digest.update(chunk)
         else:
@@ -167,7 +209,7 @@ class HashingWriter:
         return self._result
 
     def close(self) -> None:
-        self._finalizer()  # the hashing thread ends (its queue gets the end marker)
+        self._finalizer()  # the hashing thread is freed (its queue gets the end marker)
         self._handle.close()
 
     def __enter__(self) -> "HashingWriter":
@@ -177,7 +219,7 @@ class HashingWriter:
         self.close()
 
 
-def _end_thread(batches: "queue.Queue[list[bytes] | None]") -> None:
+def _end_hashing(batches: "queue.Queue[list[bytes] | None]") -> None:
     try:
         batches.put_nowait(None)
     except queue.Full:  # the thread is still busy: make room, it only needs to see the end marker

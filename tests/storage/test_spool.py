@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,16 +139,32 @@ def test_no_digest_once_the_bytes_were_not_written_in_order(tmp_path: Path) -> N
         assert writer.content_digest() is None
 
 
-def test_abandoned_writers_end_their_hashing_threads(tmp_path: Path) -> None:
+def wait_until_no_file_is_being_hashed() -> None:
+    deadline = time.monotonic() + 10
+    while spool_module._HASHING_THREADS.busy:
+        assert time.monotonic() < deadline, "a hashing thread is still busy with a finished file"
+        time.sleep(0.01)
+
+
+def test_abandoned_writers_free_their_hashing_threads(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    before = {thread for thread in threading.enumerate() if thread.name == "msknode-hash"}
+    wait_until_no_file_is_being_hashed()
     closed = hashing_writer(spool, "rx-closed.dcm")
     closed.write(os.urandom(3 * 1024 * 1024))
     closed.close()  # a transfer cut short: closed, never asked for its digest
     dropped = hashing_writer(spool, "rx-dropped.dcm")
     dropped.write(os.urandom(3 * 1024 * 1024))
     del dropped  # dropped without close
-    for thread in threading.enumerate():
-        if thread.name == "msknode-hash" and thread not in before:
-            thread.join(10)
-            assert not thread.is_alive()
+    wait_until_no_file_is_being_hashed()
+
+
+def test_hashing_threads_are_reused_from_file_to_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    wait_until_no_file_is_being_hashed()
+    before = {thread for thread in threading.enumerate() if thread.name == "msknode-hash"}
+    for number in range(10):
+        with hashing_writer(spool, f"rx-{number}.dcm") as writer:
+            writer.write(os.urandom(2 * 1024 * 1024))
+            assert writer.content_digest() is not None
+    started = {thread for thread in threading.enumerate() if thread.name == "msknode-hash"} - before
+    assert len(started) <= 1
