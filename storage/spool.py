@@ -209,6 +209,9 @@ class HashingWriter:
         return self._result
 
     def close(self) -> None:
+        """Close the file; the digest is no longer computed (unless :meth:`content_digest` was called before)."""
+        if self._result is None:
+            self._in_order = False
         self._finalizer()  # the hashing thread is freed (its queue gets the end marker)
         self._handle.close()
 

@@ -39,7 +39,7 @@ from node.dicomweb.multipart import BodyTooLarge, MultipartError, Part, PartSink
 from node.intake import STATUS_CANNOT_UNDERSTAND, Intake, Refused, Stored
 from node.settings import DicomwebSettings, PeerSettings
 from storage.intake import IntakeRepository
-from storage.spool import is_valid_uid
+from storage.spool import ContentDigest, HashingWriter, is_valid_uid
 
 log = logging.getLogger("msknode.dicomweb")
 
@@ -88,27 +88,39 @@ def response_status(outcomes: Sequence[InstanceOutcome]) -> int:
     return 202 if stored else 409
 
 
+@dataclass(frozen=True)
+class _SpooledPart:
+    """A part written whole to ``path``, with the (SHA-256, size) hashed as it was written (None: hash it)."""
+
+    path: Path
+    content_digest: ContentDigest | None
+
+
 class _SpoolSink(PartSink):
-    """One part's bytes, written as they arrive to a 0600 file in ``<spool>/.incoming``."""
+    """One part's bytes, written as they arrive to a 0600 file in ``<spool>/.incoming``, hashed meanwhile in a
+    thread of storage.spool's pool (so intake need not read the file back)."""
 
     def __init__(self, incoming: Path) -> None:
         self.path = incoming / f"{PART_PREFIX}{uuid.uuid4().hex}.part"
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._writer: HashingWriter | None = HashingWriter(os.fdopen(fd, "wb"))
 
     def write(self, data: bytes) -> None:
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        assert self._writer is not None
+        self._writer.write(data)
 
-    def close(self) -> Path:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        return self.path
+    def close(self) -> _SpooledPart:
+        digest = None
+        if self._writer is not None:
+            digest = self._writer.content_digest()
+            self._writer.close()
+            self._writer = None
+        return _SpooledPart(self.path, digest)
 
     def abort(self) -> None:
-        self.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         self.path.unlink(missing_ok=True)
 
 
@@ -247,15 +259,17 @@ class StowService:
                             media_type=DICOM_JSON)
 
     async def _store_part(self, part: Part, calling: str, association_id: str, study: str | None) -> InstanceOutcome:
-        path = part.result
-        assert isinstance(path, Path)
+        spooled = part.result
+        assert isinstance(spooled, _SpooledPart)
+        path = spooled.path
         part_type, _ = media_type(part.content_type)
         if part_type not in ("", "application/dicom"):
             path.unlink(missing_ok=True)
             return InstanceOutcome(None, None, STATUS_CANNOT_UNDERSTAND, f"part of type {part_type} not supported")
         try:
             result = await run_in_threadpool(self.intake.store, path, calling_ae_title=calling,
-                                             association_id=association_id, expected_study_instance_uid=study)
+                                             association_id=association_id, expected_study_instance_uid=study,
+                                             content_digest=spooled.content_digest)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

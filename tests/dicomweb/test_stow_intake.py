@@ -16,6 +16,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 from requests.exceptions import HTTPError
 
+from storage.spool import sha256_of
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.node import NodeConfig, NodeProcess, Peer, free_port, wait_for_port
 
@@ -84,6 +85,7 @@ def test_stow_stores_durably_and_answers_each_instance(node: NodeProcess) -> Non
     assert {row.calling_ae_title for row in rows} == {"VNA"}
     assert len(node.spool_files()) == 3 and node.incoming_files() == []
     for row in rows:
+        assert (row.sha256, row.size_bytes) == sha256_of(node.spool / row.spool_path)
         stored = pydicom.dcmread(node.spool / row.spool_path)
         assert stored.PixelData == next(ds for ds in datasets if ds.SOPInstanceUID == row.sop_instance_uid).PixelData
     (audit,) = node.wait_for_associations_closed()
@@ -216,5 +218,7 @@ def test_a_large_instance_is_streamed_to_disk_not_held_in_memory(node: NodeProce
     assert answer.status_code == 200, answer.text
     (row,) = node.instances()
     assert row.size_bytes == len(head) + size
+    # hashed while it was written, never read back: the indexed digest is still the stored file's
+    assert (row.sha256, row.size_bytes) == sha256_of(node.spool / row.spool_path)
     grown_mb = (peak_rss_kb() - before) / 1024
     assert grown_mb < 64, f"peak memory grew by {grown_mb:.0f} MB for a {size >> 20} MB instance"

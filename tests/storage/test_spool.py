@@ -137,6 +137,10 @@ def test_no_digest_once_the_bytes_were_not_written_in_order(tmp_path: Path) -> N
         assert writer.content_digest() is not None
         writer.write(b"def")  # after the digest: the file no longer matches it
         assert writer.content_digest() is None
+    writer = hashing_writer(spool, "rx-closed-first.dcm")
+    writer.write(os.urandom(3 * 1024 * 1024))
+    writer.close()  # closed (a transfer given up) before anyone asked: no digest half-computed
+    assert writer.content_digest() is None
 
 
 def wait_until_no_file_is_being_hashed() -> None:
