@@ -112,8 +112,9 @@ def read_hf_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
     """``config.json`` (checked to be a ViT), or ViT-L/16's sizes when the folder has none."""
     path = folder / "config.json"
     if not path.is_file():
-        return dict(VIT_LARGE_PATCH16_224), ["no config.json: ViT-L/16 at 224 px assumed (google/vit-large-patch16-224, "
-                                             "as SKELEX's External_validation.py)"]
+        note = ("no config.json: ViT-L/16 at 224 px assumed (google/vit-large-patch16-224, as SKELEX's "
+                "External_validation.py)")
+        return dict(VIT_LARGE_PATCH16_224), [note]
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

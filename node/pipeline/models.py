@@ -117,7 +117,8 @@ def region_guided_outputs(configured: ConfiguredModel, tensor: Any, display: np.
         "score": None, "map224": None, "region": region,
         "heads": {name: values[name] for name in configured.heads},
         "activations": {name: "sigmoid" for name in configured.heads},  # maxima over crops, each on its own
-        "findings": {f.name: f.decision for f in result.findings if f.decision is not None and f.name in configured.heads},
+        "findings": {f.name: f.decision for f in result.findings
+                     if f.decision is not None and f.name in configured.heads},
         "crops": len(result.boxes),
     }
 

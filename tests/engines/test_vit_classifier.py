@@ -359,7 +359,8 @@ def test_model_info_describes_the_layout(tmp_path):
     assert info["family"] == "vit-classifier" and info["format"] == "hf-vit-multihead" and info["outputs"] == 38
     assert info["output_groups"]["tumour_class"] == {
         "activation": "softmax", "indices": "1-4", "labels": ["malignant", "intermediate", "benign", "No bone tumor"]}
-    assert info["findings"]["malignancy"]["rule"] == ">= 0.5" and info["findings"]["malignancy"]["requires"] == "bone_tumour"
+    malignancy = info["findings"]["malignancy"]
+    assert malignancy["rule"] == ">= 0.5" and malignancy["requires"] == "bone_tumour"
     table = CliRunner().invoke(app, ["model", "info", str(folder)], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "fracture_type: {'activation': 'softmax', 'indices': '34-36'" in table.output
     broken = tmp_path / "broken"
