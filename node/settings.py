@@ -592,7 +592,8 @@ class SeriesRule(_Section):
 
     name: str = Field(min_length=1, max_length=64)
     score: float = Field(ge=-1000, le=1000)
-    planes: list[MriPlane] = Field(default_factory=list, description="the rule applies only to these planes; empty = all")
+    planes: list[MriPlane] = Field(default_factory=list,
+                                   description="the rule applies only to these planes; empty = all")
     series_description: str | None = Field(None, description="regular expression searched in Series Description")
     scanning_sequence: list[str] = Field(default_factory=list, description="any of these Scanning Sequence values "
                                          "(SE, IR, GR, EP, RM)")

@@ -80,9 +80,9 @@ class FrameHeader:
     source: FrameRef
     rows: int
     columns: int
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, float, float, float, float, float] | None
-    pixel_spacing: tuple[float, float] | None
+    position: tuple[float, ...] | None  # 3 values
+    orientation: tuple[float, ...] | None  # 6 values: row direction, column direction
+    pixel_spacing: tuple[float, ...] | None  # 2 values: between rows, between columns
     slice_thickness: float | None
     frame_of_reference_uid: str | None
     image_type: tuple[str, ...]
@@ -173,9 +173,9 @@ def frame_headers(dataset: Dataset) -> list[FrameHeader]:
         return [FrameHeader(
             source=FrameRef(sop, None),
             rows=rows, columns=columns,
-            position=_floats(dataset.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-            orientation=_floats(dataset.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
-            pixel_spacing=_floats(dataset.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            position=_floats(dataset.get("ImagePositionPatient"), 3),
+            orientation=_floats(dataset.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(dataset.get("PixelSpacing"), 2),
             slice_thickness=_float(dataset.get("SliceThickness")),
             frame_of_reference_uid=str(frame_of_reference) if frame_of_reference else None,
             image_type=image_type,
@@ -197,9 +197,9 @@ def frame_headers(dataset: Dataset) -> list[FrameHeader]:
         frames.append(FrameHeader(
             source=FrameRef(sop, index + 1),
             rows=rows, columns=columns,
-            position=_floats(position.get("ImagePositionPatient") if position else None, 3),  # type: ignore[arg-type]
-            orientation=_floats(orientation.get("ImageOrientationPatient") if orientation else None, 6),  # type: ignore[arg-type]
-            pixel_spacing=_floats(measures.get("PixelSpacing") if measures else None, 2),  # type: ignore[arg-type]
+            position=_floats(position.get("ImagePositionPatient") if position else None, 3),
+            orientation=_floats(orientation.get("ImageOrientationPatient") if orientation else None, 6),
+            pixel_spacing=_floats(measures.get("PixelSpacing") if measures else None, 2),
             slice_thickness=_float(measures.get("SliceThickness")) if measures else None,
             frame_of_reference_uid=str(frame_of_reference) if frame_of_reference else None,
             image_type=_image_type(frame_type, "FrameType") if frame_type is not None and "FrameType" in frame_type
@@ -318,8 +318,8 @@ def plan_volume(datasets: Sequence[Dataset], tolerances: Tolerances = Tolerances
     if len(sizes) > 1:
         problems.append(Problem("mixed-size", "frames have different sizes: "
                                               + ", ".join(f"{r}x{c}" for r, c in sizes)))
-    spacings = _mixed(tuple(round(v / tolerances.pixel_spacing_mm) * tolerances.pixel_spacing_mm for v in f.pixel_spacing or ())
-                      for f in frames)
+    step = tolerances.pixel_spacing_mm
+    spacings = _mixed(tuple(round(v / step) * step for v in f.pixel_spacing or ()) for f in frames)
     if len(spacings) > 1:
         problems.append(Problem("mixed-spacing", "frames have different pixel spacings: "
                                                  + ", ".join(f"{r:g}/{c:g} mm" for r, c in spacings)))

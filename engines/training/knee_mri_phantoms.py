@@ -74,12 +74,25 @@ SIGNAL: dict[str, tuple[float, ...]] = {
     "t2_fs": (0.0, 55.0, 200.0, 75.0, 12.0, 360.0, 30.0, 60.0, 1000.0, 920.0, 700.0, 25.0),
     "t1": (0.0, 900.0, 360.0, 850.0, 20.0, 430.0, 45.0, 90.0, 220.0, 260.0, 400.0, 40.0),
 }
-# Acquisition parameters written to the header per contrast (TR ms, TE ms, echo train, fat saturation).
-SEQUENCE: dict[str, dict[str, object]] = {
-    "pd_fs": {"tr": 3200.0, "te": 32.0, "etl": 8, "fat_sat": True, "label": "PD FS"},
-    "t2_fs": {"tr": 4200.0, "te": 75.0, "etl": 12, "fat_sat": True, "label": "T2 FS"},
-    "t1": {"tr": 550.0, "te": 12.0, "etl": 3, "fat_sat": False, "label": "T1"},
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """Acquisition parameters written to the header (what selection rules read)."""
+
+    repetition_time_ms: float
+    echo_time_ms: float
+    echo_train_length: int
+    fat_saturated: bool
+    gradient_echo: bool = False  # GR (localiser) rather than turbo spin echo
+
+
+SEQUENCE: dict[str, Acquisition] = {
+    "pd_fs": Acquisition(3200.0, 32.0, 8, True),
+    "t2_fs": Acquisition(4200.0, 75.0, 12, True),
+    "t1": Acquisition(550.0, 12.0, 3, False),
 }
+LOCALIZER_ACQUISITION = Acquisition(8.6, 4.0, 1, False, gradient_echo=True)
 MAX_STORED = 4095  # 12 bits
 
 
@@ -88,11 +101,14 @@ MAX_STORED = 4095  # 12 bits
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
-    return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 <= 1.0
+def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: Sequence[float],
+               radii: Sequence[float]) -> np.ndarray:
+    return (((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+            + ((z - centre[2]) / radii[2]) ** 2 <= 1.0)
 
 
-def _segment_parameter(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _segment_parameter(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: Sequence[float],
+                       b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """(t in [0, 1] of the nearest point on segment a-b, distance to it)."""
     ab = np.subtract(b, a, dtype=np.float64)
     length2 = float(ab @ ab)
@@ -157,7 +173,8 @@ class KneeModel:
         return (labels.reshape(shape), tissue.reshape(shape),
                 {name: mask.reshape(shape) for name, mask in findings.items()})
 
-    def _sample_flat(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def _sample_flat(self, x: np.ndarray, y: np.ndarray,
+                     z: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The anatomy at flat coordinate arrays already divided by ``scale``."""
         has = set(self.findings)
         n = x.shape[0]
@@ -247,11 +264,12 @@ class KneeModel:
             tissue[mask] = cls
 
         findings: dict[str, np.ndarray] = {}
+        not_bone = (labels != LABELS["femur"]) & (labels != LABELS["tibia"])
         if "acl_tear" in has:
-            findings["acl_tear"] = (acl_d <= 6.0) & (acl_t > 0.4) & (acl_t < 0.62) & (labels != LABELS["femur"]) & (labels != LABELS["tibia"])
+            findings["acl_tear"] = (acl_d <= 6.0) & (acl_t > 0.4) & (acl_t < 0.62) & not_bone
             tissue[findings["acl_tear"]] = TEAR
         if "pcl_tear" in has:
-            findings["pcl_tear"] = (pcl_d <= 6.5) & (pcl_t > 0.35) & (pcl_t < 0.55) & (labels != LABELS["femur"]) & (labels != LABELS["tibia"])
+            findings["pcl_tear"] = (pcl_d <= 6.5) & (pcl_t > 0.35) & (pcl_t < 0.55) & not_bone
             tissue[findings["pcl_tear"]] = TEAR
         for flag, name in (("mm_tear", "medial_meniscus"), ("lm_tear", "lateral_meniscus")):
             if flag in has:
@@ -401,7 +419,8 @@ SampleCache = dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, dict[str, n
 
 
 def _render(model: KneeModel, spec: SeriesSpec, affine: np.ndarray, slices: int, rng: np.random.Generator,
-            profile_samples: int, cache: SampleCache | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+            profile_samples: int,
+            cache: SampleCache | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(uint16 pixels, labels, finding masks) on the grid of ``affine`` with ``slices`` slices.
 
     The anatomy sampled on a grid does not depend on the contrast, so series on the same grid (sagittal PD FS
@@ -427,7 +446,9 @@ def _render(model: KneeModel, spec: SeriesSpec, affine: np.ndarray, slices: int,
         return cache[key]
 
     labels, _, findings = sampled(0.0)
-    offsets = np.linspace(-0.5, 0.5, profile_samples + 2)[1:-1] * spec.slice_thickness_mm if profile_samples > 1 else [0.0]
+    offsets = [0.0]  # across the slice thickness, evenly inside it
+    if profile_samples > 1:
+        offsets = list(np.linspace(-0.5, 0.5, profile_samples + 2)[1:-1] * spec.slice_thickness_mm)
     table = np.asarray(SIGNAL[spec.contrast], dtype=np.float32)
     signal = np.zeros(labels.shape, dtype=np.float32)
     for offset in offsets:
@@ -537,11 +558,8 @@ def _common(ds: Dataset, spec: SeriesSpec, study: KneeStudy, series_uid: str, da
     ds.PositionReferenceIndicator = ""
 
 
-def _acquisition(spec: SeriesSpec) -> dict[str, object]:
-    sequence = SEQUENCE[spec.contrast]
-    if spec.localizer:
-        return {"tr": 8.6, "te": 4.0, "etl": 1, "fat_sat": False, "label": "LOC", "gradient": True}
-    return {**sequence, "gradient": False}
+def _acquisition(spec: SeriesSpec) -> Acquisition:
+    return LOCALIZER_ACQUISITION if spec.localizer else SEQUENCE[spec.contrast]
 
 
 def _mr_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affine: np.ndarray, pixels: np.ndarray,
@@ -557,22 +575,22 @@ def _mr_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affine: np.
     ds.InstanceNumber = index + 1
     ds.AcquisitionNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if spec.localizer else "M", "NORM"]
-    ds.ScanningSequence = "GR" if acquisition["gradient"] else "SE"
-    ds.SequenceVariant = "SP" if acquisition["gradient"] else "SK"
-    ds.ScanOptions = "FS" if acquisition["fat_sat"] else ""
+    ds.ScanningSequence = "GR" if acquisition.gradient_echo else "SE"
+    ds.SequenceVariant = "SP" if acquisition.gradient_echo else "SK"
+    ds.ScanOptions = "FS" if acquisition.fat_saturated else ""
     ds.MRAcquisitionType = "2D"
-    ds.SequenceName = "*fl2d1" if acquisition["gradient"] else "*tse2d1"
+    ds.SequenceName = "*fl2d1" if acquisition.gradient_echo else "*tse2d1"
     ds.AngioFlag = "N"
-    ds.RepetitionTime = _ds_str(float(acquisition["tr"]))  # type: ignore[arg-type]
-    ds.EchoTime = _ds_str(float(acquisition["te"]))  # type: ignore[arg-type]
-    ds.EchoTrainLength = int(acquisition["etl"])  # type: ignore[call-overload]
+    ds.RepetitionTime = _ds_str(acquisition.repetition_time_ms)
+    ds.EchoTime = _ds_str(acquisition.echo_time_ms)
+    ds.EchoTrainLength = acquisition.echo_train_length
     ds.EchoNumbers = 1
     ds.NumberOfAverages = "1"
     ds.ImagingFrequency = "123.2"
     ds.ImagedNucleus = "1H"
     ds.MagneticFieldStrength = "3"
     ds.ReceiveCoilName = "Knee 15ch"
-    ds.FlipAngle = "20" if acquisition["gradient"] else "150"
+    ds.FlipAngle = "20" if acquisition.gradient_echo else "150"
     ds.SliceThickness = _ds_str(spec.slice_thickness_mm)
     ds.SpacingBetweenSlices = _ds_str(spec.spacing_between_slices_mm)
     ds.PixelSpacing = [_ds_str(spec.pixel_spacing_mm[0]), _ds_str(spec.pixel_spacing_mm[1])]
@@ -634,7 +652,7 @@ def _enhanced_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affin
     ds.VolumetricProperties = "VOLUME"
     ds.VolumeBasedCalculationTechnique = "NONE"
     ds.ComplexImageComponent = "MAGNITUDE"
-    ds.AcquisitionContrast = "PROTON_DENSITY" if spec.contrast == "pd_fs" else ("T2" if spec.contrast == "t2_fs" else "T1")
+    ds.AcquisitionContrast = {"pd_fs": "PROTON_DENSITY", "t2_fs": "T2", "t1": "T1"}[spec.contrast]
     ds.ContentQualification = "PRODUCT"
     ds.ResonantNucleus = "1H"
     ds.KSpaceFiltering = "NONE"
@@ -654,7 +672,7 @@ def _enhanced_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affin
     ds.SteadyStatePulseSequence = "NONE"
     ds.EchoPlanarPulseSequence = "NO"
     ds.SaturationRecovery = "NO"
-    ds.SpectrallySelectedSuppression = "FAT" if acquisition["fat_sat"] else "NONE"
+    ds.SpectrallySelectedSuppression = "FAT" if acquisition.fat_saturated else "NONE"
     ds.OversamplingPhase = "NONE"
     ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
     ds.SegmentedKSpaceTraversal = "PARTIAL"
@@ -704,10 +722,10 @@ def _enhanced_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affin
     voi.WindowWidth = _ds_str(max(high - low, 2))
     shared.FrameVOILUTSequence = DicomSequence([voi])
     timing = Dataset()
-    timing.RepetitionTime = float(acquisition["tr"])  # type: ignore[arg-type]
+    timing.RepetitionTime = acquisition.repetition_time_ms
     timing.FlipAngle = 150.0
-    timing.EchoTrainLength = int(acquisition["etl"])  # type: ignore[call-overload]
-    timing.RFEchoTrainLength = int(acquisition["etl"])  # type: ignore[call-overload]
+    timing.EchoTrainLength = acquisition.echo_train_length
+    timing.RFEchoTrainLength = acquisition.echo_train_length
     timing.GradientEchoTrainLength = 0
     sar = Dataset()
     sar.SpecificAbsorptionRateDefinition = "IEC_WHOLE_BODY"
@@ -731,7 +749,7 @@ def _enhanced_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affin
     fov.PercentPhaseFieldOfView = 100.0
     shared.MRFOVGeometrySequence = DicomSequence([fov])
     echo = Dataset()
-    echo.EffectiveEchoTime = float(acquisition["te"])  # type: ignore[arg-type]
+    echo.EffectiveEchoTime = acquisition.echo_time_ms
     shared.MREchoSequence = DicomSequence([echo])
     modifier = Dataset()
     modifier.InversionRecovery = "NO"
@@ -808,7 +826,8 @@ def with_findings_summary(study: KneeStudy) -> Mapping[str, object]:
         "findings": {name: name in study.findings for name in FINDINGS},
         "structures": dict(LABELS),
         "series": [
-            {"name": s.spec.name, "plane": s.spec.plane, "contrast": s.spec.contrast, "series_number": s.spec.series_number,
+            {"name": s.spec.name, "plane": s.spec.plane, "contrast": s.spec.contrast,
+             "series_number": s.spec.series_number,
              "description": s.spec.description, "localizer": s.spec.localizer, "enhanced": s.spec.enhanced}
             for s in study.series
         ],

@@ -135,7 +135,8 @@ def test_written_files_pass_dciodvfy(injured, tmp_path) -> None:
     enhanced = generate_study(21, ["acl_tear"], size=32, slices=8, profile_samples=1, enhanced=True)
     enhanced_paths = enhanced.write(tmp_path / "enhanced")
     multi_frame = [p for p in enhanced_paths if p.parent.name in ("sag_pd_fs", "ax_t2_fs")]
-    assert all(enhanced.by_name(p.parent.name).datasets[0].SOPClassUID == ENHANCED_MR_IMAGE_STORAGE for p in multi_frame)
+    assert all(enhanced.by_name(p.parent.name).datasets[0].SOPClassUID == ENHANCED_MR_IMAGE_STORAGE
+               for p in multi_frame)
     for path in chosen + multi_frame:
         errors, _ = dciodvfy_errors(path)
         assert errors == [], (path, errors)

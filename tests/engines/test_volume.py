@@ -169,7 +169,8 @@ def test_enhanced_mr_frames_out_of_order_and_missing_are_handled(enhanced) -> No
     assert plan.ok and [f.source.frame_number for f in plan.frames] == list(range(SLICES, 0, -1))
     twin = copy.deepcopy(ds)
     position = twin.PerFrameFunctionalGroupsSequence[4].PlanePositionSequence[0]
-    position.ImagePositionPatient = list(twin.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence[0].ImagePositionPatient)
+    neighbour = twin.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence[0]
+    position.ImagePositionPatient = list(neighbour.ImagePositionPatient)
     assert {p.code for p in plan_volume([twin]).problems} == {"duplicate-position", "missing-slice"}
     gap = copy.deepcopy(ds)
     del gap.PerFrameFunctionalGroupsSequence[4]
@@ -217,7 +218,8 @@ def test_same_voxels_at_the_same_places_as_highdicom(classic) -> None:
     datasets = classic.by_name("sag_pd_fs").datasets
     ours = assemble_volume(datasets)
     reference = highdicom.get_volume_from_series(datasets, dtype=np.float32)
-    indices = np.stack(np.meshgrid(np.arange(SLICES), [0, 7, SIZE - 1], [0, 13, SIZE - 1], indexing="ij"), -1).reshape(-1, 3)
+    grid = np.meshgrid(np.arange(SLICES), [0, 7, SIZE - 1], [0, 13, SIZE - 1], indexing="ij")
+    indices = np.stack(grid, -1).reshape(-1, 3)
     points = ours.index_to_patient(indices)
     theirs = np.rint(reference.map_reference_to_indices(points)).astype(int)
     np.testing.assert_allclose(reference.map_indices_to_reference(theirs), points, atol=1e-3)
@@ -246,3 +248,22 @@ def test_plane_classification_with_tolerance() -> None:
     assert plane_of(tilted(30), 35)[0] == "sagittal"
     assert plane_of([1, 0, 0, 0, 1, 0], 10)[0] == "axial"
     assert plane_of([1, 0, 0, 0, 0, -1], 10)[0] == "coronal"
+
+
+def test_legacy_converted_enhanced_mr_from_highdicom_assembles_like_the_classic_series(classic) -> None:
+    """highdicom's own classic -> multi-frame conversion (its functional groups, not ours) as a second writer."""
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    datasets = classic.by_name("ax_t2_fs").datasets
+    converted = LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets, series_instance_uid=pydicom.uid.generate_uid(), series_number=40,
+        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1)
+    buffer = io.BytesIO()
+    converted.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    multi_frame = pydicom.dcmread(buffer)
+    ours = assemble_volume([multi_frame])
+    reference = assemble_volume(datasets)
+    np.testing.assert_allclose(ours.affine, reference.affine, atol=1e-4)
+    np.testing.assert_array_equal(ours.array, reference.array)
+    assert {ref.frame_number for ref in ours.sources} == set(range(1, SLICES + 1))
