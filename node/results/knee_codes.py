@@ -2,7 +2,8 @@
 
 Where a code is standard it comes from the DICOM standard's own tables (PS3.16 context groups, as shipped in
 ``pydicom.sr.codedict.codes``): Femur, Tibia, Patella, Meniscus, Cartilage, Knee joint, Distal femur, Tibial
-plateau, Effusion, the anatomic modifiers Medial/Lateral, Present/Absent, the planes. SNOMED CT has concepts
+plateau, Effusion, Morphologically Abnormal Structure, the anatomic modifiers Medial/Lateral, Present/Absent, the
+planes. SNOMED CT has concepts
 for the cruciate and collateral ligaments and for the tears below, but no DICOM context group lists them and
 their identifiers could not be verified offline here, so they use our private scheme ``99MSKNODE`` (declared
 in every object, codes.py) rather than a guessed SCTID. Replacing a private code with a verified SNOMED CT one
@@ -15,6 +16,7 @@ meaning here if it turns out to be something else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.sr.codedict import codes as dcm_codes
@@ -25,9 +27,12 @@ from node.results.codes import private
 # --- segmented structures (SEG) --------------------------------------------------------------------------------
 ANATOMICAL_STRUCTURE = dcm_codes.SCT.AnatomicalStructure  # CID 7150 Segmentation Property Category
 TISSUE = dcm_codes.SCT.Tissue  # CID 7150
+ABNORMAL_STRUCTURE = dcm_codes.SCT.MorphologicallyAbnormalStructure  # CID 7150, for an effusion
 KNEE_JOINT = dcm_codes.SCT.KneeJoint
 ACL = private("ACL", "Anterior cruciate ligament")
 PCL = private("PCL", "Posterior cruciate ligament")
+MCL = private("MCL", "Medial collateral ligament of knee")
+LCL = private("LCL", "Lateral collateral ligament of knee")
 COLLATERAL_LIGAMENTS = private("COLLIGS", "Collateral ligaments of knee")
 
 
@@ -45,28 +50,61 @@ class Structure:
     colour: tuple[int, int, int]  # sRGB shown by viewers (Recommended Display CIELab Value) and in the overlays
 
 
+# Every structure a knee model may segment: key -> (label, category, type, modifier, region, colour).
+_CATALOGUE: dict[str, tuple[str, Code, Code, Code | None, Code, tuple[int, int, int]]] = {
+    "femur": ("Femur", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Femur, None, KNEE_JOINT, (230, 220, 170)),
+    "tibia": ("Tibia", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Tibia, None, KNEE_JOINT, (200, 200, 120)),
+    "patella": ("Patella", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Patella, None, KNEE_JOINT, (240, 180, 90)),
+    "cartilage": ("Articular cartilage", TISSUE, dcm_codes.SCT.Cartilage, None, KNEE_JOINT, (60, 200, 255)),
+    "femoral_cartilage": ("Femoral cartilage", TISSUE, dcm_codes.SCT.Cartilage, None, dcm_codes.SCT.DistalFemur,
+                          (60, 200, 255)),
+    "tibial_cartilage": ("Tibial cartilage", TISSUE, dcm_codes.SCT.Cartilage, None, dcm_codes.SCT.TibialPlateau,
+                         (60, 120, 255)),
+    "patellar_cartilage": ("Patellar cartilage", TISSUE, dcm_codes.SCT.Cartilage, None, dcm_codes.SCT.Patella,
+                           (150, 100, 255)),
+    "medial_meniscus": ("Medial meniscus", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Meniscus, dcm_codes.SCT.Medial,
+                        KNEE_JOINT, (40, 220, 90)),
+    "lateral_meniscus": ("Lateral meniscus", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Meniscus, dcm_codes.SCT.Lateral,
+                         KNEE_JOINT, (170, 240, 40)),
+    "acl": ("Anterior cruciate ligament", ANATOMICAL_STRUCTURE, ACL, None, KNEE_JOINT, (255, 60, 60)),
+    "pcl": ("Posterior cruciate ligament", ANATOMICAL_STRUCTURE, PCL, None, KNEE_JOINT, (255, 60, 200)),
+    "mcl": ("Medial collateral ligament", ANATOMICAL_STRUCTURE, MCL, None, KNEE_JOINT, (255, 140, 0)),
+    "lcl": ("Lateral collateral ligament", ANATOMICAL_STRUCTURE, LCL, None, KNEE_JOINT, (255, 200, 0)),
+    "collateral_ligaments": ("Collateral ligaments", ANATOMICAL_STRUCTURE, COLLATERAL_LIGAMENTS, None, KNEE_JOINT,
+                             (255, 140, 0)),
+    "effusion": ("Joint effusion", ABNORMAL_STRUCTURE, dcm_codes.SCT.Effusion, None, KNEE_JOINT, (0, 255, 255)),
+}
+STRUCTURE_KEYS = tuple(_CATALOGUE)
+
+
+def structures_for(keys: Sequence[str], label_values: Sequence[int] | None = None) -> tuple[Structure, ...]:
+    """The descriptions of a model's label layout: ``keys`` in segment order, label values 1, 2, ... unless given.
+
+    A model folder names its labels (e.g. the phantom layout ``femur, tibia, patella, cartilage, medial_meniscus,
+    lateral_meniscus, acl, pcl, mcl, lcl, effusion``); a name missing here is refused, so a new structure is a
+    row in this file, never an invented code at run time."""
+    values = list(range(1, len(keys) + 1)) if label_values is None else list(label_values)
+    if len(values) != len(keys):
+        raise ValueError("one label value per structure")
+    unknown = [key for key in keys if key not in _CATALOGUE]
+    if unknown:
+        raise ValueError(f"no description for structures {unknown}: add them to node/results/knee_codes.py")
+    if len(set(keys)) != len(keys):
+        raise ValueError("each structure once")
+    return tuple(Structure(key, value, *_CATALOGUE[key]) for key, value in zip(keys, values))
+
+
+# The default layout (issue #17): bones, the three cartilage plates, menisci, cruciates, collateral ligaments.
 # Label value = Segment Number: a structure keeps its number in every study (empty segments included).
-STRUCTURES: tuple[Structure, ...] = (
-    Structure("femur", 1, "Femur", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Femur, None, KNEE_JOINT, (230, 220, 170)),
-    Structure("tibia", 2, "Tibia", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Tibia, None, KNEE_JOINT, (200, 200, 120)),
-    Structure("patella", 3, "Patella", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Patella, None, KNEE_JOINT,
-              (240, 180, 90)),
-    Structure("femoral_cartilage", 4, "Femoral cartilage", TISSUE, dcm_codes.SCT.Cartilage, None,
-              dcm_codes.SCT.DistalFemur, (60, 200, 255)),
-    Structure("tibial_cartilage", 5, "Tibial cartilage", TISSUE, dcm_codes.SCT.Cartilage, None,
-              dcm_codes.SCT.TibialPlateau, (60, 120, 255)),
-    Structure("patellar_cartilage", 6, "Patellar cartilage", TISSUE, dcm_codes.SCT.Cartilage, None,
-              dcm_codes.SCT.Patella, (150, 100, 255)),
-    Structure("medial_meniscus", 7, "Medial meniscus", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Meniscus,
-              dcm_codes.SCT.Medial, KNEE_JOINT, (40, 220, 90)),
-    Structure("lateral_meniscus", 8, "Lateral meniscus", ANATOMICAL_STRUCTURE, dcm_codes.SCT.Meniscus,
-              dcm_codes.SCT.Lateral, KNEE_JOINT, (170, 240, 40)),
-    Structure("acl", 9, "Anterior cruciate ligament", ANATOMICAL_STRUCTURE, ACL, None, KNEE_JOINT, (255, 60, 60)),
-    Structure("pcl", 10, "Posterior cruciate ligament", ANATOMICAL_STRUCTURE, PCL, None, KNEE_JOINT,
-              (255, 60, 200)),
-    Structure("collateral_ligaments", 11, "Collateral ligaments", ANATOMICAL_STRUCTURE, COLLATERAL_LIGAMENTS, None,
-              KNEE_JOINT, (255, 140, 0)),
-)
+STRUCTURES: tuple[Structure, ...] = structures_for((
+    "femur", "tibia", "patella", "femoral_cartilage", "tibial_cartilage", "patellar_cartilage", "medial_meniscus",
+    "lateral_meniscus", "acl", "pcl", "collateral_ligaments",
+))
+# The layout of the synthetic knee phantoms (engines/training/knee_mri_phantoms.py) and models trained on them.
+PHANTOM_STRUCTURES: tuple[Structure, ...] = structures_for((
+    "femur", "tibia", "patella", "cartilage", "medial_meniscus", "lateral_meniscus", "acl", "pcl", "mcl", "lcl",
+    "effusion",
+))
 STRUCTURES_BY_VALUE = {structure.label_value: structure for structure in STRUCTURES}
 STRUCTURES_BY_KEY = {structure.key: structure for structure in STRUCTURES}
 

@@ -12,7 +12,14 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
-from node.results.knee_codes import FINDINGS, STRUCTURES, STRUCTURES_BY_KEY
+from node.results.knee_codes import (
+    FINDINGS,
+    PHANTOM_STRUCTURES,
+    STRUCTURE_KEYS,
+    STRUCTURES,
+    STRUCTURES_BY_KEY,
+    structures_for,
+)
 from node.results.mri_model import MRIStudyResult, PlaneSeries, SegmentationResult
 from node.results.mri_sc import build_overlay_scs
 from node.results.mri_sr import build_mri_sr
@@ -170,7 +177,7 @@ def _standard_sct() -> dict[str, set[str]]:
 def test_code_table_uses_only_standard_sct_codes_or_the_declared_private_scheme():
     standard = _standard_sct()
     used: list[Code] = []
-    for structure in STRUCTURES:
+    for structure in structures_for(STRUCTURE_KEYS):  # the whole catalogue, not only the default layout
         used += [structure.category, structure.property_type, structure.region]
         used += [structure.modifier] if structure.modifier is not None else []
     for finding in FINDINGS:
@@ -182,8 +189,29 @@ def test_code_table_uses_only_standard_sct_codes_or_the_declared_private_scheme(
         assert len(code.value) <= 16 and len(code.meaning) <= 64
     assert [s.label_value for s in STRUCTURES] == list(range(1, 12))
     assert len({s.label for s in STRUCTURES}) == 11
-    assert {s.category.value for s in STRUCTURES} <= {"91723000", "85756007"}  # Anatomical Structure, Tissue
+    # Anatomical Structure, Tissue, Morphologically Abnormal Structure (CID 7150)
+    assert {s.category.value for s in structures_for(STRUCTURE_KEYS)} <= {"91723000", "85756007", "49755003"}
     assert [s.property_type.value for s in STRUCTURES[:3]] == ["71341001", "12611008", "64234005"]
+
+
+def test_the_phantom_label_layout_builds_a_valid_seg(tmp_path):
+    """Models trained on engines/training/knee_mri_phantoms.py label 11 other structures (one cartilage label, MCL,
+    LCL, effusion): the same builder describes them from the same catalogue."""
+    assert [s.key for s in PHANTOM_STRUCTURES] == ["femur", "tibia", "patella", "cartilage", "medial_meniscus",
+                                                   "lateral_meniscus", "acl", "pcl", "mcl", "lcl", "effusion"]
+    study = mri_study()
+    remap = np.array([0, 1, 2, 3, 4, 4, 4, 5, 6, 7, 8, 0], dtype=np.uint8)  # default layout -> phantom layout
+    segmentation = SegmentationResult("sagittal", remap[study.segmentation.labels], PHANTOM_STRUCTURES)
+    path = write(build_seg(dataclasses.replace(study, segmentation=segmentation), 9002), tmp_path / "seg.dcm")
+    assert dciodvfy_errors(path)[0] == []
+    back = decode(path.read_bytes())
+    assert [s.SegmentLabel for s in back.SegmentSequence][-3:] == ["Medial collateral ligament",
+                                                                   "Lateral collateral ligament", "Joint effusion"]
+    assert back.SegmentSequence[10].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    with pytest.raises(ValueError, match="knee_codes"):
+        structures_for(["femur", "quadriceps_tendon"])
+    with pytest.raises(ValueError, match="once"):
+        structures_for(["femur", "femur"])
 
 
 @pytest.mark.orthanc
