@@ -136,7 +136,11 @@ FINDINGS: tuple[Finding, ...] = (
     _finding("PD", "PATDISLOC", "patellar dislocation"),  # reading of "PD" to be confirmed (module docstring)
     _finding("EFFU", "EFFUSION", "knee joint effusion", standard=dcm_codes.SCT.Effusion),
 )
+# Other names for the same outputs: the flags of engines/training/knee_mri_phantoms.py (and models trained on them).
+FINDING_ALIASES = {"acl_tear": "ACL", "pcl_tear": "PCL", "mm_tear": "MM", "lm_tear": "LM", "mcl_tear": "MCL",
+                   "lcl_tear": "LCL", "pd": "PD", "effusion": "EFFU"}
 FINDINGS_BY_LABEL = {finding.label: finding for finding in FINDINGS}
+FINDINGS_BY_LABEL.update({alias: FINDINGS_BY_LABEL[label] for alias, label in FINDING_ALIASES.items()})
 
 # --- planes ----------------------------------------------------------------------------------------------------
 PLANES: dict[str, Code] = {

@@ -208,7 +208,7 @@ class MRIStudyResult:
         for series in self.planes:
             if str(series.slices[0].StudyInstanceUID) != self.study_instance_uid:
                 raise ValueError(f"{series.plane}: the series must belong to the study")
-        labels = [finding.label for finding in self.findings]
+        labels = [FINDINGS_BY_LABEL[finding.label].label for finding in self.findings]  # aliases included
         if len(set(labels)) != len(labels):
             raise ValueError("one result per finding label")
         if self.segmentation is not None:

@@ -257,16 +257,14 @@ def _image_library(study: MRIStudyResult, sources: dict[str, list[Dataset]]) -> 
 
 def finding_measurements(study: MRIStudyResult) -> list[Measurement]:
     """Each label's probability in %, in the order of the findings table (so the same labels sort the same)."""
-    order = [finding.label for finding in knee_codes.FINDINGS]
-    ordered = sorted(study.findings, key=lambda f: order.index(f.label))
+    ordered = sorted(study.findings, key=lambda f: knee_codes.FINDINGS.index(knee_codes.FINDINGS_BY_LABEL[f.label]))
     return [Measurement(name=knee_codes.FINDINGS_BY_LABEL[f.label].probability, value=percent(f.probability),
                         unit=codes.UNITS_PERCENT) for f in ordered]
 
 
 def finding_evaluations(study: MRIStudyResult) -> list[QualitativeEvaluation]:
     """Each label's finding, Present or Absent at its threshold."""
-    order = [finding.label for finding in knee_codes.FINDINGS]
-    ordered = sorted(study.findings, key=lambda f: order.index(f.label))
+    ordered = sorted(study.findings, key=lambda f: knee_codes.FINDINGS.index(knee_codes.FINDINGS_BY_LABEL[f.label]))
     return [QualitativeEvaluation(knee_codes.FINDINGS_BY_LABEL[f.label].finding,
                                   knee_codes.PRESENT if f.present else knee_codes.ABSENT) for f in ordered]
 

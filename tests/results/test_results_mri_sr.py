@@ -42,6 +42,12 @@ def test_label_table_names_each_classifier_output_once():
     assert len({f.probability.value for f in FINDINGS}) == len(FINDINGS)
     with pytest.raises(ValueError, match="knee_codes"):
         FindingResult("XYZ", 0.5)
+    # The phantom generator's flag names are aliases of the same findings; one result per finding still.
+    assert FINDINGS_BY_LABEL["acl_tear"] is FINDINGS_BY_LABEL["ACL"]
+    assert FINDINGS_BY_LABEL["effusion"] is FINDINGS_BY_LABEL["EFFU"]
+    study = mri_study()
+    with pytest.raises(ValueError, match="one result per finding"):
+        dataclasses.replace(study, findings=[FindingResult("ACL", 0.9), FindingResult("acl_tear", 0.9)])
     with pytest.raises(ValueError, match="outside"):
         FindingResult("ACL", 1.5)
 
