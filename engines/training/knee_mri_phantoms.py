@@ -819,22 +819,56 @@ def _enhanced_dataset(spec: SeriesSpec, study: KneeStudy, series_uid: str, affin
     return ds
 
 
-def with_findings_summary(study: KneeStudy) -> Mapping[str, object]:
+def ground_truth_summary(study: KneeStudy) -> dict[str, object]:
     """A JSON-ready description of the study's ground truth (for a data set's labels file)."""
     return {
         "seed": study.model.seed,
+        "study_instance_uid": study.study_instance_uid,
         "findings": {name: name in study.findings for name in FINDINGS},
         "structures": dict(LABELS),
         "series": [
-            {"name": s.spec.name, "plane": s.spec.plane, "contrast": s.spec.contrast,
-             "series_number": s.spec.series_number,
-             "description": s.spec.description, "localizer": s.spec.localizer, "enhanced": s.spec.enhanced}
+            {"name": s.spec.name, "series_instance_uid": s.series_instance_uid, "plane": s.spec.plane,
+             "contrast": s.spec.contrast, "series_number": s.spec.series_number, "description": s.spec.description,
+             "localizer": s.spec.localizer, "enhanced": s.spec.enhanced}
             for s in study.series
         ],
     }
 
 
+def random_findings(rng: np.random.Generator, p_finding: float = 0.3) -> list[str]:
+    """Each finding independently with probability ``p_finding`` (a multi-label data set)."""
+    return [name for name in FINDINGS if rng.random() < p_finding]
+
+
+def write_studies(out_dir: Path | str, count: int, *, seed: int = 0, size: int = 128, slices: int = 24,
+                  p_finding: float = 0.3, enhanced: bool = False, profile_samples: int = 3) -> Path:
+    """Write ``count`` studies: ``<study>/<series>/NNNN.dcm``, ``<study>/<series>.npz`` (``labels`` and one mask
+    per planted finding, ``[slice, row, column]`` in ascending position along the normal, the order
+    ``engines.imaging.volume.assemble_volume`` gives) and ``<study>/ground_truth.json``; returns ``index.json``
+    (one row per study: folder, seed, findings)."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 3301])
+    index = []
+    for number in range(count):
+        study_seed = seed * 1_000_003 + number
+        study = generate_study(study_seed, random_findings(rng, p_finding), size=size, slices=slices,
+                               enhanced=enhanced, profile_samples=profile_samples)
+        folder = out / f"study_{number:05d}"
+        study.write(folder)
+        for series in study.series:
+            np.savez_compressed(folder / f"{series.spec.name}.npz", labels=series.labels, affine=series.affine,
+                                **{f"finding_{name}": mask for name, mask in series.findings.items()})
+        (folder / "ground_truth.json").write_text(json.dumps(ground_truth_summary(study), indent=1))
+        index.append({"folder": folder.name, "seed": study_seed, "findings": list(study.findings)})
+    path = out / "index.json"
+    path.write_text(json.dumps(index, indent=1))
+    return path
+
+
 __all__ = [
     "FINDINGS", "LABELS", "STRUCTURES", "KneeModel", "KneeStudy", "PhantomSeries", "SeriesSpec", "default_protocol",
-    "generate_study", "series_affine", "with_findings_summary",
+    "generate_study", "ground_truth_summary", "random_findings", "series_affine", "write_studies",
 ]

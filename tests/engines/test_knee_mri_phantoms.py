@@ -140,3 +140,25 @@ def test_written_files_pass_dciodvfy(injured, tmp_path) -> None:
     for path in chosen + multi_frame:
         errors, _ = dciodvfy_errors(path)
         assert errors == [], (path, errors)
+
+
+def test_written_data_set_carries_ground_truth_per_series(tmp_path) -> None:
+    import json
+
+    import pydicom
+
+    from engines.training.knee_mri_phantoms import write_studies
+
+    index_path = write_studies(tmp_path, 2, seed=3, size=24, slices=8, p_finding=0.5, profile_samples=1)
+    index = json.loads(index_path.read_text())
+    assert len(index) == 2
+    for row in index:
+        folder = tmp_path / row["folder"]
+        truth = json.loads((folder / "ground_truth.json").read_text())
+        assert {name for name, present in truth["findings"].items() if present} == set(row["findings"])
+        files = sorted((folder / "sag_pd_fs").glob("*.dcm"))
+        volume = assemble_volume([pydicom.dcmread(path) for path in files])
+        stored = np.load(folder / "sag_pd_fs.npz")
+        assert stored["labels"].shape == volume.array.shape
+        np.testing.assert_allclose(stored["affine"], volume.affine, atol=1e-4)
+        assert {key[len("finding_"):] for key in stored.files if key.startswith("finding_")} == set(row["findings"])
