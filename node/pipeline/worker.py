@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from engines.backends import BackendUnavailable
 from engines.calibration import percentile as score_percentile
 from engines.family import ModelFamily
+from engines.imaging.decode import use_decoder_threads
 from engines.imaging.preprocess import PreprocessError, preprocess
 from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
@@ -79,6 +80,7 @@ class JobWork:
     not_analysed: list[tuple[Dataset, str]] = field(default_factory=list)
     error: str | None = None
     bound_reason: str | None = None  # the job exceeded a [pipeline] bound: not analysed, nothing loaded
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, logged at DEBUG (profiling)
 
 
 def _priority_name(rank: int) -> str:
@@ -120,6 +122,7 @@ class Worker:
         # region-guided classifiers -> the model whose error map gives their crops (checked here, at start)
         self.region_sources = check_region_sources(self.models)
         self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
+        use_decoder_threads(os.cpu_count() or 1)  # decoding and inference take turns, so both use every core
         self._held: list[int] = []
         self._held_lock = threading.Lock()
         self.recognition = ResultRecognition.from_settings(settings.intake, settings.results.manufacturer)
@@ -257,7 +260,10 @@ class Worker:
     def process(self, jobs: list[ClaimedJob]) -> None:
         works = [self._prepare(job) for job in jobs]
         frames = [frame for work in works if work.error is None for frame in work.frames]
+        started = time.perf_counter()
         self._infer(frames)
+        for work in works:  # one engine pass serves every job of the batch
+            work.timings["inference (batch)"] = time.perf_counter() - started
         for work in works:
             self._finish(work)
 
@@ -270,6 +276,7 @@ class Worker:
         headers only (for the not-analysed SR); no pixel data of theirs is ever loaded.
         """
         work = JobWork(job)
+        started = time.perf_counter()
         try:
             inputs = self.job_inputs.inputs(job.study_instance_uid)
         except Exception as exc:  # database hiccup: the job is retried after its lease
@@ -316,7 +323,9 @@ class Worker:
                 work.not_analysed.append((header, bound))
             work.bound_reason = bound
             return work
+        work.timings.update({"headers": time.perf_counter() - started, "read": 0.0, "preprocess": 0.0})
         for item, header, applicable in eligible:
+            started = time.perf_counter()
             try:
                 dataset = pydicom.dcmread(self.spool.absolute(item.spool_path))
             except Exception as exc:
@@ -324,6 +333,8 @@ class Worker:
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
                 work.not_analysed.append((header, reason))
                 continue
+            work.timings["read"] += time.perf_counter() - started
+            started = time.perf_counter()
             try:  # once per distinct preprocessing among the applicable models
                 prepared_by: dict[str, Any] = {}
                 for index in applicable:
@@ -343,6 +354,7 @@ class Worker:
                 continue
             finally:
                 del dataset  # the pixel data goes now, not at the end of the job
+                work.timings["preprocess"] += time.perf_counter() - started
             first = next(iter(prepared_by.values()))
             for index in range(first.tensor.shape[0]):
                 for model_index in applicable:
@@ -392,18 +404,23 @@ class Worker:
     def _infer_region_guided(self, model_index: int, configured: ConfiguredModel, mine: list[Frame],
                              frames: list[Frame]) -> None:
         """Whole image + crops around the ``regions_from`` model's highest-error regions of the same frame (whole
-        image only where that model did not run), one frame at a time (1 + max_regions crops per pass)."""
+        image only where that model did not run), ``engine.batch_size`` frames (each 1 + max_regions crops) a pass."""
         source = self.region_sources.get(model_index)
         maps = {(f.job_id, f.input.instance_id, f.frame_index): f.outputs.get("map224")
                 for f in frames if source is not None and f.model == source}
-        for frame in mine:
+        batch = self.settings.engine.batch_size
+        for start in range(0, len(mine), batch):
+            chunk = mine[start : start + batch]
+            requests = [(f.tensor, f.display, f.geometry, maps.get((f.job_id, f.input.instance_id, f.frame_index)))
+                        for f in chunk]
             started, waited = time.perf_counter(), self._waited()
-            error_map = maps.get((frame.job_id, frame.input.instance_id, frame.frame_index))
-            frame.outputs = self._engine(lambda: region_guided_outputs(
-                configured, frame.tensor, frame.display, frame.geometry, error_map))
+            outputs = self._engine(lambda: region_guided_outputs(configured, requests))
             seconds = time.perf_counter() - started - (self._waited() - waited)
-            log.info("inference (%s): 1 frame, %d crop(s) in %.2f s", configured.name, frame.outputs["crops"], seconds)
+            log.info("inference (%s): %d frame(s), %d crop(s) in %.2f s", configured.name, len(chunk),
+                     sum(out["crops"] for out in outputs), seconds)
             self._record_inference_seconds(seconds)
+            for frame, out in zip(chunk, outputs):
+                frame.outputs = out
 
     def _model_info(self, loaded: ModelFamily) -> ModelInfo:
         """What the results say about a model: identity, weights hash, error-map settings (None without a map)."""
@@ -438,13 +455,17 @@ class Worker:
             state, reason, outbox = "failed", f"building results failed: {type(exc).__name__}: {exc}", []
             outcomes = work.outcomes
         fault_point("worker.before_finish")
+        started = time.perf_counter()
         if not self.queue.record_results(job.id, self.owner, state, outcomes, outbox, reason=reason,
                                          priority=decision.rank, priority_reason=decision.reason,
                                          notifications=notifications):
             log.warning("job %d: results dropped (its lease was lost, or a newer revision of study %s is "
                         "processing or finished)", job.id, job.study_instance_uid)
             return
+        work.timings["record"] = time.perf_counter() - started
         log.info("job %d (study %s): %s, %d object(s) queued", job.id, job.study_instance_uid, state, len(outbox))
+        log.debug("stage timings job %d: %s", job.id, ", ".join(f"{stage} {seconds:.3f} s"
+                                                                 for stage, seconds in work.timings.items()))
 
     @functools.cached_property
     def triage(self) -> Triage:
@@ -551,10 +572,14 @@ class Worker:
         objects: list[tuple[str, Dataset]] = []
         base = settings.results.series_number_base
         if images:
+            started = time.perf_counter()
             objects.append(("SR", build_sr(study, base, previous)))
+            work.timings["sr"] = time.perf_counter() - started
+            started = time.perf_counter()
             if settings.results.send_secondary_capture:  # only models with an error map have one to show
                 for number, image in enumerate(with_map, start=1):
                     objects.append(("SC", build_sc(image, study, base + 1, position=number)))
+            work.timings["sc"] = time.perf_counter() - started
             state, reason = "done", None
         else:
             eligible_failed = [o for o in outcomes if o.state == "failed"]
@@ -568,6 +593,7 @@ class Worker:
 
         destinations = [peer.name for peer in self.peers() if peer.receives_results]
         outbox: list[OutboxEntry] = []
+        started = time.perf_counter()
         for kind, dataset in objects:
             dataset = getattr(dataset, "__wrapped__", dataset)
             path = self.spool.write_result(
@@ -576,4 +602,5 @@ class Worker:
             )
             for destination in destinations:
                 outbox.append(OutboxEntry(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), kind, path, destination))
+        work.timings["write"] = time.perf_counter() - started
         return state, reason, outbox, outcomes, triaged

@@ -50,7 +50,8 @@ def build_sc(
     model = study.model_of(image)
     instance_number = sc_instance_number(study.revision, position)
     source = normalised(image.source)
-    pixels, _ = render_error_map(image.display, image.error_map, model.name, model.version)
+    pixels, layout = render_error_map(image.display, image.error_map, model.name, model.version)
+    spacing = _scaled_pixel_spacing(source, layout.image_rows, layout.width)
 
     series = sc_series_uid(study, series_number, model)
     digest = content_digest(
@@ -84,6 +85,7 @@ def build_sc(
         manufacturer=model.manufacturer,
         patient_orientation=tuple(orientation) if orientation else _PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
+        pixel_spacing=spacing,
         series_description=series_description("sc", study.priority, model),
         coding_schemes=codes.coding_schemes(private_codes=False),
         manufacturer_model_name=model.name,
@@ -104,14 +106,35 @@ def build_sc(
     sc.DerivationDescription = (
         f"Masked-autoencoder reconstruction error map of {model.name} {model.version} "
         f"({model.passes} passes, mask ratio {model.mask_ratio}, seed {model.seed}) "
-        f"in the hot colormap at alpha {ALPHA} over the source radiograph; banner and colour bar burned in"
-    )
+        f"in the hot colormap at alpha {ALPHA} over the source radiograph, shown at {layout.width} x "
+        f"{layout.image_rows} of its {int(source.Columns)} x {int(source.Rows)} pixels; banner and colour bar burned in"
+    )[:1024]  # ST
     if jpeg:
         sc.LossyImageCompression = "01"
         sc.LossyImageCompressionMethod = "ISO_10918_1"
     freeze_timestamps(sc, created)
     add_algorithm_equipment(sc, study, [model])
     return sc
+
+
+def _scaled_pixel_spacing(source: Dataset, image_rows: int, image_columns: int) -> tuple[float, float] | None:
+    """The source's Pixel Spacing (row, column mm) at the SC's scale, so distances measured on the SC stay right.
+
+    The radiograph is shown reduced (``engines.imaging.preprocess.DEFAULT_DISPLAY_SIZE``), so its pixels are larger
+    than the source's by source size / shown size, per axis. Only a source Pixel Spacing (patient plane) is carried
+    over; a source with Imager Pixel Spacing alone gives none (its patient-plane calibration is unknown).
+    """
+    try:
+        value = source.get("PixelSpacing")
+        if value is None or len(value) != 2:
+            return None
+        row_mm, column_mm = float(value[0]), float(value[1])
+        rows, columns = int(source.Rows), int(source.Columns)
+    except Exception:  # noqa: BLE001 - a malformed element counts as absent, as in preprocessing
+        return None
+    if min(row_mm, column_mm, rows, columns) <= 0:
+        return None
+    return round(row_mm * rows / image_rows, 6), round(column_mm * columns / image_columns, 6)
 
 
 def _source_reference(source: Dataset, frame_index: int) -> Dataset:

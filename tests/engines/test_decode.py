@@ -230,3 +230,41 @@ def test_pydicom_sample_files_preprocess(name: str) -> None:
     assert result.tensor.shape[1:] == (3, 224, 224)
     assert result.tensor.shape[0] == int(ds.get("NumberOfFrames", 1) or 1)
     assert float(result.tensor.std()) > 0.05  # a real picture, not a constant
+
+
+def _grey_levels(tensor) -> np.ndarray:
+    """A model input tensor back to its 0..255 grey levels (undoing ImageNet mean / std and the 1/255)."""
+    mean = np.array([0.485, 0.456, 0.406])[:, None, None]
+    std = np.array([0.229, 0.224, 0.225])[:, None, None]
+    return (tensor.numpy()[0] * std + mean) * 255.0
+
+
+#: The stated tolerance of the default (reduced-resolution) path against the full-resolution decode, in grey
+#: levels of the 224 x 224 model input (mean, max |difference|); docs/preprocessing.md. With a VOI window that
+#: clips (the usual clinical header) the two agree closely; without one, SKELEX's min-max sees the full image's
+#: noise extremes, which a low-passed decode lacks, so the contrast differs by a few per cent.
+TOLERANCE_WINDOWED = (1.0, 8.0)
+TOLERANCE_MIN_MAX = (6.0, 16.0)
+
+
+@pytest.mark.parametrize("window", [(1500, 2000), None], ids=["clipping-window", "min-max"])
+def test_a_5mp_j2k_radiograph_decodes_reduced_and_gives_the_model_the_full_decodes_input(
+    window: tuple[int, int] | None, tmp_path: Path
+) -> None:
+    """A 2500 x 2048 JPEG 2000 lossless radiograph (a DR detector's matrix) is decoded at level 2 (625 x 512) for
+    both the model and the overlay, and the model input stays within the stated tolerance of the full decode's."""
+    ds = make_dataset(synthetic_radiograph(2500, 2048, seed=3))
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds = encode(ds, "j2k_lossless", tmp_path)
+
+    default = preprocess(ds)
+    assert (default.geometry.decoded_rows, default.geometry.decoded_columns) == (625, 512)
+    assert (default.geometry.rows, default.geometry.columns) == (2500, 2048)
+    assert default.display[0].shape == (600, 492)  # long side <= DEFAULT_DISPLAY_SIZE, aspect kept
+
+    full = preprocess(ds, reduced_decode=False, display_size=2048)  # the path before: full-size decode
+    assert (full.geometry.decoded_rows, full.geometry.decoded_columns) == (2500, 2048)
+    difference = np.abs(_grey_levels(full.tensor) - _grey_levels(default.tensor))
+    mean_limit, max_limit = TOLERANCE_WINDOWED if window is not None else TOLERANCE_MIN_MAX
+    assert difference.mean() <= mean_limit and difference.max() <= max_limit, (difference.mean(), difference.max())

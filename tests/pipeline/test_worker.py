@@ -142,3 +142,20 @@ def test_study_with_nothing_eligible_gets_a_not_analysed_sr_with_reasons(env) ->
     assert item.kind == "SR"
     summary = studies_summary(database)[0]
     assert summary["status"] == "not_analysed" and summary["images"][0]["reason"] == result.reason
+
+
+def test_each_job_logs_what_its_stages_cost_at_debug_level(env, caplog) -> None:
+    """Profiling without a profiler: one DEBUG line per job names every stage with its seconds
+    (benchmarks/latency.py --profile reads it)."""
+    database, spool, worker, _, tmp = env
+    association = IntakeRepository(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    for ds in phantom_datasets("timings", 2):
+        receive(database, spool, ds, tmp, association)
+    complete_all(database)
+    with caplog.at_level("DEBUG", logger="msknode.worker"):
+        assert worker.run_once() == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage timings job ")]
+    assert len(lines) == 1
+    stages = dict(part.rsplit(" ", 2)[:2] for part in lines[0].split(": ", 1)[1].split(", "))
+    assert list(stages) == ["headers", "read", "preprocess", "inference (batch)", "sr", "sc", "write", "record"]
+    assert all(float(seconds) >= 0 for seconds in stages.values())

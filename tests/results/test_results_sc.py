@@ -178,3 +178,24 @@ def test_sc_validates_with_real_world_headers(tmp_path, jpeg):
             assert back.PhotometricInterpretation == "YBR_FULL_422" and back.LossyImageCompression == "01"
     first = decode((tmp_path / "sc1.dcm").read_bytes())
     assert first.PatientOrientation == "" and first.Laterality == ""
+
+
+def test_a_reduced_overlay_says_its_scale(tmp_path):
+    """The SC shows the radiograph reduced: its Pixel Spacing is the source's times the reduction per axis (so a
+    distance measured on it stays right), the derivation names both sizes, and dciodvfy accepts it."""
+    source = source_header(1, rows=2500, columns=2048)
+    source.PixelSpacing = [0.15, 0.15]
+    display, error = display_and_map(source, long_side=600)
+    image = dataclasses.replace(image_result(source), display=display, error_map=error)
+    sc = build_sc(image, study_result([image]), 9001, 1)
+    layout = plan_layout(*display.shape)
+    assert [float(v) for v in sc.PixelSpacing] == pytest.approx(
+        [0.15 * 2500 / layout.image_rows, 0.15 * 2048 / layout.width], rel=1e-5)
+    assert f"shown at {layout.width} x {layout.image_rows} of its 2048 x 2500 pixels" in sc.DerivationDescription
+    errors, _ = dciodvfy_errors(write(sc, tmp_path / "sc.dcm"))
+    assert errors == [], errors
+
+    imager_only = source_header(2, rows=2500, columns=2048)  # Imager Pixel Spacing alone: no patient-plane claim
+    assert "PixelSpacing" not in imager_only
+    other = dataclasses.replace(image_result(imager_only), display=display, error_map=error)
+    assert "PixelSpacing" not in build_sc(other, study_result([other]), 9001, 1)
