@@ -124,3 +124,53 @@ class ExportsGraphs(Protocol):
     ) -> Any:
         """Build (or find cached) TensorRT plans; returns the TensorRT backend (``.keys``: graph -> plan key)."""
         ...
+
+
+@runtime_checkable
+class VolumeModelFamily(Protocol):
+    """A loaded 3-D model (OrthoDiffusion): one assembled volume per plane in, not a batch of 2-D images.
+
+    It shares :class:`ModelFamily`'s identity (family, name, version, format, encoder_hash, heads, backend,
+    describe/inspect, ``supports_error_map`` False) but not its input contract: ``embed`` and ``predict`` take
+    ``{plane: volume [slices, rows, cols]}`` (DICOM pixel layout, slices along the normal) and the model does its
+    own input path per plane; ``segment`` returns a label volume on the assembled volume's grid.
+    """
+
+    family: str
+    name: str
+    version: str
+    format: str
+    encoder_hash: str
+    heads: Mapping[str, LinearHead]
+    supports_error_map: bool
+
+    @property
+    def backend_name(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def plane_names(self) -> tuple[str, ...]: ...  # the planes embed() needs, in fusion order
+
+    @property
+    def supports_segmentation(self) -> bool: ...
+
+    def embed(self, volumes: Mapping[str, Any]) -> Tensor:
+        """``{plane: volume}`` -> fused embedding [1, D] fp32 on the CPU."""
+        ...
+
+    def predict(self, volumes: Mapping[str, Any] | None = None, embedding: Tensor | None = None) -> dict[str, Tensor]:
+        """Every head on one fused embedding: head name -> probabilities [1, K]."""
+        ...
+
+    def segment(self, volume: Any) -> Any:
+        """Labels of the segmentation plane's volume (``.labels`` [slices, rows, cols] uint8); RuntimeError if none."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def inspect(self) -> dict[str, Any]: ...

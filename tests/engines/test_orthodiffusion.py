@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from engines.family import ModelFamily, VolumeModelFamily
 from engines.orthodiffusion.family import (
     CONFIG_FILE,
     ConfigError,
@@ -367,3 +368,6 @@ def test_describe_and_inspect_name_planes_heads_and_segmentation(tmp_path: Path)
     assert info["heads"]["knee"][-2:] == ["PD", "EFFU"] and info["segmentation"]["classes"] == 11
     assert info["embedding_dim"] == 3 * 128 and len(info["encoder_hash"]) == 64
     assert set(info["schedule"].values()) == {"checkpoint"}
+    # the 3-D protocol, not the 2-D one: a worker that checks for ModelFamily never hands it image batches
+    assert isinstance(model, VolumeModelFamily) and not isinstance(model, ModelFamily)
+    assert model.plane_names == ("sagittal", "coronal", "axial") and model.supports_segmentation
