@@ -8,6 +8,7 @@ admitted by ``[eligibility]`` gets every model that applies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,26 @@ class ConfiguredModel:
     def region_guided(self) -> bool:
         """Whether this model scores the whole image and crops (SKELEX's region-guided classifier)."""
         return bool(getattr(self.model, "supports_region_guided", False))
+
+
+#: Longest side of the image a region-guided model's crops are cut from (SKELEX crops the full-resolution image; the
+#: node's overlay image is smaller, ``engines.imaging.preprocess.DEFAULT_DISPLAY_SIZE``).
+CROP_SOURCE_SIZE = 2048
+
+
+def preprocess_options(configured: ConfiguredModel) -> dict[str, Any]:
+    """Extra ``engines.preprocess`` arguments for a model: a region-guided one needs an image large enough that
+    its smallest crop (``region_min_fraction`` of the short side) is not upsampled to the model input."""
+    if not configured.region_guided:
+        return {}
+    preprocessing = configured.model.preprocessing
+    smallest_crop = max(preprocessing.height, preprocessing.width) / configured.entry.region_min_fraction
+    return {"display_size": CROP_SOURCE_SIZE, "min_decoded_side": min(CROP_SOURCE_SIZE, math.ceil(smallest_crop))}
+
+
+def preprocessing_key(configured: ConfiguredModel) -> str:
+    """Models with equal keys share one preprocessing of an image."""
+    return repr((configured.model.preprocessing, sorted(preprocess_options(configured).items())))
 
 
 def check_region_sources(models: Sequence[ConfiguredModel]) -> dict[int, int | None]:

@@ -38,7 +38,14 @@ from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
 from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
 from node.pipeline.eligibility import frame_count, ineligibility_reason, job_bound_reason
-from node.pipeline.models import ConfiguredModel, applicability_reason, check_region_sources, region_guided_outputs
+from node.pipeline.models import (
+    ConfiguredModel,
+    applicability_reason,
+    check_region_sources,
+    preprocess_options,
+    preprocessing_key,
+    region_guided_outputs,
+)
 from node.pipeline.triage import PriorityDecision, Triage, header_text, model_study_values, study_attributes, summarise
 from node.results.model import DocumentReference, HeadOutput, ImageResult, ModelInfo, StudyResult
 from node.results.sc import build_sc
@@ -338,10 +345,11 @@ class Worker:
             try:  # once per distinct preprocessing among the applicable models
                 prepared_by: dict[str, Any] = {}
                 for index in applicable:
-                    wanted = self.models[index].model.preprocessing
-                    if repr(wanted) not in prepared_by:
-                        prepared_by[repr(wanted)] = preprocess(dataset, voi=self.settings.engine.voi,
-                                                               preprocessing=wanted)
+                    configured = self.models[index]
+                    if preprocessing_key(configured) not in prepared_by:
+                        prepared_by[preprocessing_key(configured)] = preprocess(
+                            dataset, voi=self.settings.engine.voi, preprocessing=configured.model.preprocessing,
+                            **preprocess_options(configured))
             except PreprocessError as exc:
                 reason = f"cannot decode or preprocess: {exc}"
                 work.outcomes.append(ImageOutcome(item.instance_id, "failed", reason))
@@ -358,9 +366,9 @@ class Worker:
             first = next(iter(prepared_by.values()))
             for index in range(first.tensor.shape[0]):
                 for model_index in applicable:
-                    prepared = prepared_by[repr(self.models[model_index].model.preprocessing)]
-                    work.frames.append(
-                        Frame(job.id, item, header, index, prepared.tensor[index], first.display[index],
+                    prepared = prepared_by[preprocessing_key(self.models[model_index])]
+                    work.frames.append(  # a region-guided model's display is its larger crop source
+                        Frame(job.id, item, header, index, prepared.tensor[index], prepared.display[index],
                               prepared.geometry, model=model_index)
                     )
         return work

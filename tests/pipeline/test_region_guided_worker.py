@@ -72,7 +72,7 @@ def _evaluations(sr: pydicom.Dataset) -> dict[str, str]:
 def test_classifier_crops_the_mae_regions_and_reports_in_the_sr(tmp_path: Path, folders) -> None:
     import engines
     from engines.training import phantoms
-    from node.pipeline.models import ConfiguredModel
+    from node.pipeline.models import ConfiguredModel, preprocess_options
     from node.pipeline.worker import Worker
     from storage import completion
     from storage.job_inputs import JobInputs
@@ -117,8 +117,11 @@ def test_classifier_crops_the_mae_regions_and_reports_in_the_sr(tmp_path: Path, 
         prepared = engines.preprocess(pydicom.dcmread(stored), voi=settings.engine.voi,
                                       preprocessing=mae.preprocessing)
         maps, _ = mae.error_map(prepared.tensor, seed=settings.engine.seed, passes=settings.engine.passes)
+        crop_source = engines.preprocess(pydicom.dcmread(stored), voi=settings.engine.voi,
+                                         preprocessing=classifier.preprocessing, **preprocess_options(loaded[1]))
+        assert crop_source.display[0].shape == (crop_source.geometry.rows, crop_source.geometry.columns)  # full size
         expected = classifier.region_guided_from_error_map(
-            prepared.display[0], prepared.geometry, maps[0].numpy(), whole=prepared.tensor[0], max_regions=2)
+            crop_source.display[0], crop_source.geometry, maps[0].numpy(), whole=crop_source.tensor[0], max_regions=2)
         assert len(expected.boxes) == 3  # whole image + the two highest-error regions
         values = expected.head_values(classifier.layout)
         for name, got in reported["heads"].items():
@@ -187,3 +190,18 @@ def test_config_check_knows_the_classifier_outputs_from_its_layout(folders) -> N
     with pytest.raises(ConfigError) as caught:
         _check_triage_names(bad, "t.toml")
     assert "unknown name(s) tumour.osteosarcoma" in caught.value.problems[0]
+
+
+def test_crops_are_cut_from_an_image_large_enough(folders) -> None:
+    """The overlay image is small (DEFAULT_DISPLAY_SIZE); a region-guided model asks for one whose smallest crop
+    (region_min_fraction of the short side) is at least the model input, up to 2048 px."""
+    import engines
+    from engines.imaging.preprocess import DEFAULT_DISPLAY_SIZE
+    from node.pipeline.models import ConfiguredModel, preprocess_options, preprocessing_key
+
+    mae_folder, classifier_folder = folders
+    settings = settings_for(mae_folder, classifier_folder, region_min_fraction=0.2)
+    mae, classifier = [ConfiguredModel(e, engines.load(e.path, backend="cpu")) for e in settings.model_entries]
+    assert preprocess_options(mae) == {}
+    assert preprocess_options(classifier) == {"display_size": 2048, "min_decoded_side": 1120}  # 224 / 0.2
+    assert DEFAULT_DISPLAY_SIZE < 1120 and preprocessing_key(mae) != preprocessing_key(classifier)
