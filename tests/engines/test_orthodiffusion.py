@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engines.family import ModelFamily, VolumeModelFamily
+from engines.imaging.volume import assemble_volume
 from engines.orthodiffusion.family import (
     CONFIG_FILE,
     ConfigError,
@@ -29,6 +30,7 @@ from engines.orthodiffusion.family import (
 )
 from engines.orthodiffusion.loaders import EMA_FORMAT, STATE_DICT_FORMAT, CheckpointMismatch, read_unet_checkpoint
 from engines.orthodiffusion.network import NoiseSchedule, SegHead3D, UNet3D, UNet3DConfig, seeded_noise
+from engines.training.knee_mri_phantoms import default_protocol, generate_study
 
 GOLDEN = Path(__file__).parent / "golden" / "orthodiffusion"
 TOL = 1e-4
@@ -371,3 +373,22 @@ def test_describe_and_inspect_name_planes_heads_and_segmentation(tmp_path: Path)
     # the 3-D protocol, not the 2-D one: a worker that checks for ModelFamily never hands it image batches
     assert isinstance(model, VolumeModelFamily) and not isinstance(model, ModelFamily)
     assert model.plane_names == ("sagittal", "coronal", "axial") and model.supports_segmentation
+
+
+def test_assembled_phantom_series_run_end_to_end(tmp_path: Path) -> None:
+    """The contract with the volume assembly: a rendered knee study's three series, assembled, are the model's
+    inputs as they come; labels come back on each series' own grid."""
+    build_reference_folder(tmp_path)
+    model = load_orthodiffusion(tmp_path)
+    study = generate_study(seed=4, protocol=default_protocol(48, 18, localizer=False, t1=False), size=48, slices=18)
+    names = {"sagittal": "sag_pd_fs", "coronal": "cor_pd_fs", "axial": "ax_t2_fs"}
+    volumes = {plane: assemble_volume(study.by_name(series).datasets).array for plane, series in names.items()}
+    embedding = model.embed(volumes)
+    assert embedding.shape == (1, model.embedding_dim) and torch.isfinite(embedding).all()
+    assert torch.equal(embedding, model.embed(volumes))
+    probabilities = model.predict(embedding=embedding)["knee"]
+    assert probabilities.shape == (1, 8) and ((probabilities > 0) & (probabilities < 1)).all()
+    result = model.segment(volumes["sagittal"])
+    assert result.labels.shape == study.by_name("sag_pd_fs").labels.shape == (18, 48, 48)
+    assert (result.window.start, result.window.stop) == (1, 17)
+    assert result.labels[0].sum() == 0 and result.labels[17].sum() == 0 and result.labels.max() < 11
