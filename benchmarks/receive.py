@@ -338,6 +338,10 @@ def main() -> int:
         receivers.insert(1, "Orthanc")
     console.print(f"machine: {machine_description()}")
     console.print(f"storescp/storescu: {dcmtk_version()}" + (f"; {orthanc_version(orthanc)}" if orthanc else ""))
+    console.print("receivers: storescp +xa (no fsync, no index); "
+                  + ("Orthanc with its default options, no plugins (SyncStorageArea true: files fsynced; "
+                     "MaximumPduLength 16384; SQLite index); " if orthanc else "")
+                  + "msknode serve, receiver role (fsync file, rename, fsync dir, index commit before Success)")
     cache = args.cache_dir / CACHE_VERSION
     with Progress(console=console) as progress:
         sets = {
