@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 
 from engines.heads import LinearHead, load_heads_dir
@@ -57,6 +56,7 @@ from engines.orthodiffusion.loaders import (
     CheckpointMismatch,
     UNetCheckpoint,
     check_and_load,
+    load_tensor_file,
     read_state_dict,
     read_unet_checkpoint,
 )
@@ -293,7 +293,6 @@ class SegmentationResult:
 class _Plane:
     spec: PlaneSpec
     checkpoint: UNetCheckpoint
-    weights: Path
 
 
 def head_from_state_dict(path: Path, spec: HeadSpec, in_features: int, encoder_hash: str) -> LinearHead:
@@ -301,21 +300,21 @@ def head_from_state_dict(path: Path, spec: HeadSpec, in_features: int, encoder_h
     (``LinearClassifier``)."""
     head = LinearHead(spec.name, in_features, list(spec.labels), "sigmoid", encoder_sha256=encoder_hash,
                       provenance={"source": str(path.name), "format": "orthodiffusion-linear"})
-    if path.suffix == ".safetensors":
-        raw: Any = load_file(str(path))
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    state = raw.get("state_dict", raw) if isinstance(raw, Mapping) else raw
+    raw = load_tensor_file(path)
+    state = raw["state_dict"] if isinstance(raw.get("state_dict"), Mapping) else raw
     for prefix in ("net.", "fc.", "linear.", "module.net.", "module.fc."):
-        if isinstance(state, Mapping) and f"{prefix}weight" in state:
-            mapped = {"weight": state[f"{prefix}weight"], "bias": state[f"{prefix}bias"]}
+        if f"{prefix}weight" in state:
+            mapped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             extra = sorted(k for k in state if not k.startswith(prefix))
             if extra:
                 raise CheckpointMismatch(f"{path.name}: unexpected tensors {extra[:6]} (an attention-pooling or MLP "
                                          "head; only linear heads on mean-pooled features are supported)")
             break
     else:
-        raise CheckpointMismatch(f"{path.name}: no linear head (net.weight / fc.weight) in {sorted(state)[:6]}")
+        raise CheckpointMismatch(
+            f"{path.name}: no linear head (net.weight / fc.weight) in {sorted(state)[:6]}; an MLP head "
+            "(net.0.weight ...) is not supported"
+        )
     check_and_load(head.linear, mapped, path.name)
     return head.eval()
 
@@ -349,7 +348,7 @@ class OrthoDiffusionModel:
         self.folder = folder
         self._device = torch.device(device)
         self.planes: dict[str, _Plane] = {
-            p.name: _Plane(p, planes[p.name], Path(p.weights)) for p in config.planes
+            p.name: _Plane(p, planes[p.name]) for p in config.planes
         }
         for plane in self.planes.values():
             plane.checkpoint.unet.to(self._device).eval()

@@ -66,7 +66,8 @@ class UNetCheckpoint:
     notes: list[str] = field(default_factory=list)
 
 
-def _load_file(path: Path) -> dict[str, object]:
+def load_tensor_file(path: Path) -> dict[str, object]:
+    """A ``.pt`` / ``.pth`` (``weights_only``) or ``.safetensors`` file as a dict; unreadable files named."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
@@ -143,7 +144,7 @@ def read_unet_checkpoint(path: str | Path, config: UNet3DConfig | None = None) -
     """Build a :class:`UNet3D` for ``config`` and load ``path`` into it (authors' ``model.pt`` or a state dict)."""
     path = Path(path)
     config = config or UNet3DConfig()
-    fmt, state, buffers = split_unet_state(_load_file(path), path.name)
+    fmt, state, buffers = split_unet_state(load_tensor_file(path), path.name)
     unet = UNet3D(config)
     check_and_load(unet, state, path.name)
     notes: list[str] = []
@@ -172,7 +173,7 @@ def read_state_dict(path: str | Path, module: nn.Module) -> nn.Module:
     """Load a plain state dict (``.pt`` / ``.pth`` / ``.safetensors``; ``state_dict`` / ``model`` wrappers and a
     ``module.`` prefix accepted) into ``module`` strictly."""
     path = Path(path)
-    raw = _load_file(path)
+    raw = load_tensor_file(path)
     for wrapper in ("state_dict", "model"):
         if wrapper in raw and isinstance(raw[wrapper], Mapping):
             raw = dict(raw[wrapper])  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engines.family import ModelFamily, VolumeModelFamily
+from engines.heads import HeadEncoderMismatch, LinearHead, save_head
 from engines.imaging.volume import assemble_volume
 from engines.orthodiffusion.family import (
     CONFIG_FILE,
@@ -392,3 +393,23 @@ def test_assembled_phantom_series_run_end_to_end(tmp_path: Path) -> None:
     assert result.labels.shape == study.by_name("sag_pd_fs").labels.shape == (18, 48, 48)
     assert (result.window.start, result.window.stop) == (1, 17)
     assert result.labels[0].sum() == 0 and result.labels[17].sum() == 0 and result.labels.max() < 11
+
+
+def test_heads_in_our_format_are_tied_to_the_encoder_and_foreign_heads_refused(tmp_path: Path) -> None:
+    build_reference_folder(tmp_path)
+    model = load_orthodiffusion(tmp_path)
+    ours = LinearHead("effusion", model.embedding_dim, ["EFFU"], "sigmoid", encoder_sha256=model.encoder_hash)
+    save_head(ours, tmp_path / "heads")
+    assert set(load_orthodiffusion(tmp_path).heads) == {"knee", "effusion"}
+    save_head(LinearHead("stale", model.embedding_dim, ["x"], "sigmoid", encoder_sha256="0" * 64), tmp_path / "heads")
+    with pytest.raises(HeadEncoderMismatch, match="'stale'"):
+        load_orthodiffusion(tmp_path)
+    (tmp_path / "heads" / "stale.json").unlink()
+    mlp = {"net.0.weight": torch.zeros(4, model.embedding_dim), "net.0.bias": torch.zeros(4),
+           "net.3.weight": torch.zeros(8, 4), "net.3.bias": torch.zeros(8)}
+    torch.save(mlp, tmp_path / "knee_head.pt")
+    with pytest.raises(CheckpointMismatch, match="no linear head"):
+        load_orthodiffusion(tmp_path)
+    torch.save({"net.weight": torch.zeros(8, 100), "net.bias": torch.zeros(8)}, tmp_path / "knee_head.pt")
+    with pytest.raises(CheckpointMismatch, match=r"mis-shaped 1: weight \(8, 100\) != \(8, 384\)"):
+        load_orthodiffusion(tmp_path)
