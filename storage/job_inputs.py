@@ -20,6 +20,7 @@ class JobInput:
     spool_path: str
     sha256: str
     calling_ae_title: str
+    modality: str | None = None  # as indexed at intake: the worker routes MR studies without reading headers
 
 
 class JobInputs:
@@ -37,7 +38,8 @@ class JobInputs:
                 .where(or_(Instance.intake_kind.is_(None), Instance.intake_kind.not_in(("own_result", "ai_result"))))
                 .order_by(Instance.series_id, Instance.instance_number, Instance.sop_instance_uid)
             ).all()
-            return [JobInput(r.id, r.sop_instance_uid, r.spool_path, r.sha256, r.calling_ae_title) for r in rows]
+            return [JobInput(r.id, r.sop_instance_uid, r.spool_path, r.sha256, r.calling_ae_title, r.modality)
+                    for r in rows]
 
     def job_created_at(self, job_id: int):  # type: ignore[no-untyped-def]
         with self.db.session() as session:

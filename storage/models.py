@@ -144,6 +144,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # MR studies: the series selection (node/pipeline/series_selection.SelectionReport.to_dict()), recorded in the
+    # transaction that records the results, so a retried job stores the same report (migration 0005)
+    series_selection: Mapped[dict | None] = mapped_column(JSON)
 
 
 class ImageResultRow(Base):

@@ -219,6 +219,7 @@ class JobQueue:
         priority_reason: str,
         reason: str | None = None,
         notifications: Sequence[NotificationEntry] = (),
+        series_selection: dict[str, Any] | None = None,
     ) -> bool:
         """Record a job's outcome, its per-image results, its outbox rows and its notifications in one transaction.
 
@@ -230,7 +231,8 @@ class JobQueue:
         ``priority`` and ``priority_reason`` are the study's priority as triage decided it
         (node/pipeline/triage.Triage); they are stored on the study and given to the outbox rows and
         notifications as they are, never computed here. Notifications are queued once per
-        (job, channel, target), so a study is never announced twice for one result revision.
+        (job, channel, target), so a study is never announced twice for one result revision. ``series_selection``
+        (MR studies: which series fed the 3-D model, and why the others did not) is stored on the job.
         """
         now = utcnow()
         with self.db.locked_session() as session:
@@ -254,6 +256,7 @@ class JobQueue:
             job.finished_at = now
             job.lease_owner = None
             job.last_error = reason if state == "failed" else None
+            job.series_selection = series_selection
             for image in images:
                 session.add(
                     ImageResultRow(

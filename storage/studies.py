@@ -88,6 +88,8 @@ def _processing_summary(session: Session, study: Study) -> dict[str, object]:
         deliveries.setdefault(destination, {})[state] = int(count)
     return {
         "job": None if job is None else {"id": job.id, "state": job.state, "attempts": job.attempts, "error": job.last_error},
+        # MR studies: the chosen series per plane and every rejected one with its reasons (None: no selection made)
+        "series_selection": None if job is None else job.series_selection,
         "images": images,
         "deliveries": deliveries,
     }

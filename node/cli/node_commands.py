@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -231,6 +231,29 @@ def studies(
             str(row["last_received"]),
         )
     console.print(table)
+    for row in rows:  # MR studies: which series fed the 3-D model, one line per plane
+        for line in selection_lines(row.get("series_selection")):  # type: ignore[arg-type]
+            console.print(f"{row['study_instance_uid']}  {line}", markup=False, highlight=False)
+
+
+def selection_lines(selection: dict[str, Any] | None) -> list[str]:
+    """A stored series selection as text, one line per plane: the chosen series and its score, or why none was;
+    then how many series were rejected (``studies --json`` lists each with its reasons)."""
+    if not selection:
+        return []
+    lines = []
+    for plane, chosen in selection.get("chosen", {}).items():
+        rules = ", ".join(rule["name"] for rule in chosen.get("matched_rules", [])) or "no rule"
+        lines.append(f"{plane}: series {chosen.get('series_number')} {chosen.get('description', '')!r} "
+                     f"({chosen.get('slices')} slices, score {chosen.get('score'):g}: {rules})")
+    for plane, why in selection.get("missing_planes", {}).items():
+        lines.append(f"{plane}: none ({why})")
+    rejected = selection.get("rejected", [])
+    if rejected:
+        lines.append(f"rejected: {len(rejected)} series (" + "; ".join(
+            f"series {r.get('series_number')} {r.get('description', '')!r}: "
+            + (r["reasons"][0]["message"] if r.get("reasons") else "rejected") for r in rejected) + ")")
+    return lines
 
 
 def demo(

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 import numpy as np
 
-from engines.family import ModelFamily
+from engines.family import ModelFamily, VolumeModelFamily
 from node.settings import ModelEntry
 
 
@@ -71,6 +71,12 @@ class ConfiguredModel:
     def region_guided(self) -> bool:
         """Whether this model scores the whole image and crops (SKELEX's region-guided classifier)."""
         return bool(getattr(self.model, "supports_region_guided", False))
+
+    @property
+    def volumetric(self) -> bool:
+        """Whether this is a 3-D model (``engines.family.VolumeModelFamily``, e.g. OrthoDiffusion): it takes one
+        assembled volume per plane of an MR study (node/pipeline/mri.py), never single images."""
+        return isinstance(self.model, VolumeModelFamily)
 
 
 #: Longest side of the image a region-guided model's crops are cut from (SKELEX crops the full-resolution image; the

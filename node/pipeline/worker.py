@@ -38,6 +38,7 @@ from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
 from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
 from node.pipeline.eligibility import frame_count, ineligibility_reason, job_bound_reason
+from node.pipeline.mri import MriPipeline
 from node.pipeline.models import (
     ConfiguredModel,
     applicability_reason,
@@ -133,6 +134,11 @@ class Worker:
         self._held: list[int] = []
         self._held_lock = threading.Lock()
         self.recognition = ResultRecognition.from_settings(settings.intake, settings.results.manufacturer)
+        # MR studies for a 3-D model (engines.family.VolumeModelFamily) take their own path (node/pipeline/mri.py)
+        self.mri = MriPipeline(
+            settings, queue, job_inputs, spool, self.models, owner=self.owner, peers=self.peers,
+            recognition=self.recognition, triage=lambda: self.triage, model_info=self._model_info,
+            record_seconds=self._record_inference_seconds) if any(cm.volumetric for cm in self.models) else None
         # Lease renewals that failed: in the role's heartbeat detail (msknode status) and on /metrics.
         self.lease_failures = BeatFailures(counters, detail if detail is not None else {}, "lease_renewal",
                                            "worker", "lease")
@@ -265,6 +271,8 @@ class Worker:
 
     # -- one batch ---------------------------------------------------------------------------
     def process(self, jobs: list[ClaimedJob]) -> None:
+        if self.mri is not None:  # an MR study with a 3-D model configured is analysed (and recorded) there
+            jobs = [job for job in jobs if not self.mri.process(job)]
         works = [self._prepare(job) for job in jobs]
         frames = [frame for work in works if work.error is None for frame in work.frames]
         started = time.perf_counter()
@@ -311,7 +319,8 @@ class Worker:
             if not reason:
                 why_not = []
                 for index, configured in enumerate(self.models):
-                    excluded = applicability_reason(header, configured.entry)
+                    excluded = ("a 3-D model: MR series only" if configured.volumetric
+                                else applicability_reason(header, configured.entry))
                     if excluded is None:
                         applicable.append(index)
                     else:

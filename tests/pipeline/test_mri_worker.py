@@ -1,0 +1,271 @@
+"""Knee MRI through the worker (issue #17): a phantom study (localiser, sagittal / coronal PD FS, axial T2 FS,
+sagittal T1; 16 slices of 64 x 64) with a tiny random OrthoDiffusion model configured gives exactly one findings
+SR, one overlay SC series and one SEG, dciodvfy-clean; the localiser and the T1 are not chosen and the stored
+selection says why; a study missing a plane is not analysed, with the reason; a retry builds the same bytes; an
+MR study without a 3-D model configured stays as before (stored, not analysed, with the reason); our SEG sent
+back is recognised as our own result. Real parts: the model, pydicom/highdicom, dciodvfy, SQLite."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from node.settings import parse_settings
+from storage.db import Database
+from storage.intake import InstanceRecord, IntakeRepository
+from storage.models import ImageResultRow, Instance, Job, OutboxItem, Series, Study
+from storage.spool import Spool
+from tests.helpers.models import tiny_model, tiny_orthodiffusion
+from tests.helpers.tools import require_tool
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture(scope="module")
+def mri_model(tmp_path_factory):
+    import engines
+    from node.pipeline.models import ConfiguredModel
+
+    folder = tiny_orthodiffusion(tmp_path_factory.mktemp("models") / "od-tiny")
+    settings = settings_for(folder)
+    return folder, [ConfiguredModel(entry, engines.load(entry.path, backend="cpu"))
+                    for entry in settings.model_entries]
+
+
+def settings_for(folder: Path, **extra):
+    return parse_settings({
+        "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
+        "models": [{"name": "knee_mri", "path": str(folder), "modalities": ["MR"]}],
+        **extra,
+    })
+
+
+class Node:
+    """A database, a spool and a worker in this process; instances indexed as the receiver would."""
+
+    def __init__(self, tmp_path: Path, settings, models, database: Database | None = None) -> None:
+        from node.pipeline.worker import Worker
+        from storage.job_inputs import JobInputs
+        from storage.migrate import upgrade
+        from storage.queue import JobQueue
+
+        if database is None:
+            url = f"sqlite:///{tmp_path}/mri.db"
+            upgrade(url)
+            database = Database(url)
+        self.database = database
+        self.spool = Spool(tmp_path / "spool", fsync=False)
+        self.queue = JobQueue(self.database)
+        self.worker = Worker(settings, self.queue, JobInputs(self.database), self.spool, models, owner="w")
+        self.index = IntakeRepository(self.database)
+        self.association = self.index.association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+        self.staging = tmp_path / "staging"
+        self.staging.mkdir()
+
+    def store(self, datasets) -> None:
+        for ds in datasets:
+            path = self.staging / "in.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            staged = self.spool.incoming / "rx.dcm"
+            shutil.copyfile(path, staged)
+            stored = self.spool.commit_file(staged, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            self.index.index_instance(InstanceRecord(
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
+                ds.file_meta.TransferSyntaxUID, None, None, ds.Modality, ds.get("BodyPartExamined"),
+                int(ds.SeriesNumber), int(ds.InstanceNumber), stored.relative_path, stored.size, stored.sha256,
+                "PACS", self.association))
+
+    def run(self) -> int:
+        from storage import completion
+        from storage.queue import JobQueue
+
+        completion.tick(self.database, JobQueue(self.database), lambda _ae: 0, force_complete_seconds=0)
+        return self.worker.run_once()
+
+    def outbox(self) -> list[OutboxItem]:
+        with self.database.session() as session:
+            return list(session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all())
+
+
+def phantom(protocol_names: tuple[str, ...] | None = None, seed: int = 1):
+    from engines.training.knee_mri_phantoms import default_protocol, generate_study
+
+    protocol = default_protocol(64, 16)
+    if protocol_names is not None:
+        protocol = [spec for spec in protocol if spec.name in protocol_names]
+    return generate_study(seed=seed, protocol=protocol)
+
+
+def all_datasets(study) -> list[pydicom.Dataset]:
+    return [ds for series in study.series for ds in series.datasets]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    report = subprocess.run([require_tool("dciodvfy"), "-new", str(path)], capture_output=True, text=True)
+    return [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_phantom_study_gives_one_sr_one_sc_series_and_one_seg(tmp_path: Path, mri_model) -> None:
+    from storage.studies import studies_summary
+
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder), models)
+    study = phantom()
+    node.store(all_datasets(study))
+    assert node.run() == 1
+
+    with node.database.session() as session:
+        job = session.scalar(select(Job))
+        stored_study = session.scalar(select(Study))
+        rows = session.execute(select(ImageResultRow, Series.series_instance_uid)
+                               .join(Instance, Instance.id == ImageResultRow.instance_id)
+                               .join(Series, Series.id == Instance.series_id)).all()
+    assert (job.state, stored_study.status) == ("done", "done")
+    outbox = node.outbox()
+    kinds = sorted(item.kind for item in outbox)
+    assert kinds.count("SR") == 1 and kinds.count("SEG") == 1 and kinds.count("SC") >= 3
+    objects = {item.kind: pydicom.dcmread(node.spool.absolute(item.path)) for item in outbox}
+    assert objects["SEG"].SOPClassUID == SEG_CLASS and objects["SR"].SOPClassUID == SR_3D_CLASS
+    assert {item.sop_class_uid for item in outbox} == {SEG_CLASS, SC_CLASS, SR_3D_CLASS}
+    sc_series = {pydicom.dcmread(node.spool.absolute(item.path), stop_before_pixels=True).SeriesInstanceUID
+                 for item in outbox if item.kind == "SC"}
+    assert len(sc_series) == 1
+    for item in outbox:
+        dataset = pydicom.dcmread(node.spool.absolute(item.path), stop_before_pixels=True)
+        assert dataset.StudyInstanceUID == study.study_instance_uid
+        assert dciodvfy_errors(node.spool.absolute(item.path)) == [], item.kind
+
+    sagittal = study.by_name("sag_pd_fs")
+    seg = objects["SEG"]
+    referenced = {str(ref.ReferencedSOPInstanceUID) for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sagittal.series_instance_uid
+    assert referenced <= {str(ds.SOPInstanceUID) for ds in sagittal.datasets}
+    assert [s.SegmentLabel for s in seg.SegmentSequence][:3] == ["Femur", "Tibia", "Patella"]
+
+    chosen = {study.by_name(name).series_instance_uid for name in ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")}
+    states = {(series_uid in chosen, row.state) for row, series_uid in rows}
+    assert states == {(True, "analysed"), (False, "ineligible")}
+    analysed = [row for row, series_uid in rows if row.state == "analysed"]
+    assert len(analysed) == 48 and {row.outputs["plane"] for row in analysed} == {"sagittal", "coronal", "axial"}
+    assert len(analysed[0].outputs["heads"]["knee"]) == 8
+
+    summary = studies_summary(node.database)[0]
+    selection = summary["series_selection"]
+    assert {plane: item["series_instance_uid"] for plane, item in selection["chosen"].items()} == {
+        "sagittal": study.by_name("sag_pd_fs").series_instance_uid,
+        "coronal": study.by_name("cor_pd_fs").series_instance_uid,
+        "axial": study.by_name("ax_t2_fs").series_instance_uid}
+    rejected = {item["series_instance_uid"]: item["reasons"] for item in selection["rejected"]}
+    localiser, t1 = study.by_name("localizer").series_instance_uid, study.by_name("sag_t1").series_instance_uid
+    assert set(rejected) == {localiser, t1}
+    assert any(reason["code"] == "image-type" and "LOCALIZER" in reason["message"] for reason in rejected[localiser])
+    assert rejected[t1] and rejected[t1][0]["message"], rejected[t1]
+    node.database.dispose()
+
+
+def test_retry_builds_byte_identical_objects(tmp_path: Path, mri_model) -> None:
+    """The objects depend on the study, the inputs and the model only: a job run again (a worker killed before it
+    recorded its results) writes the same bytes under the same UIDs, so the outbox never holds a second series."""
+    from storage.job_inputs import JobInputs
+    from storage.queue import ClaimedJob
+
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder), models)
+    study = phantom(("sag_pd_fs", "cor_pd_fs", "ax_t2_fs"), seed=2)
+    node.store(all_datasets(study))
+    assert node.run() == 1
+    first = {item.sop_instance_uid: node.spool.absolute(item.path).read_bytes() for item in node.outbox()}
+    with node.database.session() as session:
+        job = session.scalar(select(Job))
+        claimed = ClaimedJob(job.id, job.study_id, study.study_instance_uid, job.study_revision, job.priority, 2)
+    inputs = JobInputs(node.database).inputs(study.study_instance_uid)
+    again = node.worker.mri._analyse(claimed, inputs)
+    rebuilt = {str(ds.SOPInstanceUID): ds for _, ds in again.objects}
+    assert set(rebuilt) == set(first)
+    from node.pipeline.mri import _dataset_bytes
+
+    for uid, dataset in rebuilt.items():
+        assert _dataset_bytes(getattr(dataset, "__wrapped__", dataset)) == first[uid]
+    node.database.dispose()
+
+
+def test_study_missing_a_plane_is_not_analysed_with_the_reason(tmp_path: Path, mri_model, db: Database) -> None:
+    """Also the selection's storage (migration 0005) on SQLite and PostgreSQL."""
+    from storage.studies import studies_summary
+
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder), models, db)
+    study = phantom(("localizer", "sag_pd_fs", "ax_t2_fs"), seed=3)
+    node.store(all_datasets(study))
+    assert node.run() == 1
+    with node.database.session() as session:
+        job = session.scalar(select(Job))
+        stored = session.scalar(select(Study))
+        rows = session.scalars(select(ImageResultRow)).all()
+    assert (job.state, stored.status) == ("not_analysed", "not_analysed")
+    assert stored.status_reason.startswith("no coronal series"), stored.status_reason
+    assert node.outbox() == []
+    assert {row.state for row in rows} == {"ineligible"} and len(rows) == 3 + 16 + 16
+    selection = studies_summary(node.database)[0]["series_selection"]
+    assert set(selection["chosen"]) == {"sagittal", "axial"} and "coronal" in selection["missing_planes"]
+
+
+def test_broken_series_is_not_analysed_and_not_retried(tmp_path: Path, mri_model) -> None:
+    """A chosen series that cannot be assembled (a slice's pixel data cut short) ends the study as not analysed
+    with the reason; the job is finished, not handed back for ever."""
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder), models)
+    study = phantom(("sag_pd_fs", "cor_pd_fs", "ax_t2_fs"), seed=4)
+    datasets = all_datasets(study)
+    broken = study.by_name("cor_pd_fs").datasets[5]
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]
+    node.store(datasets)
+    assert node.run() == 1
+    with node.database.session() as session:
+        job = session.scalar(select(Job))
+    assert job.state == "not_analysed" and job.attempts == 1
+    with node.database.session() as session:
+        reason = session.scalar(select(Study.status_reason))
+    assert reason.startswith("coronal series 3 is not one clean volume"), reason
+    node.database.dispose()
+
+
+def test_mr_study_without_a_3d_model_stays_not_analysed(tmp_path: Path) -> None:
+    import engines
+    from node.pipeline.models import ConfiguredModel
+
+    settings = parse_settings({
+        "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
+        "engine": {"model": str(tiny_model(tmp_path / "mae", width=32, layers=1))},
+    })
+    models = [ConfiguredModel(entry, engines.load(entry.path, backend="cpu")) for entry in settings.model_entries]
+    node = Node(tmp_path, settings, models)
+    assert node.worker.mri is None
+    node.store(all_datasets(phantom(("sag_pd_fs",), seed=5)))
+    assert node.run() == 1
+    with node.database.session() as session:
+        stored = session.scalar(select(Study))
+        job = session.scalar(select(Job))
+    assert stored.status == "not_analysed" and "modality MR not eligible" in stored.status_reason
+    assert job.series_selection is None and node.outbox() == []
+    node.database.dispose()
+
+
+def test_our_seg_sent_back_is_recognised_as_our_own_result(tmp_path: Path, mri_model) -> None:
+    from node.dicom.provenance import OWN_RESULT, ResultRecognition, classify
+
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder), models)
+    node.store(all_datasets(phantom(("sag_pd_fs", "cor_pd_fs", "ax_t2_fs"), seed=6)))
+    assert node.run() == 1
+    for item in node.outbox():
+        header = pydicom.dcmread(node.spool.absolute(item.path), stop_before_pixels=True)
+        assert classify(header, True, ResultRecognition.default())[0] == OWN_RESULT, item.kind
+    node.database.dispose()
