@@ -88,13 +88,15 @@ class Session:
         # Placed means: every measurement loaded and its text drawn, still so 1.5 s later (OHIF redraws the SVG
         # layer while the viewport settles, so a single look can catch it empty or half drawn).
         deadline = time.monotonic() + 90
-        nudge_at = time.monotonic() + 15
+        nudge_at, nudges = time.monotonic() + 15, 0
         state = self.state()
         while time.monotonic() < deadline:
             if not state["drawn"] and time.monotonic() > nudge_at:
                 # Under load OHIF can add the annotations after its last render and draw them only on the next
-                # one; a radiologist's mouse over the image triggers it, so the test moves the mouse there too.
-                self._hover_viewports()
+                # one (the annotations are in its state, nothing on screen); a radiologist's mouse over the image
+                # or a resized window triggers that render, so the test does the same: hover first, then render.
+                self._nudge_viewports(render=nudges > 0)
+                nudges += 1
                 nudge_at = time.monotonic() + 10
             if self._placed(state):
                 self.page.wait_for_timeout(1500)
@@ -107,8 +109,11 @@ class Session:
         state["seconds"] = round(time.monotonic() - started, 1)
         return state
 
-    def _hover_viewports(self) -> None:
-        print("OHIF has drawn no text yet; moving the mouse over the viewports")
+    def _nudge_viewports(self, render: bool) -> None:
+        print(f"OHIF has drawn no text yet; {'rendering the viewports' if render else 'hovering the viewports'}")
+        if render:
+            self.page.evaluate("() => window.cornerstone.getEnabledElements().forEach(e => e.viewport.render())")
+            return
         boxes = self.page.evaluate("""() => window.cornerstone.getEnabledElements().map(e => {
           const r = e.viewport.element.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })""")
         for x, y, width, height in boxes:
