@@ -178,7 +178,7 @@ class OutboxItem(Base):
     study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     sop_class_uid: Mapped[str] = mapped_column(UID)
-    kind: Mapped[str] = mapped_column(String(8))  # SR, SC
+    kind: Mapped[str] = mapped_column(String(8))  # SR, SC, SEG
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
     destination: Mapped[str] = mapped_column(String(64), index=True)  # peer name
     # pending, sending, delivered, dead, discarded
