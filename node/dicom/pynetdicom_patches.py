@@ -45,6 +45,10 @@ Patches
    ``"Sta1"`` once the transport closed; ``assoc.is_acceptor`` and ``assoc.requestor.primitive`` (``None``
    until the request is read).
 
+5. :func:`drop_standard_log_handlers` — pynetdicom's standard logging handlers are not bound to new
+   associations (``_config.LOG_HANDLER_LEVEL = "none"``). *Relies on*: ``Association._bind_defaults`` and
+   ``AssociationServer._bind_defaults`` binding them only when that switch is ``"standard"``.
+
 Event-driven reactors
 ---------------------
 
@@ -145,6 +149,11 @@ UPSTREAM_SOURCES: dict[str, str] = {
     "pynetdicom.transport.RequestHandler.handle": "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd",
     "pynetdicom.transport.RequestHandler._create_association":
         "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
+    # 5: the standard logging handlers are bound only under LOG_HANDLER_LEVEL == "standard"
+    "pynetdicom.association.Association._bind_defaults":
+        "4cada43c3a1937240a09fdb33edfe2eeb1924a627b13a4e4471cd26f41fd2bf8",
+    "pynetdicom.transport.AssociationServer._bind_defaults":
+        "4cada43c3a1937240a09fdb33edfe2eeb1924a627b13a4e4471cd26f41fd2bf8",
     # 3: what a presentation context holds
     "pynetdicom.presentation.PresentationContext.__init__":
         "37a8842ac07cd8f364dba03f5f7a59c23a0068341873edd81d367ad0c75596d9",
@@ -242,6 +251,18 @@ class CheaplyCopiedContexts(list):  # type: ignore[type-arg]
 def copy_contexts_cheaply(server: AssociationServer) -> None:
     """Switch a started server's presentation contexts to :class:`CheaplyCopiedContexts`."""
     server.contexts = CheaplyCopiedContexts(server.contexts)
+
+
+# -- 5. no standard logging handlers ----------------------------------------------------------------------
+def drop_standard_log_handlers() -> None:
+    """Bind no pynetdicom standard logging handler to associations made from now on (process-wide).
+
+    They write only INFO and DEBUG lines, which msknode never keeps (node/runtime/logs.py holds the pynetdicom
+    logger at WARNING), yet each received PDU built an ``Event`` for them: about a fifth of the reader thread's
+    time holding the GIL while receiving radiographs (py-spy ``--gil``, benchmarks/receive.py). Problems are
+    still logged: pynetdicom's own warnings and errors are plain logger calls, not these handlers.
+    """
+    _config.LOG_HANDLER_LEVEL = "none"
 
 
 # -- 4. event-driven reactors ------------------------------------------------------------------------------

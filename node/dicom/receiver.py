@@ -28,6 +28,7 @@ from node.dicom.provenance import ResultRecognition
 from node.dicom.pynetdicom_patches import (
     copy_contexts_cheaply,
     discard_partial_transfer,
+    drop_standard_log_handlers,
     enable_chunked_storage,
     make_quiet,
     received_digest,
@@ -121,6 +122,7 @@ class Receiver:
     def _make_ae(self) -> AE:
         # Chunked receive into the spool's .incoming; unknown and private storage SOP classes too.
         enable_chunked_storage(self.spool.incoming)
+        drop_standard_log_handlers()  # INFO/DEBUG lines nobody keeps, an Event built per received PDU
         ae = AE(ae_title=self.node.ae_title)
         ae.maximum_pdu_size = self.node.max_pdu_size
         # Our policy enforces the limit (a slot reserved atomically in EVT_REQUESTED, with an audit row).

@@ -111,7 +111,7 @@ def in_process_node(tmp_path: Path) -> Iterator[Callable[..., InProcessNode]]:
     from pynetdicom import _config, dimse_messages
 
     saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.UNRESTRICTED_STORAGE_SERVICE,
-             dimse_messages.NamedTemporaryFile)
+             dimse_messages.NamedTemporaryFile, _config.LOG_HANDLER_LEVEL)
     nodes: list[InProcessNode] = []
 
     def make(**kwargs: object) -> InProcessNode:
@@ -127,4 +127,4 @@ def in_process_node(tmp_path: Path) -> Iterator[Callable[..., InProcessNode]]:
         node.receiver.stop(grace_seconds=2)
         node.runtime.database.dispose()
     (_config.STORE_RECV_CHUNKED_DATASET, _config.UNRESTRICTED_STORAGE_SERVICE,
-     dimse_messages.NamedTemporaryFile) = saved
+     dimse_messages.NamedTemporaryFile, _config.LOG_HANDLER_LEVEL) = saved

@@ -22,7 +22,7 @@ from typing import Any
 
 import pynetdicom
 import pytest
-from pynetdicom import AE, _config, build_context, dimse_messages
+from pynetdicom import AE, _config, build_context, dimse_messages, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -205,6 +205,14 @@ def test_the_chunked_file_is_hashed_as_decode_msg_writes_it(tmp_path: Path, monk
     assert patches.received_digest(path) == (hashlib.sha256(content).hexdigest(), len(content))
     assert patches.received_digest(path) is None  # handed out once
     handle.close()
+
+
+def test_the_standard_log_handlers_follow_the_log_handler_level_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    logging_events = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")  # pynetdicom's default
+    assert all(Association(AE(), "requestor").get_handlers(event) for event in logging_events)
+    patches.drop_standard_log_handlers()
+    assert not any(Association(AE(), "requestor").get_handlers(event) for event in logging_events)
 
 
 def test_server_gives_each_association_a_deepcopy_of_its_contexts() -> None:
