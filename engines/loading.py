@@ -3,9 +3,10 @@
 Families: ``orthodiffusion`` (a folder with ``orthodiffusion.json``: 3-D knee MRI, loaded as a
 :class:`~engines.family.VolumeModelFamily`, which the worker routes to its MRI path), ``vit-classifier`` (a HF
 ViT classifier folder with ``head_layout.json``: SKELEX's region-guided multi-head model), ``dinov3`` (HF
-``dinov3_vit`` folders, the authors' / OrthoFoundation ``.pth``, timm ``*_dinov3``) and ``mae`` (HF ViT-MAE / ViT folders, MAE ``.pth``, timm ViT). A new family adds its loader to
-:data:`LOADERS` and its recognition to :func:`detect_family`; everything not claimed by another family goes to
-the MAE loaders, whose errors name what they could not read (unsupported ``model_type``, unknown tensors...).
+``dinov3_vit`` folders, the authors' / OrthoFoundation ``.pth``, timm ``*_dinov3``) and ``mae`` (HF ViT-MAE / ViT
+folders, MAE ``.pth``, timm ViT). A new family adds its loader to :data:`LOADERS` and its recognition to
+:func:`detect_family`; everything not claimed by another family goes to the MAE loaders, whose errors name what
+they could not read (unsupported ``model_type``, unknown tensors...).
 """
 
 from __future__ import annotations

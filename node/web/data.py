@@ -101,6 +101,37 @@ class ImageRow:
 
 
 @dataclass
+class SelectionRow:
+    """One series of an MR study's series selection, as the study page shows it (no UIDs)."""
+
+    plane: str
+    chosen: bool
+    series_number: int | None
+    description: str
+    slices: int | None
+    score: float | None
+    detail: str  # chosen: the rules that matched; rejected: the reasons
+
+
+def selection_rows(selection: dict[str, Any] | None) -> list[SelectionRow]:
+    """A stored selection report (``SelectionReport.to_dict()``) as table rows; planes left without a series get a
+    row saying why."""
+    if not selection:
+        return []
+    rows = [SelectionRow(plane, True, item.get("series_number"), item.get("description") or "", item.get("slices"),
+                         item.get("score"),
+                         ", ".join(f"{r['name']} {r['score']:+g}" for r in item.get("matched_rules", [])))
+            for plane, item in selection.get("chosen", {}).items()]
+    rows += [SelectionRow(plane, False, None, "(none)", None, None, why)
+             for plane, why in selection.get("missing_planes", {}).items()]
+    rows += [SelectionRow(item.get("plane") or item.get("nearest_plane") or "", False, item.get("series_number"),
+                          item.get("description") or "", item.get("slices"), item.get("score"),
+                          "; ".join(r["message"] for r in item.get("reasons", [])))
+             for item in selection.get("rejected", [])]
+    return rows
+
+
+@dataclass
 class DeliveryRow:
     id: int
     kind: str
@@ -227,6 +258,14 @@ class DashboardData:
                 )
             ]
             return row, study.study_instance_uid, images, deliveries
+
+    def series_selection(self, study_id: int) -> list[SelectionRow]:
+        """An MR study's series selection (the latest job's): chosen series per plane first, then each rejected
+        series with its reasons; empty for studies without one (radiographs, MR without a 3-D model)."""
+        with self.db.session() as session:
+            job = latest_job(session, study_id)
+            selection = job.series_selection if job is not None else None
+        return selection_rows(selection)
 
     def study_uid(self, study_id: int) -> str | None:
         with self.db.session() as session:

@@ -25,8 +25,8 @@ TINY_ORTHODIFFUSION_CLASSES = ("background", "femur", "tibia", "patella", "carti
 
 def tiny_orthodiffusion(directory: Path, size: int = 64, depth: int = 16, seed: int = 0) -> Path:
     """A random OrthoDiffusion folder (``orthodiffusion.json``) for volumes of ``depth`` x ``size`` x ``size``: three
-    plane UNets of the real depth at 32 channels throughout (GroupNorm needs 32), a knee head with the eight labels and a
-    segmentation head with :data:`TINY_ORTHODIFFUSION_CLASSES`. Seconds per study on a CPU."""
+    plane UNets of the real depth at 32 channels throughout (GroupNorm needs 32), a knee head with the eight labels
+    and a segmentation head with :data:`TINY_ORTHODIFFUSION_CLASSES`. Seconds per study on a CPU."""
     import json
 
     import torch

@@ -144,7 +144,8 @@ def test_phantom_study_gives_one_sr_one_sc_series_and_one_seg(tmp_path: Path, mr
 
     sagittal = study.by_name("sag_pd_fs")
     seg = objects["SEG"]
-    referenced = {str(ref.ReferencedSOPInstanceUID) for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {str(ref.ReferencedSOPInstanceUID)
+                  for ref in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sagittal.series_instance_uid
     assert referenced <= {str(ds.SOPInstanceUID) for ds in sagittal.datasets}
     assert [s.SegmentLabel for s in seg.SegmentSequence][:3] == ["Femur", "Tibia", "Patella"]
@@ -167,7 +168,38 @@ def test_phantom_study_gives_one_sr_one_sc_series_and_one_seg(tmp_path: Path, mr
     assert set(rejected) == {localiser, t1}
     assert any(reason["code"] == "image-type" and "LOCALIZER" in reason["message"] for reason in rejected[localiser])
     assert rejected[t1] and rejected[t1][0]["message"], rejected[t1]
+    dashboard_shows_the_selection_and_the_overlays(tmp_path, node, stored_study.id)
     node.database.dispose()
+
+
+def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, study_id: int) -> None:
+    """The study page's "Series selection" table (chosen per plane, the others with their reasons) and the overlay
+    SCs as thumbnails, addressed by database id and index only."""
+    import re
+
+    from starlette.testclient import TestClient
+
+    from node.web import create_app
+    from node.web.accounts import Accounts
+
+    settings = parse_settings({"web": {"secret_key_file": str(tmp_path / "web-secret")},
+                               "storage": {"spool_dir": str(node.spool.root)}}, resolve_hosts=False)
+    Accounts(node.database).add_user("victor", "correct horse battery", "viewer")
+    browser = TestClient(create_app(settings, node.database, node.spool), base_url="http://127.0.0.1:8080",
+                         follow_redirects=False)
+    token = re.search(r'name="login_token" value="([^"]+)"', browser.get("/login").text).group(1)
+    assert browser.post("/login", data={"login_token": token, "username": "victor",
+                                        "password": "correct horse battery"}).status_code == 303
+    page = browser.get(f"/studies/{study_id}").text
+    table = page[page.index("<h2>Series selection</h2>"):page.index("<h2>Images</h2>")]
+    for description in ("SAG PD FS TSE", "COR PD FS TSE", "AX T2 FS TSE"):
+        assert re.search(description + r".*?<strong>chosen</strong>", table, re.S), description
+    assert re.search(r"3-PLANE LOC.*?not used — Image Type LOCALIZER", table, re.S)
+    assert re.search(r"SAG T1 TSE.*?not used — ", table, re.S)
+    thumbnails = re.findall(r'src="(/studies/\d+/images/\d+\.png)"', page)
+    assert thumbnails, "no overlay thumbnail on the study page"
+    image = browser.get(thumbnails[0])
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
 def test_retry_builds_byte_identical_objects(tmp_path: Path, mri_model) -> None:
