@@ -39,6 +39,7 @@ from typing import Any
 
 from engines.vit_classifier.layout import LAYOUT_FILE, HeadLayoutError, read_layout, reported_labels
 from node.pipeline.triage_rules import check, evaluate, parse
+from node.results.knee_codes import FINDINGS
 from node.settings import PRIORITIES, TriageSettings, priority_rank
 
 STRING_ATTRIBUTES = ("calling_ae", "peer", "modality", "body_part", "requested_priority")
@@ -97,6 +98,12 @@ def head_labels_from_model(model: Path) -> dict[str, list[str]] | None:
             labels.update(reported_labels(read_layout(model)))
         except HeadLayoutError:
             pass  # the loader reports a broken layout itself
+    if (Path(model) / VOLUME_MODEL_CONFIG).is_file():  # OrthoDiffusion: its heads are listed in its config
+        try:
+            for head in json.loads((Path(model) / VOLUME_MODEL_CONFIG).read_text()).get("heads", []):
+                labels[str(head["name"])] = [str(label) for label in head.get("labels", KNEE_FINDING_LABELS)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # the loader reports a broken config itself
     if heads_dir.is_dir():
         for meta in sorted(heads_dir.glob("*.json")):
             try:
@@ -105,6 +112,10 @@ def head_labels_from_model(model: Path) -> dict[str, list[str]] | None:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # the loader reports broken head files itself
     return labels
+
+
+VOLUME_MODEL_CONFIG = "orthodiffusion.json"  # engines.orthodiffusion.family.CONFIG_FILE (read here without torch)
+KNEE_FINDING_LABELS = tuple(finding.label for finding in FINDINGS)  # an OrthoDiffusion head's default labels
 
 
 # --- compiling ---------------------------------------------------------------------------------------------

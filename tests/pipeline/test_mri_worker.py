@@ -43,6 +43,8 @@ def settings_for(folder: Path, **extra):
     return parse_settings({
         "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
         "models": [{"name": "knee_mri", "path": str(folder), "modalities": ["MR"]}],
+        # every probability is >= 0: the rule always fires, so the MRI values reach triage by these names
+        "triage": {"rules": [{"name": "ACL probability", "when": "knee_mri.knee_ACL >= 0", "priority": "urgent"}]},
         **extra,
     })
 
@@ -128,11 +130,13 @@ def test_phantom_study_gives_one_sr_one_sc_series_and_one_seg(tmp_path: Path, mr
                                .join(Instance, Instance.id == ImageResultRow.instance_id)
                                .join(Series, Series.id == Instance.series_id)).all()
     assert (job.state, stored_study.status) == ("done", "done")
+    assert (stored_study.priority, stored_study.priority_reason) == (2, "ACL probability")
     outbox = node.outbox()
     kinds = sorted(item.kind for item in outbox)
     assert kinds.count("SR") == 1 and kinds.count("SEG") == 1 and kinds.count("SC") >= 3
     objects = {item.kind: pydicom.dcmread(node.spool.absolute(item.path)) for item in outbox}
     assert objects["SEG"].SOPClassUID == SEG_CLASS and objects["SR"].SOPClassUID == SR_3D_CLASS
+    assert all(ds.SeriesDescription.startswith("AI URGENT") for ds in objects.values())
     assert {item.sop_class_uid for item in outbox} == {SEG_CLASS, SC_CLASS, SR_3D_CLASS}
     sc_series = {pydicom.dcmread(node.spool.absolute(item.path), stop_before_pixels=True).SeriesInstanceUID
                  for item in outbox if item.kind == "SC"}
@@ -301,3 +305,15 @@ def test_our_seg_sent_back_is_recognised_as_our_own_result(tmp_path: Path, mri_m
         header = pydicom.dcmread(node.spool.absolute(item.path), stop_before_pixels=True)
         assert classify(header, True, ResultRecognition.default())[0] == OWN_RESULT, item.kind
     node.database.dispose()
+
+
+def test_config_check_knows_the_3d_model_heads(mri_model) -> None:
+    from node.cli.node_commands import _check_triage_names
+    from node.settings import ConfigError
+
+    folder, _models = mri_model
+    _check_triage_names(settings_for(folder), "t.toml")  # knee_mri.knee_ACL: read from orthodiffusion.json
+    bad = settings_for(folder, triage={"rules": [{"name": "x", "when": "knee_mri.knee_XYZ > 0.5", "priority": "high"}]})
+    with pytest.raises(ConfigError) as caught:
+        _check_triage_names(bad, "t.toml")
+    assert "knee_mri.knee_XYZ" in caught.value.problems[0]
