@@ -183,16 +183,17 @@ def run_worker(runtime: Runtime, stop: threading.Event) -> None:
             from engines.backends import BackendUnavailable, triton_backend
 
             model = engines.load(entry.path, backend="cpu")
-            served = (engine.triton_model if len(entries) == 1 else "") or model.name
-            model.backend = triton_backend(  # type: ignore[attr-defined]
-                engine.triton_url, served, model.encoder_hash,
-                protocol=engine.triton_protocol, timeout_seconds=engine.triton_timeout_seconds,
-                needs_reconstruct=model.supports_error_map,
-            )
-            try:
-                model.backend.check()  # a server serving other weights stops the worker here (TritonError)
-            except BackendUnavailable as exc:
-                log.warning("%s; the worker waits for it", exc)
+            if not hasattr(model, "plane_names"):  # a 3-D model (OrthoDiffusion) has no Triton graphs: in-process
+                served = (engine.triton_model if len(entries) == 1 else "") or model.name
+                model.backend = triton_backend(  # type: ignore[attr-defined]
+                    engine.triton_url, served, model.encoder_hash,
+                    protocol=engine.triton_protocol, timeout_seconds=engine.triton_timeout_seconds,
+                    needs_reconstruct=model.supports_error_map,
+                )
+                try:
+                    model.backend.check()  # a server serving other weights stops the worker here (TritonError)
+                except BackendUnavailable as exc:
+                    log.warning("%s; the worker waits for it", exc)
         else:
             model = engines.load(entry.path, backend=engine.backend, precision=precision)
         calibration = load_calibration(entry.path, model.encoder_hash) if Path(entry.path).is_dir() else None
