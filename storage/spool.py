@@ -118,12 +118,12 @@ _HASHING_THREADS = _HashingThreads()
 
 
 class HashingWriter:
-    """A binary file being written, SHA-256-hashed as it is written by a thread of its own.
+    """A binary file being written, SHA-256-hashed as it is written by a thread of a pool.
 
     Hashing a received file after it was written meant reading every byte back and hashing it while the sender
-    waited for its answer (about 7 ms per 10 MB here). Here each written chunk is also handed to a thread that
-    hashes it while the writer's thread receives the next one (hashlib releases the GIL), so at the end only the
-    last batch is left to hash. :meth:`content_digest` gives the digest of everything written, and only when
+    waited for its answer (about 7 ms per 10 MB here). Here each written chunk is also handed, in batches of
+    ``_HASH_BATCH_BYTES``, to a pool thread that hashes it while the writer's thread receives the next one
+    (hashlib releases the GIL), so at the end only the last batch is left to hash. :meth:`content_digest` gives the digest of everything written, and only when
     every byte went through :meth:`write` in order (``None`` after a seek or truncate: the caller then hashes
     the file itself). The chunks written must not change afterwards (``bytes``; anything else is copied).
     """
