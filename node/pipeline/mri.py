@@ -75,6 +75,14 @@ class MriOutcome:
     selection: SelectionReport | None = None
     decision: PriorityDecision | None = None
     notifications: list[NotificationEntry] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, logged at DEBUG (profiling)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        """Record the seconds since the previous lap under ``stage``."""
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._last
+        self._last = now
 
 
 def _dataset_bytes(dataset: Dataset) -> bytes:
@@ -138,7 +146,9 @@ class MriPipeline:
             result = MriOutcome("failed", f"MRI analysis failed: {type(exc).__name__}: {exc}"[:500],
                                 outcomes=[ImageOutcome(item.instance_id, "failed", "MRI analysis failed")
                                           for item in inputs])
+        result.lap("other")
         outbox = self._write(job, result.objects)
+        result.lap("write")
         decision = result.decision or Triage.as_queued(job.priority)
         fault_point("worker.before_finish")
         if not self.queue.record_results(
@@ -151,6 +161,8 @@ class MriPipeline:
         log.info("job %d (study %s, MRI): %s%s, %d object(s) queued in %.1f s", job.id, job.study_instance_uid,
                  result.state, f" ({result.reason})" if result.reason else "", len(outbox),
                  time.perf_counter() - started)
+        log.debug("stage timings job %d: %s", job.id, ", ".join(f"{stage} {seconds:.3f} s"
+                                                                 for stage, seconds in result.timings.items()))
         return True
 
     # -- the steps ---------------------------------------------------------------------------------------------
@@ -192,7 +204,9 @@ class MriPipeline:
             return self._not_analysed(job, result, by_series,
                                       "no configured 3-D model applies (" + "; ".join(why_not) + ")")
 
+        result.lap("headers")
         report = select_series({uid: [h for _, h in pairs] for uid, pairs in by_series.items()}, self.settings.mri)
+        result.lap("selection")
         result.selection = report
         rejected = {d.facts.series_instance_uid: "; ".join(r.message for r in d.reasons) for d in report.rejected}
         model = configured.model
@@ -204,7 +218,9 @@ class MriPipeline:
                     f"no {plane} series: {report.missing_planes.get(plane, f'{plane} is not in mri.planes')}"
                     for plane in missing))
             planes, volumes = self._volumes(report, by_series, needed)
+            result.lap("read and assemble")
             outputs, segmentation = self._run(configured, volumes)
+            result.lap("inference")
         except NotAnalysed as exc:
             return self._not_analysed(job, result, by_series, str(exc), rejected)
 
@@ -228,13 +244,17 @@ class MriPipeline:
         result.notifications = self._notifications(job, first[1], result.decision, values, created,
                                                    f"{info.name} {info.version}", configured)
         base = self.settings.results.series_number_base
+        result.lap("triage")
         seg = build_seg(study, base + SEG_OFFSET) if segmentation is not None else None
+        result.lap("seg")
         if findings:
             result.objects.append(("SR", build_mri_sr(study, base, seg=seg, previous=self._previous(job))))
+        result.lap("sr")
         if seg is not None:
             if self.settings.results.send_secondary_capture:
                 result.objects += [("SC", sc) for sc in build_overlay_scs(study, base + SC_OFFSET)]
             result.objects.append(("SEG", seg))
+        result.lap("sc")
 
         chosen = {uid: plane.plane for plane in planes for uid in [plane.series_instance_uid]}
         model_outputs = {"heads": outputs, "model": configured.name}
