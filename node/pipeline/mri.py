@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from engines.imaging.volume import Volume, VolumeError, assemble_volume
 from node.delivery.notifier import build_payload, entries_for
 from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
+from node.pipeline.eligibility import job_bound_reason
 from node.pipeline.models import ConfiguredModel, applicability_reason
 from node.pipeline.series_selection import SelectionReport, select_series
 from node.pipeline.triage import PriorityDecision, Triage, header_text, model_study_values, study_attributes, summarise
@@ -149,7 +150,7 @@ class MriPipeline:
         result.lap("other")
         outbox = self._write(job, result.objects)
         result.lap("write")
-        decision = result.decision or Triage.as_queued(job.priority)
+        decision = result.decision or self._starting(job, inputs, result.state)
         fault_point("worker.before_finish")
         if not self.queue.record_results(
                 job.id, self.owner, result.state, result.outcomes, outbox, reason=result.reason,
@@ -168,6 +169,11 @@ class MriPipeline:
     # -- the steps ---------------------------------------------------------------------------------------------
     def _analyse(self, job: ClaimedJob, inputs: Sequence[JobInput]) -> MriOutcome:
         result = MriOutcome()
+        too_many = job_bound_reason(len(inputs), 0, self.settings.pipeline)
+        if too_many:  # not even the headers are read
+            result.outcomes = [ImageOutcome(item.instance_id, "ineligible", too_many) for item in inputs]
+            result.state, result.reason = "not_analysed", too_many
+            return result
         by_series: dict[str, list[tuple[JobInput, Dataset]]] = {}
         for item in inputs:
             try:
@@ -361,6 +367,16 @@ class MriPipeline:
             result.objects.append(("SR", build_not_analysed_sr(study, self.settings.results.series_number_base,
                                                                 self._previous(job))))
         return result
+
+    def _starting(self, job: ClaimedJob, inputs: Sequence[JobInput], state: str) -> PriorityDecision:
+        """The priority of a study that was not analysed: its starting priority, as the radiograph path gives it
+        (the rank it was queued with when the results could not be built)."""
+        if state != "not_analysed" or not inputs:
+            return Triage.as_queued(job.priority)
+        calling_ae = (inputs[0].calling_ae_title or "").strip()
+        peer = next((p for p in self.peers() if calling_ae and p.ae_title == calling_ae), None)
+        return self.triage().final(job.priority, calling_ae or None, peer.name if peer else None,
+                                   peer.priority if peer else None, None)
 
     def _previous(self, job: ClaimedJob) -> list[DocumentReference]:
         """Every earlier SR of the study: the new one supersedes them all."""

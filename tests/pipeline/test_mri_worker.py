@@ -317,3 +317,16 @@ def test_config_check_knows_the_3d_model_heads(mri_model) -> None:
     with pytest.raises(ConfigError) as caught:
         _check_triage_names(bad, "t.toml")
     assert "knee_mri.knee_XYZ" in caught.value.problems[0]
+
+
+def test_study_over_the_instance_bound_is_not_analysed_without_reading_it(tmp_path: Path, mri_model) -> None:
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder, pipeline={"max_instances_per_job": 20}), models)
+    node.store(all_datasets(phantom(("sag_pd_fs", "cor_pd_fs"), seed=7)))
+    assert node.run() == 1
+    with node.database.session() as session:
+        stored = session.scalar(select(Study))
+        job = session.scalar(select(Job))
+    assert stored.status == "not_analysed" and "max_instances_per_job" in stored.status_reason
+    assert job.series_selection is None and node.outbox() == []
+    node.database.dispose()
