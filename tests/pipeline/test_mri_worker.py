@@ -204,6 +204,8 @@ def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, s
     assert thumbnails, "no overlay thumbnail on the study page"
     image = browser.get(thumbnails[0])
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    listing = browser.get("/")
+    assert listing.status_code == 200 and f"/studies/{study_id}" in listing.text
 
 
 def test_retry_builds_byte_identical_objects(tmp_path: Path, mri_model) -> None:
