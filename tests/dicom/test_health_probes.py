@@ -53,7 +53,8 @@ def test_probe_bursts_never_lock_out_the_pacs(node_factory, tmp_path: Path) -> N
     assert result.returncode == 0, result.stdout + result.stderr
     assert time.monotonic() - started < 10
     assert image.SOPInstanceUID in {row.sop_instance_uid for row in node.instances()}
-    rows = [(row.calling_ae_title, row.outcome, row.reject_reason) for row in node.associations()]
+    # the audit row is finished just after storescu has its A-RELEASE-RP (and may have exited): wait for it
+    rows = [(row.calling_ae_title, row.outcome, row.reject_reason) for row in node.wait_for_associations_closed()]
     assert rows == [("STORESCU", "released", None)], rows  # probes are no associations, and nothing was rejected
 
 
@@ -71,7 +72,7 @@ def test_open_idle_connections_do_not_take_association_slots(node_factory, tmp_p
     finally:
         for sock in held:
             sock.close()
-    rows = [(row.calling_ae_title, row.outcome) for row in node.associations()]
+    rows = [(row.calling_ae_title, row.outcome) for row in node.wait_for_associations_closed()]
     assert rows == [("STORESCU", "released")], rows
 
 
