@@ -130,14 +130,25 @@ class MriPipeline:
         self.modalities = {m.upper() for m in settings.mri.modalities}
 
     # -- entry point -------------------------------------------------------------------------------------------
-    def process(self, job: ClaimedJob) -> bool:
-        """Handle ``job`` if its study holds MR instances (True: done here, recorded or handed back); False
-        leaves the job to the radiograph path."""
+    def _mr_inputs(self, job: ClaimedJob) -> list[JobInput] | None:
+        """The study's inputs when it holds an MR instance (modality as indexed at intake), else None."""
         try:
             inputs = self.job_inputs.inputs(job.study_instance_uid)
         except Exception:  # the radiograph path lists the inputs again and hands the job back on failure
-            return False
+            return None
         if not any((item.modality or "").strip().upper() in self.modalities for item in inputs):
+            return None
+        return inputs
+
+    def wants(self, job: ClaimedJob) -> bool:
+        """Whether :meth:`process` will take ``job`` (its study holds MR instances)."""
+        return self._mr_inputs(job) is not None
+
+    def process(self, job: ClaimedJob) -> bool:
+        """Handle ``job`` if its study holds MR instances (True: done here, recorded or handed back); False
+        leaves the job to the radiograph path."""
+        inputs = self._mr_inputs(job)
+        if inputs is None:
             return False
         started = time.perf_counter()
         try:

@@ -177,10 +177,11 @@ class Worker:
                                 max_attempts=pipeline.max_attempts)
         if not jobs:
             return 0
-        # A job being retried may be the one that hung or crashed a worker: give it a batch of its own.
-        retried = [job for job in jobs if job.attempts > 1]
-        fresh = [job for job in jobs if job.attempts <= 1]
-        for group in ([fresh] if fresh else []) + [[job] for job in retried]:
+        # A job being retried may be the one that hung or crashed a worker: give it a batch of its own. So does an
+        # MR study for a 3-D model (about a minute of CPU each): each gets the whole job timeout.
+        alone = [job for job in jobs if job.attempts > 1 or (self.mri is not None and self.mri.wants(job))]
+        fresh = [job for job in jobs if job not in alone]
+        for group in ([fresh] if fresh else []) + [[job] for job in alone]:
             self._process_with_watchdog(group)
         return len(jobs)
 

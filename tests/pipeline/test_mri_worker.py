@@ -332,3 +332,35 @@ def test_study_over_the_instance_bound_is_not_analysed_without_reading_it(tmp_pa
     assert stored.status == "not_analysed" and "max_instances_per_job" in stored.status_reason
     assert job.series_selection is None and node.outbox() == []
     node.database.dispose()
+
+
+def test_mr_study_gets_a_watchdog_group_of_its_own(tmp_path: Path, mri_model) -> None:
+    """Claimed together, an MR study and a radiograph study are processed in separate groups, each under its own
+    job timeout (a 3-D pass takes about a minute on a CPU); both end done."""
+    import engines
+    from engines.training import phantoms
+    from node.pipeline.models import ConfiguredModel
+
+    folder, models = mri_model
+    mae = tiny_model(tmp_path / "mae", width=32, layers=1)
+    settings = parse_settings({
+        "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
+        "models": [{"name": "mae", "path": str(mae), "modalities": ["CR", "DX"]},
+                   {"name": "knee_mri", "path": str(folder), "modalities": ["MR"]}],
+    })
+    loaded = [ConfiguredModel(settings.model_entries[0], engines.load(mae, backend="cpu")),
+              ConfiguredModel(settings.model_entries[1], models[0].model)]
+    node = Node(tmp_path, settings, loaded)
+    groups = []
+    original = node.worker._process_with_watchdog
+    node.worker._process_with_watchdog = lambda jobs: (groups.append(len(jobs)), original(jobs))[1]
+    node.store(all_datasets(phantom(("sag_pd_fs", "cor_pd_fs", "ax_t2_fs"), seed=8)))
+    radiograph = phantoms.to_dataset(phantoms.generate("knee", seed=5), patient_index=2, study_key="cr",
+                                     instance_number=1)
+    node.store([radiograph])
+    assert node.run() == 2
+    assert sorted(groups) == [1, 1]
+    with node.database.session() as session:
+        assert sorted(session.scalars(select(Study.status)).all()) == ["done", "done"]
+    assert sorted(item.kind for item in node.outbox() if item.kind != "SC") == ["SEG", "SR", "SR"]
+    node.database.dispose()
