@@ -121,11 +121,12 @@ def make_real_size_studies(directory: Path, count: int) -> list[list[Path]]:
 
 
 def models_toml(model: Path | None) -> str:
-    """The [[models]] of config/msknode.toml with absolute paths (or one ``--model``)."""
+    """The [engine] keys and [[models]] of config/msknode.toml, paths made absolute (or one ``--model``)."""
     if model is not None:
         return f'[engine]\nmodel = "{model.resolve()}"\n'
     config = tomllib.loads((REPO / "config" / "msknode.toml").read_text())
-    lines = []
+    lines = ["[engine]"] + [f"{key} = {value!r}".replace("'", '"').replace("True", "true").replace("False", "false")
+                            for key, value in config.get("engine", {}).items()]
     for entry in config["models"]:
         lines.append("[[models]]")
         for key, value in entry.items():
@@ -170,7 +171,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), load average "
           f"{load[0]:.1f}; work folder {work}")
-    print("models:", "--model " + str(args.model) if args.model else "config/msknode.toml [[models]] (mae + knee)")
+    print("models:", "--model " + str(args.model) if args.model else
+          "config/msknode.toml's [engine] and [[models]] (mae + knee)")
     sets: list[tuple[str, list[list[Path]]]] = []
     started = time.perf_counter()
     if args.studies:

@@ -356,6 +356,12 @@ class EngineSettings(_Section):
     passes: int = Field(10, ge=1, le=64)
     seed: int = Field(0, ge=0)
     voi: Literal["auto", "window", "lut", "none"] = "auto"
+    threads: int = Field(
+        0, ge=0, le=256,
+        description="torch CPU threads of the worker; 0 = torch's default (one per core). Small models (the demo "
+                    "ones) are fastest on 1: their many tiny operations gain nothing from a second thread and, on a "
+                    "busy machine, lose most of their time in OpenMP's spin-waits",
+    )
     idle_priority: bool = Field(
         True,
         description="run inference under Linux SCHED_IDLE: it only gets CPU time that no other process wants, so "

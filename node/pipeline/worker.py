@@ -131,6 +131,8 @@ class Worker:
         self.region_sources = check_region_sources(self.models)
         self.owner = owner or f"worker@{socket.gethostname()}:{os.getpid()}"
         use_decoder_threads(os.cpu_count() or 1)  # decoding and inference take turns, so both use every core
+        if settings.engine.threads:
+            torch.set_num_threads(settings.engine.threads)
         self._held: list[int] = []
         self._held_lock = threading.Lock()
         self.recognition = ResultRecognition.from_settings(settings.intake, settings.results.manufacturer)

@@ -159,3 +159,19 @@ def test_each_job_logs_what_its_stages_cost_at_debug_level(env, caplog) -> None:
     stages = dict(part.rsplit(" ", 2)[:2] for part in lines[0].split(": ", 1)[1].split(", "))
     assert list(stages) == ["headers", "read", "preprocess", "inference (batch)", "sr", "sc", "write", "record"]
     assert all(float(seconds) >= 0 for seconds in stages.values())
+
+
+def test_engine_threads_sets_the_workers_torch_threads(env) -> None:
+    """[engine] threads = n gives the worker's process n torch threads; 0 leaves torch's default alone."""
+    import torch
+
+    database, spool, worker, settings, _ = env
+    before = torch.get_num_threads()
+    try:
+        Worker(settings, JobQueue(database), JobInputs(database), spool, worker.model, owner="default")
+        assert torch.get_num_threads() == before
+        one = parse_settings({"engine": {"threads": 1}})
+        Worker(one, JobQueue(database), JobInputs(database), spool, worker.model, owner="one")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
