@@ -49,7 +49,8 @@ def study(pr: PageRequest) -> Response:
     capture_index = {c.source_sop_instance_uid: index for index, c in enumerate(captures)}
     unmatched = [index for index, c in enumerate(captures) if c.source_sop_instance_uid is None]
     return pr.render("study.html", study=row, images=images, deliveries=deliveries, capture_index=capture_index,
-                     unmatched_captures=unmatched, selection=pr.web.data.series_selection(row.id))
+                     unmatched_captures=unmatched, selection=pr.web.data.series_selection(row.id),
+                     capture_count=len(captures))
 
 
 @page("viewer")

@@ -195,7 +195,9 @@ def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, s
     assert browser.post("/login", data={"login_token": token, "username": "victor",
                                         "password": "correct horse battery"}).status_code == 303
     page = browser.get(f"/studies/{study_id}").text
-    table = page[page.index("<h2>Series selection</h2>"):page.index("<h2>Images</h2>")]
+    table = page[page.index("<h2>Series selection</h2>"):page.index("<h2>Overlays</h2>")]
+    assert "<h2>Images</h2>" not in page  # an MR study's page shows its overlays, not one figure per slice
+    assert re.search(r"67 instances: 48 analysed \(the chosen series\),\s+19 not used", page)
     for description in ("SAG PD FS TSE", "COR PD FS TSE", "AX T2 FS TSE"):
         assert re.search(description + r".*?<strong>chosen</strong>", table, re.S), description
     assert re.search(r"3-PLANE LOC.*?not used — Image Type LOCALIZER", table, re.S)
