@@ -233,6 +233,7 @@ def test_retry_builds_byte_identical_objects(tmp_path: Path, mri_model) -> None:
 
     for uid, dataset in rebuilt.items():
         assert _dataset_bytes(getattr(dataset, "__wrapped__", dataset)) == first[uid]
+    assert again.selection.to_dict() == job.series_selection  # the retry stores the same report
     node.database.dispose()
 
 
