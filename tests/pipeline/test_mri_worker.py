@@ -367,3 +367,18 @@ def test_mr_study_gets_a_watchdog_group_of_its_own(tmp_path: Path, mri_model) ->
         assert sorted(session.scalars(select(Study.status)).all()) == ["done", "done"]
     assert sorted(item.kind for item in node.outbox() if item.kind != "SC") == ["SEG", "SR", "SR"]
     node.database.dispose()
+
+
+def test_not_analysed_mr_study_gets_a_short_sr_when_asked(tmp_path: Path, mri_model) -> None:
+    """``[results] report_not_analysed``: an MR study that cannot be analysed gets the not-analysed SR (every MR
+    instance with its reason), dciodvfy-clean, and nothing else."""
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder, results={"report_not_analysed": True}), models)
+    node.store(all_datasets(phantom(("sag_pd_fs", "ax_t2_fs"), seed=9)))
+    assert node.run() == 1
+    outbox = node.outbox()
+    assert [item.kind for item in outbox] == ["SR"]
+    report = pydicom.dcmread(node.spool.absolute(outbox[0].path))
+    assert report.SeriesDescription.startswith("AI NOT ANALYSED")
+    assert dciodvfy_errors(node.spool.absolute(outbox[0].path)) == []
+    node.database.dispose()
