@@ -57,7 +57,8 @@ def make_phantom_studies(directory: Path, count: int) -> list[list[Path]]:
     for s in range(count):
         files = []
         for i in range(3):
-            phantom = phantoms.generate(kinds[i], seed=5000 + 3 * s + i, findings=("lytic",) if (s + i) % 4 == 0 else ())
+            findings = ("lytic",) if (s + i) % 4 == 0 else ()
+            phantom = phantoms.generate(kinds[i], seed=5000 + 3 * s + i, findings=findings)
             files.append(phantoms.write_dicom(phantom, directory / f"s{s}-{i}.dcm", patient_index=s,
                                               study_key=f"latency-{s}", instance_number=i + 1,
                                               compress="jpeg2000-lossless"))
@@ -178,7 +179,8 @@ def main() -> None:
     if args.studies:
         sets.append(("phantom 3 x 0.23 MP", make_phantom_studies(work / "phantom", args.studies)))
     if args.real_studies:
-        sets.append((f"real-size 3 x {REAL_ROWS}x{REAL_COLUMNS}", make_real_size_studies(work / "real", args.real_studies)))
+        real = make_real_size_studies(work / "real", args.real_studies)
+        sets.append((f"real-size 3 x {REAL_ROWS}x{REAL_COLUMNS}", real))
     print(f"studies written in {time.perf_counter() - started:.0f} s: "
           + ", ".join(f"{len(studies)} x {name}" for name, studies in sets) + " (JPEG 2000 lossless)")
 
