@@ -104,3 +104,44 @@ def test_overlays_are_byte_identical_on_rebuild_and_need_pixels():
         build_overlay_scs(no_pixels, 9001)
     with pytest.raises(ValueError, match="no segmentation"):
         build_overlay_scs(dataclasses.replace(study, segmentation=None), 9001)
+
+
+def whole_volume_labels(study, target) -> np.ndarray:
+    """The resample as it was before #17's speed-up: every voxel of ``target`` at once (the reference)."""
+    grid = study.plane_series(study.segmentation.plane)
+    if target.plane == grid.plane:
+        return study.segmentation.labels
+    to_grid = np.linalg.inv(grid.index_to_patient()) @ target.index_to_patient()
+    k, r, c = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in target.shape), indexing="ij")
+    nearest = np.rint((np.stack([k, r, c, np.ones_like(k)], axis=-1) @ to_grid.T)[..., :3]).astype(np.int64)
+    inside = np.all((nearest >= 0) & (nearest < np.array(grid.shape)), axis=-1)
+    result = np.zeros(target.shape, dtype=study.segmentation.labels.dtype)
+    picked = nearest[inside]
+    result[inside] = study.segmentation.labels[picked[:, 0], picked[:, 1], picked[:, 2]]
+    return result
+
+
+@pytest.mark.parametrize("keep", ["all", "sparse", "none"])
+def test_overlays_resampling_only_drawn_slices_are_byte_identical(keep):
+    """The SCs resample only the slices they draw (plus a per-slice "shows a structure" check): the same bytes
+    as SCs built from the whole label volume resampled onto each plane, for a full knee, a label volume with
+    only a few labelled voxels near the grid's edge, and an empty one."""
+    from node.results import mri_sc
+
+    labels = labels_on(mri_study().plane_series("sagittal"))
+    if keep == "sparse":
+        sparse = np.zeros_like(labels)
+        sparse[1:3, 2:5, 30:33] = labels.max()
+        sparse[9, 20, 20] = 1
+        labels = sparse
+    elif keep == "none":
+        labels = np.zeros_like(labels)
+    study = mri_study(labels=labels)
+    expected, position = [], 0
+    for plane in study.ordered_planes:
+        whole = whole_volume_labels(study, plane)
+        np.testing.assert_array_equal(labels_on_plane(study, plane), whole)
+        for index in representative_slices(whole, 3):
+            position += 1
+            expected.append(encode(mri_sc._build_one(study, plane, index, whole[index], 9001, position)))
+    assert [encode(sc) for sc in build_overlay_scs(study, 9001)] == expected
