@@ -7,8 +7,10 @@ Each round sends each set once to each receiver (the order rotates from round to
 directories every time), timing storescu's wall clock (one association per set, TCP_NODELAY=1 in its
 environment).
 
-  storescp : ``storescp +xa -od DIR PORT`` (default options; ``+xa`` so it accepts JPEG 2000 too). It writes
-             each file without fsync and keeps no index.
+  storescp : ``storescp +xa -pdu 131072 -od DIR PORT`` (``+xa`` so it accepts JPEG 2000 too; ``-pdu 131072``,
+             DCMTK's largest PDU, because msknode's default accepts any PDU size and storescp's default 16 KB
+             PDUs would slow it down; ``--storescp-pdu 16384`` gives its default). It writes each file without
+             fsync and keeps no index.
   Orthanc  : the Debian package's ``Orthanc`` (C-STORE SCP), its own storage and index directories, no plugins,
              every other option at Orthanc's default: ``SyncStorageArea`` true (each stored file fsynced),
              ``MaximumPduLength`` 16384, ``StorageCompression`` false, its built-in SQLite index. Skipped, with
@@ -198,11 +200,15 @@ class Peer:
         return -1
 
 
+STORESCP_PDU = 131072  # set from --storescp-pdu
+
+
 def start_storescp(directory: Path) -> Peer:
     out = directory / "out"
     out.mkdir(parents=True)
     port = free_port()
-    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "+xa", "-od", str(out), str(port)],
+    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "+xa", "-pdu", str(STORESCP_PDU), "-od", str(out),
+                                str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, process)
     return Peer("storescp", port, process, out)
@@ -324,7 +330,11 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="where received files go (default: a temp dir)")
     parser.add_argument("--large-mb", type=int, default=500)
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--storescp-pdu", type=int, default=131072,
+                        help="storescp's maximum PDU (131072, DCMTK's largest, by default; 16384 is its default)")
     args = parser.parse_args()
+    global STORESCP_PDU
+    STORESCP_PDU = args.storescp_pdu
 
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -338,7 +348,7 @@ def main() -> int:
         receivers.insert(1, "Orthanc")
     console.print(f"machine: {machine_description()}")
     console.print(f"storescp/storescu: {dcmtk_version()}" + (f"; {orthanc_version(orthanc)}" if orthanc else ""))
-    console.print("receivers: storescp +xa (no fsync, no index); "
+    console.print(f"receivers: storescp +xa -pdu {STORESCP_PDU} (no fsync, no index); "
                   + ("Orthanc with its default options, no plugins (SyncStorageArea true: files fsynced; "
                      "MaximumPduLength 16384; SQLite index); " if orthanc else "")
                   + "msknode serve, receiver role (fsync file, rename, fsync dir, index commit before Success)")
