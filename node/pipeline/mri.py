@@ -42,7 +42,7 @@ from node.pipeline.series_selection import SelectionReport, select_series
 from node.pipeline.triage import PriorityDecision, Triage, header_text, model_study_values, study_attributes, summarise
 from node.results.knee_codes import FINDINGS_BY_LABEL, STRUCTURES, Structure, structures_for
 from node.results.model import DocumentReference, ModelInfo, StudyResult
-from node.results.mri_model import FindingResult, MRIStudyResult, PlaneSeries, SegmentationResult
+from node.results.mri_model import FindingResult, MRIStudyResult, PlaneSeries, SegmentationResult, frame_view
 from node.results.mri_sc import build_overlay_scs
 from node.results.mri_sr import build_mri_sr
 from node.results.seg import build_seg
@@ -306,15 +306,21 @@ class MriPipeline:
             except VolumeError as exc:
                 raise NotAnalysed(f"{plane} {label} is not one clean volume: {exc}") from exc
             del datasets  # the voxels live in the volume now; the builders need the headers only
-            if any(source.frame_number is not None for source in volume.sources):
-                raise NotAnalysed(f"{plane} {label} is a multi-frame (Enhanced MR) series: the MRI result builders "
-                                  "take one instance per slice")
             by_uid = {str(header.SOPInstanceUID): (item, header) for item, header in pairs}
             ordered = [by_uid[source.sop_instance_uid] for source in volume.sources]  # along the slice normal
             decision = report.chosen[plane]
             why = ", ".join(name for name, _ in decision.matched_rules) or "no rule"
-            planes.append(PlaneSeries(plane, [header for _, header in ordered], [item.sha256 for item, _ in ordered],
-                                      volume.array, reason=f"score {decision.score:g} ({why})"))
+            frames = [source.frame_number for source in volume.sources]
+            multiframe, frame_numbers, headers = None, [], [header for _, header in ordered]
+            if any(frame is not None for frame in frames):  # Enhanced MR: results reference (instance, frame)
+                if len({source.sop_instance_uid for source in volume.sources}) != 1 or None in frames:
+                    raise NotAnalysed(f"{plane} {label} spreads its slices over several multi-frame instances: the "
+                                      "MRI result builders take one Enhanced MR instance per series")
+                multiframe, frame_numbers = ordered[0][1], [int(frame) for frame in frames if frame is not None]
+                headers = [frame_view(multiframe, frame) for frame in frame_numbers]
+            planes.append(PlaneSeries(plane, headers, [item.sha256 for item, _ in ordered], volume.array,
+                                      reason=f"score {decision.score:g} ({why})", frame_numbers=frame_numbers,
+                                      multiframe=multiframe))
             volumes[plane] = volume
         return planes, volumes
 

@@ -39,6 +39,10 @@ class PlaneSeries:
     ``sha256`` (one per slice, stored-instance hash) tells a replaced instance with the same UID apart in the
     deterministic UIDs; ``volume`` (the decoded pixel values, [slices, rows, columns]) is needed only for the
     overlay SCs; ``reason`` is the series-selection rule that chose it (written into the SR).
+
+    An Enhanced MR series (one multi-frame instance) has ``multiframe``, that instance's header (without pixels),
+    and ``frame_numbers``, the 1-based frame of each slice; its ``slices`` are then per-frame views
+    (:func:`frame_view`) of that instance, so the builders reference (SOP instance, frame) pairs.
     """
 
     plane: Plane
@@ -46,6 +50,8 @@ class PlaneSeries:
     sha256: list[str] = field(default_factory=list)
     volume: np.ndarray | None = None
     reason: str = ""
+    frame_numbers: list[int] = field(default_factory=list)
+    multiframe: Dataset | None = None
 
     def __post_init__(self) -> None:
         if self.plane not in PLANE_NAMES:
@@ -57,8 +63,15 @@ class PlaneSeries:
             values = {str(ds.get(keyword, "")) for ds in self.slices}
             if len(values) != 1 or values == {""}:
                 raise ValueError(f"{self.plane}: every slice needs the same, non-empty {keyword}")
-        if len({str(ds.SOPInstanceUID) for ds in self.slices}) != len(self.slices):
-            raise ValueError(f"{self.plane}: one header per slice (a SOP Instance UID appears twice)")
+        if (self.multiframe is None) != (not self.frame_numbers):
+            raise ValueError(f"{self.plane}: frame_numbers and the multi-frame header go together")
+        if self.frame_numbers:
+            if len(self.frame_numbers) != len(self.slices) or min(self.frame_numbers) < 1:
+                raise ValueError(f"{self.plane}: one frame number (>= 1) per slice")
+            if {str(ds.SOPInstanceUID) for ds in self.slices} != {str(self.multiframe.SOPInstanceUID)}:
+                raise ValueError(f"{self.plane}: every slice must be a frame of the multi-frame instance")
+        if len(set(self.references)) != len(self.slices):
+            raise ValueError(f"{self.plane}: one header per slice (a SOP Instance UID / frame appears twice)")
         orientation = _floats(first, "ImageOrientationPatient", 6)
         for ds in self.slices:
             if not np.allclose(_floats(ds, "ImageOrientationPatient", 6), orientation, atol=1e-4):
@@ -78,6 +91,16 @@ class PlaneSeries:
     @property
     def series_instance_uid(self) -> str:
         return str(self.slices[0].SeriesInstanceUID)
+
+    @property
+    def references(self) -> list[tuple[str, int | None]]:
+        """(SOP Instance UID, frame number or None for a single-frame instance) of each slice."""
+        frames: list[int | None] = list(self.frame_numbers) or [None] * len(self.slices)
+        return [(str(ds.SOPInstanceUID), frame) for ds, frame in zip(self.slices, frames)]
+
+    def frame_of(self, index: int) -> int | None:
+        """The frame number of slice ``index`` (None: a single-frame instance)."""
+        return self.frame_numbers[index] if self.frame_numbers else None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -227,3 +250,44 @@ class MRIStudyResult:
     def ordered_planes(self) -> list[PlaneSeries]:
         """Sagittal, coronal, axial (whichever are present): one order whatever the caller's."""
         return sorted(self.planes, key=lambda series: PLANE_NAMES.index(series.plane))
+
+
+_PER_FRAME_ONLY = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelData",
+                   "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _group_item(shared: Dataset | None, per_frame: Dataset, sequence: str) -> Dataset | None:
+    """A functional group's macro item: the per-frame one overrides the shared one (PS3.3 C.7.6.16)."""
+    for group in (per_frame, shared):
+        if group is not None and group.get(sequence):
+            return group.get(sequence)[0]
+    return None
+
+
+def frame_view(dataset: Dataset, frame_number: int) -> Dataset:
+    """One frame of a multi-frame (Enhanced MR) header as a single-slice header: the instance's attributes with
+    that frame's position, orientation and pixel measures (and frame laterality) in their classic keywords.
+
+    The builders read a slice's geometry, patient / study attributes and UIDs from it; the (SOP, frame) pair it
+    stands for is the series' ``frame_numbers``."""
+    groups = dataset.get("PerFrameFunctionalGroupsSequence")
+    if not groups or not 1 <= frame_number <= len(groups):
+        raise ValueError(f"frame {frame_number} is not in the instance's per-frame functional groups")
+    shared_groups = dataset.get("SharedFunctionalGroupsSequence")
+    shared, per_frame = (shared_groups[0] if shared_groups else None), groups[frame_number - 1]
+    view = Dataset()
+    view.file_meta = getattr(dataset, "file_meta", Dataset())
+    for element in dataset:
+        if element.keyword not in _PER_FRAME_ONLY:
+            view.add(element)
+    for sequence, keywords in (("PlanePositionSequence", ("ImagePositionPatient",)),
+                               ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+                               ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"))):
+        item = _group_item(shared, per_frame, sequence)
+        for keyword in keywords:
+            if item is not None and keyword in item:
+                setattr(view, keyword, item[keyword].value)
+    anatomy = _group_item(shared, per_frame, "FrameAnatomySequence")
+    if anatomy is not None and str(anatomy.get("FrameLaterality", "")).upper() in ("R", "L"):
+        view.ImageLaterality = str(anatomy.FrameLaterality).upper()
+    return view

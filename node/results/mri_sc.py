@@ -186,6 +186,7 @@ def _build_one(study: MRIStudyResult, plane: PlaneSeries, index: int, labels: np
     digest = content_digest({
         "kind": "mri-sc",
         "source": str(source.SOPInstanceUID),
+        **({"frame": plane.frame_of(index)} if plane.frame_of(index) is not None else {}),
         "source_sha256": plane.sha256[index] if plane.sha256 else "",
         "pixels": hashlib.sha256(pixels.tobytes()).hexdigest(),
         "shape": pixels.shape,
@@ -225,7 +226,7 @@ def _build_one(study: MRIStudyResult, plane: PlaneSeries, index: int, labels: np
         sc.BodyPartExamined = source.BodyPartExamined
     sc.BurnedInAnnotation = "NO"
     sc.RecognizableVisualFeatures = "NO"
-    sc.SourceImageSequence = [_source_reference(source)]
+    sc.SourceImageSequence = [_source_reference(source, plane.frame_of(index))]
     sc.DerivationDescription = (
         f"Knee structures segmented by {model.name} {model.version} outlined on a {plane.plane} MR slice "
         f"(labels on the {study.segmentation.plane} grid, nearest neighbour); banner and legend burned in"
@@ -235,7 +236,7 @@ def _build_one(study: MRIStudyResult, plane: PlaneSeries, index: int, labels: np
     return sc
 
 
-def _source_reference(source: Dataset) -> Dataset:
+def _source_reference(source: Dataset, frame: int | None = None) -> Dataset:
     purpose = Dataset()
     purpose.CodeValue = codes.SOURCE_IMAGE_PURPOSE.value
     purpose.CodingSchemeDesignator = codes.SOURCE_IMAGE_PURPOSE.scheme_designator
@@ -243,5 +244,7 @@ def _source_reference(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame is not None:  # a frame of an Enhanced MR instance
+        item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = [purpose]
     return item

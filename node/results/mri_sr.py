@@ -100,7 +100,7 @@ def build_mri_sr(study: MRIStudyResult, series_number: int, seg: Dataset | None 
         _check_seg(study, seg)
     planes = study.ordered_planes
     sources = {plane.plane: [normalised(ds) for ds in plane.slices] for plane in planes}
-    evidence = [ds for plane in planes for ds in sources[plane.plane]]
+    evidence = list({str(ds.SOPInstanceUID): ds for plane in planes for ds in sources[plane.plane]}.values())
     if volumes:
         evidence.append(_reference_dataset(seg))  # type: ignore[arg-type]
     previous_refs = _previous_datasets(previous)
@@ -122,7 +122,9 @@ def build_mri_sr(study: MRIStudyResult, series_number: int, seg: Dataset | None 
     measurements.ContentSequence = ContentSequence()
     if study.findings:
         first = planes[0]
-        measurements.ContentSequence.extend(_findings_group(study, sources[first.plane][len(first.slices) // 2]))
+        middle = len(first.slices) // 2
+        measurements.ContentSequence.extend(_findings_group(study, sources[first.plane][middle],
+                                                            first.frame_of(middle)))
     if volumes:
         for group in _volume_groups(study, seg):  # type: ignore[arg-type]
             measurements.ContentSequence.extend(group)
@@ -244,11 +246,12 @@ def _image_library(study: MRIStudyResult, sources: dict[str, list[Dataset]]) -> 
             CodeContentItem(name=dcm_codes.DCM.ImageView, value=knee_codes.PLANES[plane.plane],
                             relationship_type=HAS_ACQ_CONTEXT),
         ])
-        for source in sources[plane.plane]:
+        for index, source in enumerate(sources[plane.plane]):  # an Enhanced MR slice: its instance and frame
             group.ContentSequence.append(ImageContentItem(
                 name=SOURCE,
                 referenced_sop_class_uid=source.SOPClassUID,
                 referenced_sop_instance_uid=source.SOPInstanceUID,
+                referenced_frame_numbers=plane.frame_of(index),
                 relationship_type=CONTAINS,
             ))
         library.ContentSequence.append(group)
@@ -269,11 +272,12 @@ def finding_evaluations(study: MRIStudyResult) -> list[QualitativeEvaluation]:
                                   knee_codes.PRESENT if f.present else knee_codes.ABSENT) for f in ordered]
 
 
-def _findings_group(study: MRIStudyResult, source: Dataset) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+def _findings_group(study: MRIStudyResult, source: Dataset,
+                    frame: int | None = None) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     region = ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=whole_image_outline(source),
-        source_image=SourceImageForRegion.from_source_image(source),
+        source_image=SourceImageForRegion.from_source_image(source, None if frame is None else [frame]),
     )
     tracking = TrackingIdentifier(
         uid=tracking_uid(study.study_instance_uid, "knee-mri-findings", 0, f"mri|{study.model.name}"),

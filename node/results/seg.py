@@ -11,7 +11,9 @@ Segment number = position in :attr:`SegmentationResult.structures` (1-based; wit
 the label value, so a structure has the same number in every study). Every described structure is a segment,
 also one the model did not find: it has no frame, and the SR reports its volume as 0 mm3. Each frame
 references its source slice (Derivation Image Sequence / Source Image Sequence, purpose "Source image for
-image processing operation"), which highdicom fills from ``source_images``.
+image processing operation"), which highdicom fills from ``source_images``; for an Enhanced MR source (one
+multi-frame instance) the label slices are put in the instance's frame order, and each SEG frame references
+(instance, Referenced Frame Number).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def seg_description(study: MRIStudyResult) -> str:
 def series_input_set(series: PlaneSeries) -> str:
     """The input set of one plane's series: its slices' (SOP Instance UID, sha256), as uids.input_set."""
     hashes = series.sha256 or [""] * len(series.slices)
-    return input_set(f"{ds.SOPInstanceUID}#0#{sha}" for ds, sha in zip(series.slices, hashes))
+    return input_set(f"{sop}#{frame or 0}#{sha}" for (sop, frame), sha in zip(series.references, hashes))
 
 
 def seg_series_uid(study: MRIStudyResult, series_number: int) -> str:
@@ -119,8 +121,14 @@ def build_seg(study: MRIStudyResult, series_number: int) -> hd.seg.Segmentation:
     if len(segmentation.structures) > 255:
         raise ValueError("at most 255 segments")
     grid = study.plane_series(segmentation.plane)
-    sources = [normalised(ds) for ds in grid.slices]
     numbers = segment_numbers(study)
+    if grid.multiframe is not None:  # one Enhanced MR instance: highdicom pairs pixel frame i with source frame i+1
+        sources = [normalised(grid.multiframe)]
+        frames = np.zeros((int(grid.multiframe.NumberOfFrames), *numbers.shape[1:]), dtype=numbers.dtype)
+        frames[np.array(grid.frame_numbers) - 1] = numbers
+    else:
+        sources = [normalised(ds) for ds in grid.slices]
+        frames = numbers
     model = study.model
     created = study.created_at
 
@@ -146,7 +154,7 @@ def build_seg(study: MRIStudyResult, series_number: int) -> hd.seg.Segmentation:
     sop = instance_uid("seg", series, digest)
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=numbers,
+        pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(study),
         series_instance_uid=series,

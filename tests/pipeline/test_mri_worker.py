@@ -382,3 +382,59 @@ def test_not_analysed_mr_study_gets_a_short_sr_when_asked(tmp_path: Path, mri_mo
     assert report.SeriesDescription.startswith("AI NOT ANALYSED")
     assert dciodvfy_errors(node.spool.absolute(outbox[0].path)) == []
     node.database.dispose()
+
+
+def test_enhanced_mr_study_is_analysed_with_frame_references(tmp_path: Path, mri_model) -> None:
+    """An Enhanced MR study (one multi-frame instance per series) is analysed like a classic one: the SEG's frames,
+    the SR's image library and findings region, and each overlay SC reference (instance, frame number) of the
+    chosen series; every object dciodvfy-clean."""
+    from engines.training.knee_mri_phantoms import default_protocol, generate_study
+
+    folder, models = mri_model
+    node = Node(tmp_path, settings_for(folder), models)
+    protocol = [spec for spec in default_protocol(64, 16, enhanced=True) if spec.name != "sag_t1"]
+    study = generate_study(seed=11, protocol=protocol)
+    node.store(all_datasets(study))
+    assert node.run() == 1
+    with node.database.session() as session:
+        job = session.scalar(select(Job))
+        states = sorted(session.scalars(select(ImageResultRow.state)).all())
+    assert job.state == "done"
+    assert states == ["analysed"] * 3 + ["ineligible"] * 3  # the localiser's three slices are not used
+    outbox = node.outbox()
+    kinds = sorted(item.kind for item in outbox)
+    assert kinds.count("SR") == 1 and kinds.count("SEG") == 1 and kinds.count("SC") >= 3
+    for item in outbox:
+        assert dciodvfy_errors(node.spool.absolute(item.path)) == [], item.kind
+
+    enhanced = {series.spec.name: series.datasets[0] for series in study.series if series.spec.enhanced}
+    assert all(int(ds.NumberOfFrames) == 16 for ds in enhanced.values())
+    frames_of = {str(ds.SOPInstanceUID): set(range(1, 17)) for ds in enhanced.values()}
+    objects = [pydicom.dcmread(node.spool.absolute(item.path)) for item in outbox]
+    seg = next(ds for ds in objects if ds.SOPClassUID == SEG_CLASS)
+    sagittal = str(enhanced["sag_pd_fs"].SOPInstanceUID)
+    derived = [(str(ref.ReferencedSOPInstanceUID), int(ref.ReferencedFrameNumber))
+               for frame in seg.PerFrameFunctionalGroupsSequence
+               for ref in frame.DerivationImageSequence[0].SourceImageSequence]
+    assert derived and {sop for sop, _ in derived} == {sagittal}
+    assert {number for _, number in derived} <= frames_of[sagittal]
+    # Each SEG frame sits where its source frame is (same plane position).
+    source_positions = [tuple(float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient)
+                        for f in enhanced["sag_pd_fs"].PerFrameFunctionalGroupsSequence]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        number = int(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        position = tuple(float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient)
+        assert position == pytest.approx(source_positions[number - 1])
+    for sc in (ds for ds in objects if ds.SOPClassUID == SC_CLASS):
+        reference = sc.SourceImageSequence[0]
+        assert int(reference.ReferencedFrameNumber) in frames_of[str(reference.ReferencedSOPInstanceUID)]
+    sr = next(ds for ds in objects if ds.SOPClassUID == SR_3D_CLASS)
+    library = [(str(ref.ReferencedSOPInstanceUID), int(ref.ReferencedFrameNumber))
+               for item in sr.ContentSequence if item.ValueType == "CONTAINER"
+               for group in item.get("ContentSequence", []) if group.ValueType == "CONTAINER"
+               for entry in group.get("ContentSequence", []) if entry.ValueType == "IMAGE"
+               for ref in entry.ReferencedSOPSequence]
+    assert len(library) == 48 and {sop for sop, _ in library} == {
+        str(enhanced[name].SOPInstanceUID) for name in ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")}
+    assert all(frame in frames_of[sop] for sop, frame in library)
+    node.database.dispose()
