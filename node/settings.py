@@ -474,6 +474,10 @@ class ResultsSettings(_Section):
     series_number_base: int = Field(9000, ge=1, le=2147483000)
     manufacturer: str = "msknode"
     send_secondary_capture: bool = True
+    #: Long side of the radiograph in the error-map secondary capture, at most (px). The map is computed at 224 px,
+    #: so a larger overlay adds only radiograph detail the PACS already holds; 600 lets a windowed 5 MP JPEG 2000
+    #: image decode once at 1/4 size for the model and the overlay (docs/preprocessing.md, docs/benchmarks.md).
+    overlay_max_size: int = Field(600, ge=224, le=2048)  # 2048: the SC's own limit (render.py)
 
 
 class SenderSettings(_Section):

@@ -54,11 +54,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VOIPolicy = Literal["auto", "window", "lut", "none"]
-#: Long side of the overlay image (the error-map Secondary Capture's radiograph), at most. 600 px lets a 5 MP
-#: JPEG 2000 radiograph (2500 x 2048) decode at resolution level 2 (625 x 512) for the overlay and the model
-#: alike, instead of at full size: with 2048 the decode alone took ~0.5-0.9 s per image and the 3 x 5 MP
-#: study missed the 3 s latency target (benchmarks/latency.py, docs/benchmarks.md). The map itself is
-#: computed at 224 px, so the overlay shows no detail a larger copy would add; the source stays in the PACS.
+#: Long side of the overlay image (the error-map Secondary Capture's radiograph), at most; the node's is
+#: ``[results] overlay_max_size`` (this default). 600 px lets a 5 MP JPEG 2000 radiograph (2500 x 2048) with a
+#: clipping VOI window decode at resolution level 2 (625 x 512) for the overlay and the model alike, instead of
+#: at full size: with 2048 the decode alone took ~0.5-0.9 s per image and the 3 x 5 MP study missed the 3 s
+#: latency target (benchmarks/latency.py, docs/benchmarks.md). Without such a window the image is decoded at
+#: full size whatever this is (see ``preprocess``). The map itself is computed at 224 px, so the overlay shows
+#: no detail a larger copy would add; the source stays in the PACS.
 DEFAULT_DISPLAY_SIZE = 600
 #: Smallest decoded side a reduced-resolution decode may leave for the model path: 2 x 224, so that the
 #: final PIL resize still antialiases as it does from the full image. Measured on a 2500 x 2048 radiograph,
@@ -210,6 +212,45 @@ def _grey_frame(decoded: DecodedFrame, ds: Dataset, index: int, voi: VOIPolicy) 
     return values
 
 
+def _voi_output_range(ds: Dataset, lut_source: Dataset, voi: VOIPolicy) -> tuple[float, float] | None:
+    """The lowest and highest grey value the modality + VOI LUTs can give for any stored value, when a VOI window
+    or LUT applies under ``voi`` (None otherwise, for colour, or above 16 bits stored).
+
+    When a frame's grey values reach both ends, the window, not the frame's own min / max, sets the contrast of
+    SKELEX's min-max to 8 bits; then a reduced-resolution decode changes only the resolution (docs/preprocessing.md).
+    """
+    if str(ds.get("PhotometricInterpretation", "")).strip() not in _GREY or voi == "none":
+        return None
+    has_lut = "VOILUTSequence" in lut_source and len(lut_source.VOILUTSequence) > 0
+    has_window = lut_source.get("WindowCenter") is not None and lut_source.get("WindowWidth") is not None
+    applies = {"auto": has_lut or has_window, "lut": has_lut, "window": has_window}[voi]
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0)
+    if not applies or not 0 < bits <= 16:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lowest = -(1 << (bits - 1)) if signed else 0
+    values = _apply_luts(np.arange(lowest, lowest + (1 << bits), dtype=np.int32), lut_source, voi)
+    return float(np.min(values)), float(np.max(values))
+
+
+def _window_sets_contrast(grey: np.ndarray, output_range: tuple[float, float] | None) -> bool:
+    """Whether the frame's grey values reach both ends of the VOI output range (so min-max maps them as the
+    window does, whatever the decoded resolution)."""
+    if output_range is None:
+        return False
+    return float(np.min(grey)) == output_range[0] and float(np.max(grey)) == output_range[1]
+
+
+def _checked_grey_frame(decoded: DecodedFrame, ds: Dataset, index: int, voi: VOIPolicy) -> np.ndarray:
+    """:func:`_grey_frame`, with any failure of the LUT attributes as a :class:`PreprocessError`."""
+    try:
+        return _grey_frame(decoded, ds, index, voi)
+    except PreprocessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed LUT attributes surface as many types
+        raise PreprocessError(f"cannot apply LUTs to frame {index}: {exc}") from exc
+
+
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     """The spacing if it is usable; a malformed element (bad VR or length, found by fuzzing) counts as absent."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -228,6 +269,7 @@ def preprocess(
     voi: VOIPolicy = "auto",
     display_size: int | None = DEFAULT_DISPLAY_SIZE,
     reduced_decode: bool = True,
+    reduced_without_window: bool = False,
     min_decoded_side: int = DEFAULT_MIN_DECODED_SIDE,
     preprocessing: PreprocessorConfig = IMAGENET_224,
 ) -> Preprocessed:
@@ -239,7 +281,13 @@ def preprocess(
     ``display_size`` bounds the overlay image's long side (None: no display needed, which lets JPEG 2000
     / HTJ2K decode at the smallest resolution whose both sides stay >= ``min_decoded_side``; 224 is the
     fastest, 448, the default, keeps closer to the full-resolution input). ``reduced_decode=False`` forces
-    full-size decoding. Raises :class:`PreprocessError` when the image cannot be used.
+    full-size decoding.
+
+    A reduced decode is used only where a VOI window or LUT sets the grey range (the frame's grey values reach
+    both ends of the VOI output); otherwise the frame is decoded at full size, because SKELEX's min-max would
+    see a low-passed image's extremes and change the contrast: the model input must not depend on the transfer
+    syntax. ``reduced_without_window=True`` lifts that (decoder tests and benchmarks only).
+    Raises :class:`PreprocessError` when the image cannot be used.
     """
     if voi not in ("auto", "window", "lut", "none"):
         raise ValueError(f"voi must be auto, window, lut or none, not {voi!r}")
@@ -249,19 +297,23 @@ def preprocess(
     display: list[np.ndarray] = []
     decoded_shape: tuple[int, int] | None = None
     for index in range(frames):
+        try:
+            lut_source = _frame_view(dataset, index)
+            output_range = None if reduced_without_window else _voi_output_range(dataset, lut_source, voi)
+        except Exception as exc:  # noqa: BLE001 - malformed LUT attributes surface as many types
+            raise PreprocessError(f"cannot apply LUTs to frame {index}: {exc}") from exc
         decoded = decode_frame(
             dataset,
             index,
             model_size=max(preprocessing.height, preprocessing.width, min_decoded_side),
             display_size=display_size,
-            allow_reduced=reduced_decode,
+            allow_reduced=reduced_decode and (reduced_without_window or output_range is not None),
         )
-        try:
-            grey = _grey_frame(decoded, dataset, index, voi)
-        except PreprocessError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - malformed LUT attributes surface as many types
-            raise PreprocessError(f"cannot apply LUTs to frame {index}: {exc}") from exc
+        grey = _checked_grey_frame(decoded, dataset, index, voi)
+        if decoded.reduce_level > 0 and not reduced_without_window and not _window_sets_contrast(grey, output_range):
+            logger.debug("frame %d: the window does not clip the reduced decode; decoding at full size", index)
+            decoded = decode_frame(dataset, index, allow_reduced=False)
+            grey = _checked_grey_frame(decoded, dataset, index, voi)
         image8 = to_uint8_minmax(grey)
         decoded_shape = image8.shape
         tensors.append(_model_tensor_from_uint8(image8, preprocessing))

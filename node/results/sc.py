@@ -120,7 +120,7 @@ def build_sc(
 def _scaled_pixel_spacing(source: Dataset, image_rows: int, image_columns: int) -> tuple[float, float] | None:
     """The source's Pixel Spacing (row, column mm) at the SC's scale, so distances measured on the SC stay right.
 
-    The radiograph is shown reduced (``engines.imaging.preprocess.DEFAULT_DISPLAY_SIZE``), so its pixels are larger
+    The radiograph is shown reduced (``[results] overlay_max_size``), so its pixels are larger
     than the source's by source size / shown size, per axis. Only a source Pixel Spacing (patient plane) is carried
     over; a source with Imager Pixel Spacing alone gives none (its patient-plane calibration is unknown).
     """

@@ -175,3 +175,27 @@ def test_engine_threads_sets_the_workers_torch_threads(env) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_overlay_max_size_bounds_the_secondary_captures_radiograph(env) -> None:
+    """[results] overlay_max_size reaches the worker's preprocessing: the SC shows the radiograph at most that long
+    (its derivation names the size), and a value outside 224-2048 is refused naming the key."""
+    from node.settings import ConfigError
+
+    database, spool, worker, settings, tmp = env
+    small = settings.model_copy(update={"results": settings.results.model_copy(update={"overlay_max_size": 256})})
+    worker = Worker(small, JobQueue(database), JobInputs(database), spool, worker.model, owner="small-overlay")
+    association = IntakeRepository(database).association_requested("PACS", "MSKNODE", "127.0.0.1", 1, "pacs", None)
+    datasets = phantom_datasets("overlay", 1)
+    assert max(int(datasets[0].Rows), int(datasets[0].Columns)) > 256
+    receive(database, spool, datasets[0], tmp, association)
+    complete_all(database)
+    assert worker.run_once() == 1
+    with database.session() as session:
+        sc_path = next(item.path for item in session.scalars(select(OutboxItem)).all() if item.kind == "SC")
+    shown = pydicom.dcmread(spool.absolute(sc_path)).DerivationDescription.split("shown at ", 1)[1].split(" of ")[0]
+    assert max(int(side) for side in shown.split(" x ")) == 256, shown
+
+    for bad in (100, 5000):
+        with pytest.raises(ConfigError, match=r"results\.overlay_max_size"):
+            parse_settings({"results": {"overlay_max_size": bad}})
