@@ -59,6 +59,23 @@ log = logging.getLogger("msknode.worker.mri")
 #: Series numbers of the MRI results, after ``[results] series_number_base`` (the SR's): SCs +1 as for radiographs,
 #: the SEG +2.
 SC_OFFSET, SEG_OFFSET = 1, 2
+#: In a study that also holds radiographs, their SR and SCs take ``base`` and ``base + 1``: the MR findings SR and
+#: overlay SCs move to +3 and +4 (the SEG keeps +2), so no two series of the study share a number.
+MIXED_SR_OFFSET = 3
+
+
+@dataclass(frozen=True)
+class SeriesNumbers:
+    """The series numbers of one MR result set."""
+
+    sr: int
+    sc: int
+    seg: int
+
+    @classmethod
+    def for_study(cls, base: int, mixed: bool) -> "SeriesNumbers":
+        sr = base + MIXED_SR_OFFSET if mixed else base
+        return cls(sr, sr + SC_OFFSET, base + SEG_OFFSET)
 
 
 class NotAnalysed(Exception):
@@ -77,6 +94,8 @@ class MriOutcome:
     decision: PriorityDecision | None = None
     notifications: list[NotificationEntry] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, logged at DEBUG (profiling)
+    outbox: list[OutboxEntry] = field(default_factory=list)  # the written objects (mixed study: recorded by the worker)
+    instance_ids: set[int] = field(default_factory=set)  # the MR inputs this outcome covers
     _last: float = field(default_factory=time.perf_counter)
 
     def lap(self, stage: str) -> None:
@@ -141,26 +160,27 @@ class MriPipeline:
         return inputs
 
     def wants(self, job: ClaimedJob) -> bool:
-        """Whether :meth:`process` will take ``job`` (its study holds MR instances)."""
+        """Whether the MRI path analyses (part of) ``job`` (its study holds MR instances): a 3-D pass of its own."""
         return self._mr_inputs(job) is not None
 
+    def _radiograph_inputs(self, inputs: Sequence[JobInput]) -> list[JobInput]:
+        """The study's instances the radiograph path may analyse: a modality of ``[eligibility] modalities`` as
+        indexed at intake, when a 2-D model is configured."""
+        if not any(not cm.volumetric for cm in self.models):
+            return []
+        eligible = {m.upper() for m in self.settings.eligibility.modalities} - self.modalities
+        return [item for item in inputs if (item.modality or "").strip().upper() in eligible]
+
     def process(self, job: ClaimedJob) -> bool:
-        """Handle ``job`` if its study holds MR instances (True: done here, recorded or handed back); False
-        leaves the job to the radiograph path."""
+        """Handle ``job`` if its study holds only MR instances (True: done here, recorded or handed back); False
+        leaves the job to the radiograph path (which calls :meth:`analyse_mr_part` when the study mixes both)."""
         inputs = self._mr_inputs(job)
-        if inputs is None:
+        if inputs is None or self._radiograph_inputs(inputs):
             return False
         started = time.perf_counter()
-        try:
-            result = self._analyse(job, inputs)
-        except Exception as exc:
-            log.exception("job %d: MRI analysis failed", job.id)
-            result = MriOutcome("failed", f"MRI analysis failed: {type(exc).__name__}: {exc}"[:500],
-                                outcomes=[ImageOutcome(item.instance_id, "failed", "MRI analysis failed")
-                                          for item in inputs])
-        result.lap("other")
-        outbox = self._write(job, result.objects)
-        result.lap("write")
+        result = self._analyse_and_write(job, inputs, SeriesNumbers.for_study(
+            self.settings.results.series_number_base, mixed=False))
+        outbox = result.outbox
         decision = result.decision or self._starting(job, inputs, result.state)
         fault_point("worker.before_finish")
         if not self.queue.record_results(
@@ -177,8 +197,39 @@ class MriPipeline:
                                                                  for stage, seconds in result.timings.items()))
         return True
 
+    def analyse_mr_part(self, job: ClaimedJob, inputs: Sequence[JobInput]) -> MriOutcome | None:
+        """For a study mixing MR series with radiographs: its MR instances analysed and the results written to the
+        spool (series numbers after the radiographs', :data:`MIXED_SR_OFFSET`), not recorded: the radiograph path
+        records both parts in one transaction, as one study revision. None when the study is not mixed."""
+        mr = [item for item in inputs if (item.modality or "").strip().upper() in self.modalities]
+        if not mr or not self._radiograph_inputs(inputs):
+            return None
+        result = self._analyse_and_write(job, mr, SeriesNumbers.for_study(
+            self.settings.results.series_number_base, mixed=True))
+        result.decision = result.decision or self._starting(job, mr, result.state)
+        log.info("job %d (study %s): MR part %s%s, %d object(s) written; the radiographs follow", job.id,
+                 job.study_instance_uid, result.state, f" ({result.reason})" if result.reason else "",
+                 len(result.objects))
+        return result
+
+    def _analyse_and_write(self, job: ClaimedJob, inputs: Sequence[JobInput], numbers: SeriesNumbers) -> MriOutcome:
+        try:
+            result = self._analyse(job, inputs, numbers)
+        except Exception as exc:
+            log.exception("job %d: MRI analysis failed", job.id)
+            result = MriOutcome("failed", f"MRI analysis failed: {type(exc).__name__}: {exc}"[:500],
+                                outcomes=[ImageOutcome(item.instance_id, "failed", "MRI analysis failed")
+                                          for item in inputs])
+        result.instance_ids = {item.instance_id for item in inputs}
+        result.lap("other")
+        result.outbox = self._write(job, result.objects)
+        result.lap("write")
+        return result
+
     # -- the steps ---------------------------------------------------------------------------------------------
-    def _analyse(self, job: ClaimedJob, inputs: Sequence[JobInput]) -> MriOutcome:
+    def _analyse(self, job: ClaimedJob, inputs: Sequence[JobInput], numbers: SeriesNumbers | None = None
+                 ) -> MriOutcome:
+        numbers = numbers or SeriesNumbers.for_study(self.settings.results.series_number_base, mixed=False)
         result = MriOutcome()
         too_many = job_bound_reason(len(inputs), 0, self.settings.pipeline)
         if too_many:  # not even the headers are read
@@ -201,7 +252,7 @@ class MriPipeline:
                 continue
             by_series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((item, header))
         if not by_series:
-            return self._not_analysed(job, result, {}, "no readable MR instance")
+            return self._not_analysed(job, result, {}, "no readable MR instance", numbers=numbers)
 
         first = next(iter(by_series.values()))[0]
         calling_ae = (first[0].calling_ae_title or "").strip()
@@ -209,7 +260,8 @@ class MriPipeline:
         rules = self.settings.eligibility
         if rules.peers and (peer.name if peer else None) not in rules.peers:
             return self._not_analysed(job, result, by_series,
-                                      f"sender {peer.name if peer else 'unknown'} is not configured for analysis")
+                                      f"sender {peer.name if peer else 'unknown'} is not configured for analysis",
+                                      numbers=numbers)
         configured, why_not = None, []
         for candidate in self.volume_models:
             excluded = applicability_reason(first[1], candidate.entry)
@@ -219,7 +271,7 @@ class MriPipeline:
             why_not.append(f"{candidate.name}: {excluded}")
         if configured is None:
             return self._not_analysed(job, result, by_series,
-                                      "no configured 3-D model applies (" + "; ".join(why_not) + ")")
+                                      "no configured 3-D model applies (" + "; ".join(why_not) + ")", numbers=numbers)
 
         result.lap("headers")
         report = select_series({uid: [h for _, h in pairs] for uid, pairs in by_series.items()}, self.settings.mri)
@@ -239,13 +291,13 @@ class MriPipeline:
             outputs, segmentation = self._run(configured, volumes)
             result.lap("inference")
         except NotAnalysed as exc:
-            return self._not_analysed(job, result, by_series, str(exc), rejected)
+            return self._not_analysed(job, result, by_series, str(exc), rejected, numbers=numbers)
 
         info = self.model_info(model)
         findings = self._findings(configured, outputs)
         if not findings and segmentation is None:
             return self._not_analysed(job, result, by_series, f"model {configured.name} reports no finding head and "
-                                      "no segmentation: nothing to build")
+                                      "no segmentation: nothing to build", numbers=numbers)
         created = self.job_inputs.job_created_at(job.id) or datetime.now(timezone.utc)
         values = model_study_values(
             [(cm.name, [(None, None, outputs)] if cm is configured else [], cm.head_labels()) for cm in self.models],
@@ -260,16 +312,15 @@ class MriPipeline:
         )
         result.notifications = self._notifications(job, first[1], result.decision, values, created,
                                                    f"{info.name} {info.version}", configured)
-        base = self.settings.results.series_number_base
         result.lap("triage")
-        seg = build_seg(study, base + SEG_OFFSET) if segmentation is not None else None
+        seg = build_seg(study, numbers.seg) if segmentation is not None else None
         result.lap("seg")
         if findings:
-            result.objects.append(("SR", build_mri_sr(study, base, seg=seg, previous=self._previous(job))))
+            result.objects.append(("SR", build_mri_sr(study, numbers.sr, seg=seg, previous=self._previous(job))))
         result.lap("sr")
         if seg is not None:
             if self.settings.results.send_secondary_capture:
-                result.objects += [("SC", sc) for sc in build_overlay_scs(study, base + SC_OFFSET)]
+                result.objects += [("SC", sc) for sc in build_overlay_scs(study, numbers.sc)]
             result.objects.append(("SEG", seg))
         result.lap("sc")
 
@@ -363,7 +414,8 @@ class MriPipeline:
     # -- helpers -----------------------------------------------------------------------------------------------
     def _not_analysed(self, job: ClaimedJob, result: MriOutcome,
                       by_series: Mapping[str, list[tuple[JobInput, Dataset]]], reason: str,
-                      rejected: Mapping[str, str] | None = None) -> MriOutcome:
+                      rejected: Mapping[str, str] | None = None, *,
+                      numbers: SeriesNumbers | None = None) -> MriOutcome:
         """Every MR instance ineligible (its series' own rejection reason, else the study's), the study
         ``not_analysed`` with ``reason``; an SR saying so when ``[results] report_not_analysed``."""
         rejected = rejected or {}
@@ -381,8 +433,8 @@ class MriPipeline:
                                 priority=PRIORITIES[max(0, min(job.priority, len(PRIORITIES) - 1))].upper(),
                                 model=self.model_info(self.volume_models[0].model), created_at=created,
                                 node_name=self.settings.node.ae_title, revision=max(1, job.study_revision))
-            result.objects.append(("SR", build_not_analysed_sr(study, self.settings.results.series_number_base,
-                                                                self._previous(job))))
+            number = numbers.sr if numbers else self.settings.results.series_number_base
+            result.objects.append(("SR", build_not_analysed_sr(study, number, self._previous(job))))
         return result
 
     def _starting(self, job: ClaimedJob, inputs: Sequence[JobInput], state: str) -> PriorityDecision:
@@ -429,3 +481,17 @@ class MriPipeline:
             outbox += [OutboxEntry(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), kind, path, destination)
                        for destination in destinations]
         return outbox
+
+
+def merge_with_radiographs(part: MriOutcome, state: str, reason: str | None, decision: PriorityDecision,
+                           notifications: list[NotificationEntry]
+                           ) -> tuple[str, str | None, tuple[PriorityDecision, list[NotificationEntry]]]:
+    """A mixed study's outcome from its radiograph part's and its MR part's: done when either part is, the
+    reasons of the parts that are not, and the more urgent part's priority (and its notifications)."""
+    states = {state, part.state}
+    merged = "done" if "done" in states else "failed" if "failed" in states else "not_analysed"
+    reasons = [f"{what}: {why}" for what, own, why in (("radiographs", state, reason), ("MR", part.state, part.reason))
+               if own != "done" and why]
+    mr_decision = part.decision or Triage.as_queued(decision.rank)
+    chosen = (mr_decision, part.notifications) if mr_decision.rank > decision.rank else (decision, notifications)
+    return merged, "; ".join(reasons)[:500] or None, chosen

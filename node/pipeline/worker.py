@@ -38,7 +38,7 @@ from engines.imaging.regions import highest_error_region
 from node.delivery.notifier import build_payload, entries_for
 from node.dicom.provenance import RESULT_KINDS, ResultRecognition, classify
 from node.pipeline.eligibility import frame_count, ineligibility_reason, job_bound_reason
-from node.pipeline.mri import MriPipeline
+from node.pipeline.mri import MriOutcome, MriPipeline, merge_with_radiographs
 from node.pipeline.models import (
     ConfiguredModel,
     applicability_reason,
@@ -89,6 +89,7 @@ class JobWork:
     error: str | None = None
     bound_reason: str | None = None  # the job exceeded a [pipeline] bound: not analysed, nothing loaded
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, logged at DEBUG (profiling)
+    mri: MriOutcome | None = None  # a study mixing MR series and radiographs: its MR part (node/pipeline/mri.py)
 
 
 def _priority_name(rank: int) -> str:
@@ -300,6 +301,10 @@ class Worker:
         except Exception as exc:  # database hiccup: the job is retried after its lease
             work.error = f"cannot list instances: {exc}"
             return work
+        if self.mri is not None:  # MR series beside radiographs: the 3-D model takes them, the rest stays here
+            work.mri = self.mri.analyse_mr_part(job, inputs)
+            if work.mri is not None:
+                inputs = [item for item in inputs if item.instance_id not in work.mri.instance_ids]
         pipeline = self.settings.pipeline
         too_many = job_bound_reason(len(inputs), 0, pipeline)
         if too_many:  # not even the headers are read
@@ -479,7 +484,9 @@ class Worker:
         started = time.perf_counter()
         if not self.queue.record_results(job.id, self.owner, state, outcomes, outbox, reason=reason,
                                          priority=decision.rank, priority_reason=decision.reason,
-                                         notifications=notifications):
+                                         notifications=notifications,
+                                         series_selection=work.mri.selection.to_dict()
+                                         if work.mri is not None and work.mri.selection is not None else None):
             log.warning("job %d: results dropped (its lease was lost, or a newer revision of study %s is "
                         "processing or finished)", job.id, job.study_instance_uid)
             return
@@ -624,4 +631,7 @@ class Worker:
             for destination in destinations:
                 outbox.append(OutboxEntry(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), kind, path, destination))
         work.timings["write"] = time.perf_counter() - started
+        if work.mri is not None:  # one study revision: both parts recorded together, series numbers apart
+            state, reason, triaged = merge_with_radiographs(work.mri, state, reason, *triaged)
+            outcomes, outbox = outcomes + work.mri.outcomes, outbox + work.mri.outbox
         return state, reason, outbox, outcomes, triaged

@@ -438,3 +438,75 @@ def test_enhanced_mr_study_is_analysed_with_frame_references(tmp_path: Path, mri
         str(enhanced[name].SOPInstanceUID) for name in ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")}
     assert all(frame in frames_of[sop] for sop, frame in library)
     node.database.dispose()
+
+
+def test_study_mixing_mr_and_radiographs_analyses_both(tmp_path: Path, mri_model) -> None:
+    """A study holding MR series and a knee radiograph: the radiograph goes to the 2-D model, the MR series to the
+    3-D model, both recorded in one job (one study revision): the radiograph SR (+ its SC) at series_number_base,
+    the MR SR and overlay SCs at +3 / +4, the SEG at +2, so no two result series share a number or a UID; the
+    selection is stored; every object dciodvfy-clean."""
+    import engines
+    from engines.training import phantoms
+    from node.pipeline.models import ConfiguredModel
+    from storage.studies import studies_summary
+
+    folder, models = mri_model
+    mae = tiny_model(tmp_path / "mae", width=32, layers=1)
+    settings = parse_settings({
+        "peers": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "receives_results": True}],
+        "models": [{"name": "mae", "path": str(mae), "modalities": ["CR", "DX"]},
+                   {"name": "knee_mri", "path": str(folder), "modalities": ["MR"]}],
+        "eligibility": {"body_parts": ["KNEE"]},
+    })
+    loaded = [ConfiguredModel(settings.model_entries[0], engines.load(mae, backend="cpu")),
+              ConfiguredModel(settings.model_entries[1], models[0].model)]
+    node = Node(tmp_path, settings, loaded)
+    study = phantom(("sag_pd_fs", "cor_pd_fs", "ax_t2_fs", "sag_t1"), seed=12)
+    radiograph = phantoms.to_dataset(phantoms.generate("knee", seed=5), patient_index=2, study_key="mixed",
+                                     instance_number=1)
+    mr_header = study.series[0].datasets[0]
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyDate", "StudyTime", "StudyID"):
+        if keyword in mr_header:
+            setattr(radiograph, keyword, mr_header[keyword].value)
+    node.store(all_datasets(study) + [radiograph])
+    assert node.run() == 1
+
+    with node.database.session() as session:
+        jobs = session.scalars(select(Job)).all()
+        stored = session.scalar(select(Study))
+        rows = session.execute(select(ImageResultRow, Instance.sop_instance_uid)
+                               .join(Instance, Instance.id == ImageResultRow.instance_id)).all()
+    assert len(jobs) == 1 and (jobs[0].state, stored.status) == ("done", "done")
+    by_sop = {sop: row for row, sop in rows}
+    assert by_sop[str(radiograph.SOPInstanceUID)].state == "analysed"
+    assert "mae" in by_sop[str(radiograph.SOPInstanceUID)].outputs["models"]
+    chosen = {study.by_name(name).series_instance_uid for name in ("sag_pd_fs", "cor_pd_fs", "ax_t2_fs")}
+    for series in study.series:
+        states = {by_sop[str(ds.SOPInstanceUID)].state for ds in series.datasets}
+        assert states == ({"analysed"} if series.series_instance_uid in chosen else {"ineligible"}), series.spec.name
+    assert len(rows) == 1 + 4 * 16  # one outcome per instance: nothing analysed twice
+    assert set(studies_summary(node.database)[0]["series_selection"]["chosen"]) == {"sagittal", "coronal", "axial"}
+
+    objects = [(item.kind, pydicom.dcmread(node.spool.absolute(item.path))) for item in node.outbox()]
+    numbers: dict[str, set[str]] = {}
+    for kind, ds in objects:
+        numbers.setdefault(str(ds.SeriesInstanceUID), set()).add(f"{kind}:{int(ds.SeriesNumber)}")
+        assert ds.StudyInstanceUID == study.study_instance_uid
+    series_numbers = {int(next(iter(v)).split(":")[1]) for v in numbers.values()}
+    assert all(len(v) == 1 for v in numbers.values()) and len(series_numbers) == len(numbers)
+    srs = {int(ds.SeriesNumber): ds for kind, ds in objects if kind == "SR"}
+    assert set(srs) == {9000, 9003}
+    def evidence_series(sr) -> set[str]:
+        return {str(series.SeriesInstanceUID) for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study_item.ReferencedSeriesSequence}
+
+    assert evidence_series(srs[9000]) == {str(radiograph.SeriesInstanceUID)}  # the radiograph SR: the radiograph
+    assert evidence_series(srs[9003]) == chosen  # the MR SR: the chosen MR series
+    assert {int(ds.SeriesNumber) for kind, ds in objects if kind == "SEG"} == {9002}
+    sc_numbers = {int(ds.SeriesNumber) for kind, ds in objects if kind == "SC"}
+    assert 9004 in sc_numbers and sc_numbers <= {9001, 9004}  # the MR overlays apart from any radiograph SC
+    assert len({str(ds.SOPInstanceUID) for _, ds in objects}) == len(objects)
+    for item in node.outbox():
+        assert dciodvfy_errors(node.spool.absolute(item.path)) == [], item.kind
+    node.database.dispose()
