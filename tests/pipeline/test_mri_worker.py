@@ -509,4 +509,28 @@ def test_study_mixing_mr_and_radiographs_analyses_both(tmp_path: Path, mri_model
     assert len({str(ds.SOPInstanceUID) for _, ds in objects}) == len(objects)
     for item in node.outbox():
         assert dciodvfy_errors(node.spool.absolute(item.path)) == [], item.kind
+
+    # A second radiograph arrives: a new revision analyses the study again, and each of its two SRs names both SRs
+    # of the first as the documents it supersedes (as every new SR names all earlier ones of the study).
+    first_srs = {str(ds.SOPInstanceUID) for ds in srs.values()}
+    second = phantoms.to_dataset(phantoms.generate("knee", seed=6), patient_index=2, study_key="mixed",
+                                 instance_number=2)
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyDate", "StudyTime", "StudyID", "SeriesInstanceUID"):
+        source = radiograph if keyword == "SeriesInstanceUID" else mr_header
+        if keyword in source:
+            setattr(second, keyword, source[keyword].value)
+    node.store([second])
+    assert node.run() == 1
+    with node.database.session() as session:
+        latest = session.scalars(select(Job).order_by(Job.id.desc())).first()
+    assert latest.id != jobs[0].id and latest.study_revision > jobs[0].study_revision and latest.state == "done"
+    new_srs = [pydicom.dcmread(node.spool.absolute(item.path)) for item in node.outbox()
+               if item.kind == "SR" and item.job_id == latest.id]
+    assert sorted(int(ds.SeriesNumber) for ds in new_srs) == [9000, 9003]
+    for sr in new_srs:
+        predecessors = {str(instance.ReferencedSOPInstanceUID) for study_item in sr.PredecessorDocumentsSequence
+                        for series in study_item.ReferencedSeriesSequence
+                        for instance in series.ReferencedSOPSequence}
+        assert predecessors == first_srs, int(sr.SeriesNumber)
     node.database.dispose()
