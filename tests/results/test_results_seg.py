@@ -239,3 +239,42 @@ def test_orthanc_accepts_the_seg_sr_and_overlays(tmp_path):
         assert series["9002"]["MainDicomTags"]["Modality"] == "SEG"
     finally:
         orthanc.stop()
+
+
+def test_seg_of_an_enhanced_mr_source_references_each_frame(tmp_path):
+    """An Enhanced MR source (one multi-frame instance, its frames stored in reverse slice order here): the SEG puts
+    each label slice on its source frame (highdicom reads it back by (instance, frame)), dciodvfy-clean; the
+    series' slices are per-frame views carrying that frame's position."""
+    import copy
+
+    from engines.training.knee_mri_phantoms import default_protocol, generate_study
+    from node.results.mri_model import frame_view
+
+    phantom = generate_study(seed=3, protocol=default_protocol(48, 8, enhanced=True, localizer=False, t1=False))
+    headers = {}
+    for series in phantom.series:
+        ds = copy.deepcopy(series.datasets[0])
+        del ds.PixelData
+        ds.PerFrameFunctionalGroupsSequence = list(reversed(ds.PerFrameFunctionalGroupsSequence))
+        headers[series.spec.plane] = ds
+    frames = 8
+    planes = [PlaneSeries(plane, [frame_view(ds, frames - k) for k in range(frames)], frame_numbers=[
+        frames - k for k in range(frames)], multiframe=ds) for plane, ds in headers.items()]
+    sagittal = next(p for p in planes if p.plane == "sagittal")
+    assert sagittal.references[0] == (str(headers["sagittal"].SOPInstanceUID), frames)
+    labels = np.zeros(sagittal.shape, dtype=np.uint8)
+    for k in range(frames):  # a block whose label and place tell the slice apart
+        labels[k, 2 + k: 6 + k, 10:20] = 1 + k % 3
+    study = dataclasses.replace(mri_study(study_uid=phantom.study_instance_uid), planes=planes,
+                                segmentation=SegmentationResult("sagittal", labels))
+    seg = build_seg(study, 9002)
+    path = write(seg, tmp_path / "seg.dcm")
+    errors, _ = dciodvfy_errors(path)
+    assert errors == [], errors
+    back = hd.seg.segread(str(path))
+    sop = str(headers["sagittal"].SOPInstanceUID)
+    numbers = list(range(1, frames + 1))
+    read = back.get_pixels_by_source_frame(sop, source_frame_numbers=numbers, combine_segments=True,
+                                           skip_overlap_checks=True)
+    for index, frame in enumerate(numbers):
+        np.testing.assert_array_equal(read[index], segment_numbers(study)[frames - frame], err_msg=f"frame {frame}")
