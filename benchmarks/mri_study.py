@@ -46,7 +46,12 @@ def write_model(directory: Path, seed: int = 0) -> Path:
     from torch import nn
 
     from engines.orthodiffusion.family import KNEE_LABELS
-    from engines.orthodiffusion.network import SegHead3D, UNet3D, UNet3DConfig, layer_channels
+    from engines.orthodiffusion.network import (
+        SegHead3D,
+        UNet3D,
+        UNet3DConfig,
+        layer_channels,
+    )
 
     torch.manual_seed(seed)
     config = UNet3DConfig()

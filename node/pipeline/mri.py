@@ -73,7 +73,7 @@ class SeriesNumbers:
     seg: int
 
     @classmethod
-    def for_study(cls, base: int, mixed: bool) -> "SeriesNumbers":
+    def for_study(cls, base: int, mixed: bool) -> SeriesNumbers:
         sr = base + MIXED_SR_OFFSET if mixed else base
         return cls(sr, sr + SC_OFFSET, base + SEG_OFFSET)
 
