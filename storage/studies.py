@@ -56,6 +56,7 @@ def studies_summary(database: Database, limit: int = 1000) -> list[dict[str, obj
                     "status": study.status,
                     "reason": study.status_reason,
                     "priority": ("routine", "high", "urgent")[max(0, min(study.priority or 0, 2))],
+                    "priority_reason": study.priority_reason,  # the triage rule (or peer default) that set it
                     "first_received": study.first_received_at.isoformat(),
                     "last_received": study.last_received_at.isoformat(),
                     **_processing_summary(session, study),

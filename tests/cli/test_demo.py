@@ -1,0 +1,96 @@
+"""``msknode demo`` (node/demo/tour.py) with the knee MRI study (issue #17): the real node process, the real
+throw-away PACS (Orthanc when installed, else the pynetdicom Storage SCP), the radiograph phantoms and one knee MRI
+phantom study. The MRI study's SR, SEG and overlay SCs come back and the summary names the series chosen per plane,
+the ones not used with their reasons, every finding with its probability and Present / Absent, the segments and
+the priority with its reason. The 3-D model is the committed demo one when it is there, else a tiny random one, so
+the test never waits on training; a model that config/msknode.toml names must load (no skip, CI or not)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from engines.training.knee_mri_phantoms import default_protocol
+from node.demo.tour import DEMO_MRI_MODEL, MRI_LABEL, REPO, mri_input_shape, run_demo
+from node.results.knee_codes import FINDINGS, FINDINGS_BY_LABEL
+from tests.helpers.models import tiny_orthodiffusion
+
+CHOSEN = {"sagittal": "sag_pd_fs", "coronal": "cor_pd_fs", "axial": "ax_t2_fs"}
+NOT_USED = ("localizer", "sag_t1")
+
+
+def demo_output(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                mri_model: Path | None) -> tuple[int, str]:
+    monkeypatch.setenv("COLUMNS", "400")  # rich wraps at the terminal width; one summary item per line here
+    code = run_demo(tmp_path / "work", timeout=420.0, mri_model=mri_model)
+    return code, capsys.readouterr().out
+
+
+def test_demo_sends_a_knee_mri_study_and_prints_its_selection_findings_segments_and_priority(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    demo_model = (DEMO_MRI_MODEL / "orthodiffusion.json").is_file()
+    model = DEMO_MRI_MODEL if demo_model else tiny_orthodiffusion(tmp_path / "od-tiny")
+    code, out = demo_output(capsys, monkeypatch, tmp_path, model)
+    assert code == 0, out  # every study's results (the MRI's SR, SEG and SCs included) came back to the PACS
+    assert "knee MRI: no demo 3-D model" not in out
+    mri = out[out.rindex(MRI_LABEL):out.index("done in")]  # from its heading (after the "sent:" line) on
+
+    size, depth = mri_input_shape(model)
+    specs = {spec.name: spec for spec in default_protocol(size, depth)}
+    for plane, name in CHOSEN.items():
+        spec = specs[name]
+        assert f"chosen for {plane}: series {spec.series_number} '{spec.description}' ({depth} slices)" in mri
+    for name in NOT_USED:
+        match = re.search(rf"not used: series {specs[name].series_number} '{re.escape(specs[name].description)}': "
+                          r"(.+)", mri)
+        assert match and match.group(1).strip() not in ("", "rejected"), name  # a reason, in words
+
+    probabilities = {}
+    for finding in FINDINGS:  # each label: its probability (NUM, %) and the finding Present / Absent
+        value = re.search(rf"{re.escape(finding.probability.meaning)}: ([0-9.e+-]+)", mri)
+        called = re.search(rf"{re.escape(finding.finding.meaning)}: (Present|Absent)", mri)
+        assert value and called, finding.label
+        probabilities[finding.label] = float(value.group(1))
+        assert (probabilities[finding.label] >= 50) == (called.group(1) == "Present"), finding.label
+
+    segments = re.search(r"segments: (.+)", mri)
+    assert segments and segments.group(1).split(", ")[:3] == ["Femur", "Tibia", "Patella"]
+    assert re.search(r"SEG '.+': \d+ segments", mri)
+    renders = [Path(p) for p in re.findall(r"SC '.+': (\S+\.png)", mri)]
+    assert renders and all(p.is_file() and p.stat().st_size > 0 for p in renders)
+
+    # priority and why, as the demo config's triage rules decide it from the model's own probabilities
+    if probabilities["ACL"] >= 50:
+        assert "priority: urgent (knee MRI: ACL tear)" in mri
+    elif probabilities["EFFU"] >= 50:
+        assert "priority: high (knee MRI: joint effusion)" in mri
+    else:
+        assert "priority: routine (no triage rule matched)" in mri
+    if demo_model:  # the trained demo model calls both planted findings (its model card: AUROC 1.0 on phantoms)
+        for label in ("ACL", "EFFU"):
+            assert f"{FINDINGS_BY_LABEL[label].finding.meaning}: Present" in mri, label
+
+
+def test_demo_without_a_3d_model_says_so_and_runs_the_radiographs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out = demo_output(capsys, monkeypatch, tmp_path, tmp_path / "no-such-model")
+    assert code == 0, out
+    assert f"knee MRI: no demo 3-D model in {tmp_path / 'no-such-model'}; the radiographs only" in out
+    assert MRI_LABEL not in out
+    assert out.count("sent: ") == 3
+
+
+def test_every_model_the_default_config_names_loads() -> None:
+    """config/msknode.toml is what `make run` serves: a model it names that is missing or broken fails here, in CI
+    as anywhere (no skip) — the knee MRI demo model included."""
+    import engines
+    from node.settings import load_settings
+
+    settings = load_settings(REPO / "config" / "msknode.toml")
+    entries = settings.model_entries
+    assert entries
+    for entry in entries:
+        path = Path(entry.path) if Path(entry.path).is_absolute() else REPO / entry.path
+        assert engines.load(str(path), backend="cpu") is not None, entry.name
