@@ -261,7 +261,8 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 240.0,
     keep: Annotated[bool, typer.Option(help="Leave the node and the PACS running afterwards.")] = False,
 ) -> None:
-    """Run the whole loop locally: a throw-away PACS, the node, three phantom studies, their AI results."""
+    """Run the whole loop locally: a throw-away PACS, the node, three phantom radiograph studies and (with
+    models/demo-orthodiffusion) a knee MRI phantom study, their AI results."""
     from node.demo.tour import run_demo
 
     raise typer.Exit(code=run_demo(workdir, timeout, keep))
