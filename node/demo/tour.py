@@ -57,9 +57,11 @@ def _models_toml(model: Path, knee_model: Path | None, mri_model: Path | None = 
     """``[engine] model`` alone, or several model families: the MAE on every eligible image, the DINOv3 KL grader on
     knees (a triage rule on its KL head) and the OrthoDiffusion 3-D model on MR studies (triage rules on its ACL
     and effusion probabilities at the 0.5 operating point its findings are called at)."""
+    engine = "[engine]\nthreads = 1  # the demo models are small: one torch thread is fastest (as config/msknode.toml)\n"
     if knee_model is None and mri_model is None:
-        return f'[engine]\nmodel = "{model}"\n'
-    text = f"""[[models]]
+        return f'{engine}model = "{model}"\n'
+    text = f"""{engine}
+[[models]]
 name = "mae"
 path = "{model}"
 """
