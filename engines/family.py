@@ -51,6 +51,25 @@ class ErrorMapSpec:
     mask_ratio: float
 
 
+class RunsOnBackend:
+    """``device``, ``backend_name`` and ``precision`` read from ``self.backend``: the same in every family whose
+    model runs through an :mod:`engines.backends` backend, so they are written once."""
+
+    backend: Any
+
+    @property
+    def device(self) -> str:
+        return str(self.backend.device)
+
+    @property
+    def backend_name(self) -> str:
+        return str(self.backend.name)
+
+    @property
+    def precision(self) -> str:
+        return str(self.backend.precision)
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """A loaded model, whatever its family: identity, inputs, embeddings, heads, optional error map, backend."""

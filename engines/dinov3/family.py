@@ -28,7 +28,7 @@ from engines.dinov3.backend import build_backend, tensorrt_backend
 from engines.dinov3.loaders import LoadedDINOv3, build_model, describe_rope, detect_format, load_checkpoint
 from engines.dinov3.network import DINOv3Config, DINOv3ViT, count_parameters, encoder_sha256
 from engines.dinov3.onnx_export import GRAPH_NAMES, ExportedGraphs, export_onnx
-from engines.family import ErrorMapResult, ErrorMapSpec
+from engines.family import ErrorMapResult, ErrorMapSpec, RunsOnBackend
 from engines.heads import LinearHead, load_heads_dir
 from engines.imaging.preprocessor_config import PreprocessorConfig
 
@@ -38,7 +38,7 @@ FAMILY = "dinov3"
 POOLINGS = ("cls", "patch_mean")
 
 
-class DINOv3Model:
+class DINOv3Model(RunsOnBackend):
     """A DINOv3 checkpoint ready to run: fp32 reference weights (``network``), heads, and a backend.
 
     Implements :class:`engines.family.ModelFamily` and :class:`engines.family.ExportsGraphs`.
@@ -121,18 +121,6 @@ class DINOv3Model:
     @property
     def has_decoder(self) -> bool:
         return False
-
-    @property
-    def device(self) -> str:
-        return self.backend.device
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    @property
-    def precision(self) -> str:
-        return self.backend.precision
 
     def describe(self) -> dict[str, Any]:
         """Identity and run settings, as /healthz and the worker's heartbeat show them."""

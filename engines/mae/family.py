@@ -19,7 +19,7 @@ from torch import Tensor
 from engines.backends import Backend
 from engines.backends.tensorrt_backend import BatchProfile, TensorRTBackend
 from engines.backends.torch_backend import TorchBackend
-from engines.family import ErrorMapResult, ErrorMapSpec
+from engines.family import ErrorMapResult, ErrorMapSpec, RunsOnBackend
 from engines.heads import LinearHead, head_from_classifier, load_heads_dir
 from engines.imaging.preprocessor_config import PreprocessorConfig
 from engines.mae.backend import build_backend, tensorrt_backend
@@ -34,7 +34,7 @@ FAMILY = "mae"
 ERROR_MAP_METHOD = "masked-reconstruction"
 
 
-class MAEModel:
+class MAEModel(RunsOnBackend):
     """A ViT-MAE checkpoint ready to run: fp32 reference weights (``network``), heads, and a backend.
 
     Implements :class:`engines.family.ModelFamily` and :class:`engines.family.ExportsGraphs`.
@@ -120,18 +120,6 @@ class MAEModel:
     @property
     def error_map_spec(self) -> ErrorMapSpec | None:
         return ErrorMapSpec(ERROR_MAP_METHOD, self.config.mask_ratio) if self.supports_error_map else None
-
-    @property
-    def device(self) -> str:
-        return self.backend.device
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    @property
-    def precision(self) -> str:
-        return self.backend.precision
 
     def describe(self) -> dict[str, Any]:
         """Identity and run settings, as /healthz and ``model info`` show them."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from engines.backends import Backend, select_backend
-from engines.family import ErrorMapResult, ErrorMapSpec
+from engines.family import ErrorMapResult, ErrorMapSpec, RunsOnBackend
 from engines.imaging.geometry import SourceGeometry
 from engines.imaging.preprocess import tensor_from_uint8
 from engines.imaging.preprocessor_config import PreprocessorConfig
@@ -58,7 +58,7 @@ class OutputHead:
     pooling: str = "cls"
 
 
-class ViTClassifierModel:
+class ViTClassifierModel(RunsOnBackend):
     """A multi-head ViT classifier ready to run: fp32 encoder, classifier layer, layout and backend."""
 
     family = FAMILY
@@ -133,18 +133,6 @@ class ViTClassifierModel:
     @property
     def config(self) -> MAEConfig:
         return self.network.config
-
-    @property
-    def device(self) -> str:
-        return self.backend.device
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    @property
-    def precision(self) -> str:
-        return self.backend.precision
 
     def describe(self) -> dict[str, Any]:
         return {
