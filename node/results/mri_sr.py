@@ -30,13 +30,10 @@ from highdicom.sr import (
     CodeContentItem,
     ContainerContentItem,
     ContentSequence,
-    DeviceObserverIdentifyingAttributes,
     ImageContentItem,
     ImageRegion,
     LanguageOfContentItemAndDescendants,
     Measurement,
-    ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     ReferencedSegment,
@@ -63,12 +60,12 @@ from node.results.sr import (
     algorithm_equipment_item,
     algorithm_identification,
     freeze_timestamps,
+    observation_context,
     percent,
     whole_image_outline,
 )
 from node.results.uids import (
     content_digest,
-    device_uid,
     instance_uid,
     report_series_uid,
     sr_instance_number,
@@ -112,7 +109,7 @@ def build_mri_sr(study: MRIStudyResult, series_number: int, seg: Dataset | None 
     root = ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")
     root.ContentSequence = ContentSequence()
     root.ContentSequence.extend(LanguageOfContentItemAndDescendants(ENGLISH))
-    root.ContentSequence.extend(_observation_context(study))
+    root.ContentSequence.extend(observation_context(study.model, study.node_name))
     root.ContentSequence.append(
         CodeContentItem(name=dcm_codes.DCM.ProcedureReported, value=knee_codes.PROCEDURE_MR,
                         relationship_type=HAS_CONCEPT_MOD)
@@ -154,21 +151,6 @@ def build_mri_sr(study: MRIStudyResult, series_number: int, seg: Dataset | None 
     freeze_timestamps(sr, created)
     sr.ContributingEquipmentSequence.append(algorithm_equipment_item(study.model, created, study.node_name))
     return sr
-
-
-def _observation_context(study: MRIStudyResult) -> ObservationContext:
-    """The device observer, as in the radiograph SR (UID tied to the weights, serial = weights hash)."""
-    device = DeviceObserverIdentifyingAttributes(
-        uid=device_uid(study.model),
-        name=study.node_name,
-        manufacturer_name=study.model.manufacturer,
-        model_name=study.model.name,
-        serial_number=study.model.encoder_sha256,
-    )
-    return ObservationContext(
-        observer_device_context=ObserverContext(observer_type=dcm_codes.DCM.Device,
-                                                observer_identifying_attributes=device)
-    )
 
 
 def _check_seg(study: MRIStudyResult, seg: Dataset | None) -> None:

@@ -125,7 +125,7 @@ def _build(study: StudyResult, series_number: int, previous: Previous, kind: str
     root = ContainerContentItem(name=dcm_codes.cid7021.ImagingMeasurementReport, template_id="1500")
     root.ContentSequence = ContentSequence()
     root.ContentSequence.extend(LanguageOfContentItemAndDescendants(ENGLISH))
-    root.ContentSequence.extend(_observation_context(study))
+    root.ContentSequence.extend(observation_context(study.model, study.node_name))
     root.ContentSequence.append(
         CodeContentItem(
             name=dcm_codes.DCM.ProcedureReported, value=codes.PROCEDURE_XR, relationship_type=HAS_CONCEPT_MOD
@@ -256,13 +256,15 @@ def _previous_references(previous: Previous) -> list[Dataset]:
     return datasets
 
 
-def _observation_context(study: StudyResult) -> ObservationContext:
+def observation_context(model: ModelInfo, node_name: str) -> ObservationContext:
+    """The device observer of every SR we write (TID 1004): its UID is tied to the weights, its serial number is
+    the weights' hash, so a viewer tells two models' reports apart."""
     device = DeviceObserverIdentifyingAttributes(
-        uid=device_uid(study.model),
-        name=study.node_name,
-        manufacturer_name=study.model.manufacturer,
-        model_name=study.model.name,
-        serial_number=study.model.encoder_sha256,
+        uid=device_uid(model),
+        name=node_name,
+        manufacturer_name=model.manufacturer,
+        model_name=model.name,
+        serial_number=model.encoder_sha256,
     )
     return ObservationContext(
         observer_device_context=ObserverContext(
