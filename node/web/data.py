@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from node.results.knee_codes import FINDINGS
 from node.settings import PRIORITIES
 from storage.db import Database, as_utc
 from storage.models import Association, ImageResultRow, Instance, Job, OutboxItem, Series, Study
@@ -21,13 +22,25 @@ from storage.status import attention_items, queue_depths
 from storage.studies import latest_job, studies_with_instance_counts
 
 
+KNEE_FINDING_LABELS = tuple(finding.label for finding in FINDINGS)
+
+
 def priority_name(value: int | None) -> str:
     return PRIORITIES[max(0, min(value or 0, len(PRIORITIES) - 1))]
 
 
+VOLUME_MODEL_CONFIG = "orthodiffusion.json"  # a 3-D (OrthoDiffusion) model folder lists its heads here
+
+
 def head_labels(model_dir: Path) -> dict[str, list[str]]:
-    """Label names of the model's heads (``heads/<name>.json``), to name the probabilities stored per image."""
+    """Label names of the model's heads (``heads/<name>.json``, or a 3-D model's ``orthodiffusion.json`` whose heads
+    default to the knee findings), to name the probabilities stored per image."""
     labels: dict[str, list[str]] = {}
+    try:
+        for head in json.loads((Path(model_dir) / VOLUME_MODEL_CONFIG).read_text()).get("heads", []):
+            labels[str(head["name"])] = [str(label) for label in head.get("labels") or KNEE_FINDING_LABELS]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # not a 3-D model folder (or a broken one, which the worker reports)
     for path in sorted((Path(model_dir) / "heads").glob("*.json")):
         try:
             data = json.loads(path.read_text())
@@ -65,6 +78,22 @@ def model_findings(outputs: dict[str, Any] | None, labels: dict[str, dict[str, l
     return result
 
 
+def every_label(outputs: dict[str, Any] | None, labels: dict[str, dict[str, list[str]]],
+                first: str | None) -> list[tuple[str, str, float]]:
+    """(head, label, probability) for every output of every head of an image row, not only the most probable: a
+    3-D model's finding head is one sigmoid per label (ACL, PCL, ... EFFU), several of which can be present."""
+    outputs = outputs or {}
+    per_model = outputs.get("models") or {first or "": {"heads": outputs.get("heads")}}
+    result = []
+    for model, values in per_model.items():
+        for head, probabilities in ((values or {}).get("heads") or {}).items():
+            names = labels.get(model, {}).get(head) or []
+            name = head if model == first else f"{model}.{head}"
+            result.extend((name, names[i] if i < len(names) else f"{head}[{i}]", float(p))
+                          for i, p in enumerate(probabilities or []))
+    return result
+
+
 @dataclass
 class StudyRow:
     id: int
@@ -98,6 +127,7 @@ class ImageRow:
     percentile: float | None
     findings: list[tuple[str, str, float]]
     region: list | None
+    labels: list[tuple[str, str, float]] = field(default_factory=list)  # every label (MR rows: the 3-D model's)
 
 
 @dataclass
@@ -245,6 +275,7 @@ class DashboardData:
                         state=result.state if result else None, reason=result.reason if result else None,
                         score=result.score if result else None, percentile=outputs.get("percentile"),
                         findings=model_findings(outputs, self.model_labels, self.first), region=outputs.get("region"),
+                        labels=every_label(outputs, self.model_labels, self.first) if "plane" in outputs else [],
                     )
                 )
             deliveries = [

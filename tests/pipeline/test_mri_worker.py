@@ -172,11 +172,11 @@ def test_phantom_study_gives_one_sr_one_sc_series_and_one_seg(tmp_path: Path, mr
     assert set(rejected) == {localiser, t1}
     assert any(reason["code"] == "image-type" and "LOCALIZER" in reason["message"] for reason in rejected[localiser])
     assert rejected[t1] and rejected[t1][0]["message"], rejected[t1]
-    dashboard_shows_the_selection_and_the_overlays(tmp_path, node, stored_study.id)
+    dashboard_shows_the_selection_and_the_overlays(tmp_path, node, stored_study.id, folder)
     node.database.dispose()
 
 
-def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, study_id: int) -> None:
+def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, study_id: int, folder: Path) -> None:
     """The study page's "Series selection" table (chosen per plane, the others with their reasons) and the overlay
     SCs as thumbnails, addressed by database id and index only."""
     import re
@@ -187,7 +187,9 @@ def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, s
     from node.web.accounts import Accounts
 
     settings = parse_settings({"web": {"secret_key_file": str(tmp_path / "web-secret")},
-                               "storage": {"spool_dir": str(node.spool.root)}}, resolve_hosts=False)
+                               "storage": {"spool_dir": str(node.spool.root)},
+                               "models": [{"name": "knee_mri", "path": str(folder), "modalities": ["MR"]}]},
+                              resolve_hosts=False)
     Accounts(node.database).add_user("victor", "correct horse battery", "viewer")
     browser = TestClient(create_app(settings, node.database, node.spool), base_url="http://127.0.0.1:8080",
                          follow_redirects=False)
@@ -201,6 +203,12 @@ def dashboard_shows_the_selection_and_the_overlays(tmp_path: Path, node: Node, s
     for description in ("SAG PD FS TSE", "COR PD FS TSE", "AX T2 FS TSE"):
         assert re.search(description + r".*?<strong>chosen</strong>", table, re.S), description
     assert re.search(r"3-PLANE LOC.*?not used — Image Type LOCALIZER", table, re.S)
+    # Every label of the 3-D model's finding head, with its probability and call, not only the most probable one.
+    findings = page[page.index("<h2>Findings</h2>"):page.index("<h2>Overlays</h2>")]
+    row = r"<td>([^<]+)</td><td>([^<]+)</td><td>([\d.]+)%</td>\s*<td>(?:<strong>)?(present|absent)"
+    rows = re.findall(row, findings)
+    assert sorted(label for _, label, _, _ in rows) == sorted(["ACL", "PCL", "MM", "LM", "MCL", "LCL", "PD", "EFFU"])
+    assert all((float(p) >= 50) == (call == "present") for _, _, p, call in rows)
     assert re.search(r"SAG T1 TSE.*?not used — ", table, re.S)
     thumbnails = re.findall(r'src="(/studies/\d+/images/\d+\.png)"', page)
     assert thumbnails, "no overlay thumbnail on the study page"
