@@ -59,6 +59,7 @@ from node.results.sr import (
     SOURCE,
     algorithm_equipment_item,
     algorithm_identification,
+    comprehensive_sr,
     freeze_timestamps,
     observation_context,
     percent,
@@ -68,7 +69,6 @@ from node.results.uids import (
     content_digest,
     instance_uid,
     report_series_uid,
-    sr_instance_number,
     tracking_uid,
 )
 
@@ -129,25 +129,8 @@ def build_mri_sr(study: MRIStudyResult, series_number: int, seg: Dataset | None 
     root.ContentSequence.append(_qualitative_evaluations(study))
 
     created = study.created_at
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=root,
-        series_instance_uid=series,
-        series_number=series_number,
-        sop_instance_uid=sop,
-        instance_number=sr_instance_number(study.revision),
-        manufacturer=study.model.manufacturer,
-        is_complete=True,
-        previous_versions=previous_refs or None,
-        series_description=description,
-        coding_schemes=codes.coding_schemes(),
-        manufacturer_model_name=study.model.name,
-        software_versions=study.model.version,
-        content_date=created.date(),
-        content_time=created.time(),
-        series_date=created.date(),
-        series_time=created.time(),
-    )
+    sr = comprehensive_sr(evidence, root, series, series_number, sop, study.revision, study.model, created,
+                          previous_refs, description)
     freeze_timestamps(sr, created)
     sr.ContributingEquipmentSequence.append(algorithm_equipment_item(study.model, created, study.node_name))
     return sr

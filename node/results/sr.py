@@ -145,29 +145,38 @@ def _build(study: StudyResult, series_number: int, previous: Previous, kind: str
     root.ContentSequence.append(_qualitative_evaluations(study, skipped_sources, with_priority=bool(images)))
 
     created = study.created_at
-    sr = hd.sr.Comprehensive3DSR(
+    sr = comprehensive_sr(evidence, root, series, series_number, sop, study.revision, study.model, created,
+                          previous_refs, series_description(kind, study.priority, study.model))
+    _restore_evidence_classes(sr, true_classes)
+    freeze_timestamps(sr, created)
+    add_algorithm_equipment(sr, study)
+    return sr
+
+
+def comprehensive_sr(evidence: Sequence[Dataset], content: Dataset, series: str, series_number: int, sop: str,
+                     revision: int, model: ModelInfo, created: datetime, previous: Sequence[Dataset] | None,
+                     description: str) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR every report of ours is (radiograph and knee MRI): our manufacturer, the model as
+    manufacturer model name and software version, every date and time the study result's creation time."""
+    return hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=root,
+        content=content,
         series_instance_uid=series,
         series_number=series_number,
         sop_instance_uid=sop,
-        instance_number=sr_instance_number(study.revision),
-        manufacturer=study.model.manufacturer,
+        instance_number=sr_instance_number(revision),
+        manufacturer=model.manufacturer,
         is_complete=True,
-        previous_versions=previous_refs or None,
-        series_description=series_description(kind, study.priority, study.model),
+        previous_versions=previous or None,
+        series_description=description,
         coding_schemes=codes.coding_schemes(),
-        manufacturer_model_name=study.model.name,
-        software_versions=study.model.version,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
         content_date=created.date(),
         content_time=created.time(),
         series_date=created.date(),
         series_time=created.time(),
     )
-    _restore_evidence_classes(sr, true_classes)
-    freeze_timestamps(sr, created)
-    add_algorithm_equipment(sr, study)
-    return sr
 
 
 def _known_class(dataset: Dataset) -> bool:
