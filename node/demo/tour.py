@@ -7,6 +7,11 @@ coronal PD FS, axial T2 FS, sagittal T1; an ACL tear and an effusion planted), w
 captures (and, for the MRI, the SEG) to come back, and prints the SR values, where the PNG renders of the captures
 are and, for the MRI study, which series fed the model per plane (the others with the reasons), the findings, the
 segments and the study's priority with its reason.
+
+Triage is on, as in config/msknode.toml: a fracture or a lytic lesion makes a radiograph study urgent, a sclerotic
+lesion high (the MAE's heads at 0.5). A small webhook receiver on 127.0.0.1 stands in for the hospital's pager,
+so the urgent studies are announced as a site would see them; the summary gives every study's priority with the
+rule that set it, then the worklist in the dashboard's order (most urgent first).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +50,14 @@ SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RESULT_CLASSES = (SC_CLASS, SEG_CLASS)
+# The radiographs' triage (config/msknode.toml has the same rules, in the same order, before the knee ones): the MAE's
+# heads at 0.5, the operating point of calibrated heads (models/README.md). (name, MAE output, threshold, priority).
+MAE_TRIAGE_RULES = (
+    ("fracture", "fracture", 0.5, "urgent"),
+    ("lytic bone lesion", "lesion_lytic", 0.5, "urgent"),
+    ("sclerotic bone lesion", "lesion_sclerotic", 0.5, "high"),
+)
+NOTIFICATION_WAIT_SECONDS = 15.0  # the sender posts them as it delivers the results; bounded, the demo never hangs
 
 
 @dataclass
@@ -53,18 +68,30 @@ class DemoStudy:
     mri: bool = False  # an MR study: the results are one SR, one SEG and overlay SCs (not one SC per image)
 
 
+def mae_triage_toml(prefix: str) -> str:
+    """The MAE's triage rules (``MAE_TRIAGE_RULES``); ``prefix`` is ``"mae."`` with several models, ``""`` with
+    ``[engine] model`` alone (the bare names are the only model's)."""
+    return "".join(f"""
+[[triage.rules]]
+name = "{name}"
+when = "{prefix}{output} >= {threshold}"
+priority = "{priority}"
+""" for name, output, threshold, priority in MAE_TRIAGE_RULES)
+
+
 def _models_toml(model: Path, knee_model: Path | None, mri_model: Path | None = None) -> str:
-    """``[engine] model`` alone, or several model families: the MAE on every eligible image, the DINOv3 KL grader on
-    knees (a triage rule on its KL head) and the OrthoDiffusion 3-D model on MR studies (triage rules on its ACL
-    and effusion probabilities at the 0.5 operating point its findings are called at)."""
+    """``[engine] model`` alone, or several model families: the MAE on every eligible image (triage rules on its
+    fracture and lesion heads, first), the DINOv3 KL grader on knees (a triage rule on its KL head) and the
+    OrthoDiffusion 3-D model on MR studies (triage rules on its ACL and effusion probabilities at the 0.5 operating
+    point its findings are called at)."""
     engine = "[engine]\nthreads = 1  # the demo models are small: one torch thread is fastest (as config/msknode.toml)\n"
     if knee_model is None and mri_model is None:
-        return f'{engine}model = "{model}"\n'
+        return f'{engine}model = "{model}"\n{mae_triage_toml("")}'
     text = f"""{engine}
 [[models]]
 name = "mae"
 path = "{model}"
-"""
+{mae_triage_toml("mae.")}"""
     if mri_model is not None:
         text += f"""
 [[models]]
@@ -100,8 +127,26 @@ priority = "high"
 """
 
 
+def _notifications_toml(webhook_url: str | None, web_port: int) -> str:
+    """Urgent studies announced to the demo's webhook receiver (no PHI: the payload names the study by its UID and a
+    dashboard link); quick retries, the demo is short."""
+    if webhook_url is None:
+        return ""
+    return f"""
+[notifications]
+min_priority = "urgent"
+dashboard_url = "http://127.0.0.1:{web_port}"
+backoff_seconds = [1.0, 2.0, 5.0]
+
+[[notifications.webhooks]]
+url = "{webhook_url}"
+timeout_seconds = 5.0
+"""
+
+
 def _write_config(path: Path, node_port: int, web_port: int, pacs_ae: str, pacs_port: int, model: Path,
-                  knee_model: Path | None = None, mri_model: Path | None = None) -> None:
+                  knee_model: Path | None = None, mri_model: Path | None = None,
+                  webhook_url: str | None = None) -> None:
     work = path.parent
     path.write_text(
         f"""[node]
@@ -118,7 +163,7 @@ min_free_disk_mb = 100
 settle_seconds = 1.0
 poll_seconds = 0.5
 
-{_models_toml(model, knee_model, mri_model)}
+{_models_toml(model, knee_model, mri_model)}{_notifications_toml(webhook_url, web_port)}
 [web]
 host = "127.0.0.1"
 port = {web_port}
@@ -241,8 +286,101 @@ def mri_summary_lines(row: dict[str, object] | None, seg: pydicom.Dataset | None
         lines.append(f"not used: series {rejected.get('series_number')} {rejected.get('description', '')!r}: {reasons}")
     if seg is not None:
         lines.append("segments: " + ", ".join(str(item.SegmentLabel) for item in seg.SegmentSequence))
+    lines.append(priority_line(row))
+    return lines
+
+
+def priority_line(row: dict[str, object] | None) -> str:
+    """``priority: urgent (fracture)``: the study's priority and the triage rule that set it, as the node recorded
+    them (``msknode studies --json``)."""
+    if row is None:
+        return "priority: unknown (the node has no record of this study)"
     reason = row.get("priority_reason")
-    lines.append(f"priority: {row.get('priority')}" + (f" ({reason})" if reason else " (no triage rule matched)"))
+    return f"priority: {row.get('priority')}" + (f" ({reason})" if reason else " (no triage rule matched)")
+
+
+def worklist_lines(config: Path, labels: dict[str, str]) -> list[str]:
+    """The studies in the dashboard's worklist order (``DashboardData.studies``, the query behind its Studies page:
+    most urgent first, then the most recently received), one line each: position, priority, reason, the demo's
+    label (never a patient name or identifier)."""
+    from node.settings import load_settings
+    from node.web.data import DashboardData
+    from storage.db import Database
+
+    settings = load_settings(config)
+    database = Database(settings.storage.database_url)
+    try:
+        rows = DashboardData(database, [(entry.name, entry.path) for entry in settings.model_entries]).studies()
+    finally:
+        database.dispose()
+    return [f"{position}. {row.priority:<7} {labels.get(row.study_instance_uid, 'a study the demo did not send')} "
+            f"({row.priority_reason or 'no triage rule matched'})" for position, row in enumerate(rows, start=1)]
+
+
+class NotificationReceiver:
+    """A stand-in for the site's webhook endpoint (pager, chat bridge): a stdlib HTTP server on 127.0.0.1 in a
+    thread that keeps each JSON POST the node's notifier sends, so the demo can show the announcements."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, object]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # the name http.server calls
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    payload = json.loads(body)
+                except ValueError:
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                with receiver._lock:
+                    receiver.received.append(payload)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # quiet: the demo prints its own lines
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: a free one, no race
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-webhook", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/msknode"
+
+    def start(self) -> NotificationReceiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def payloads(self) -> list[dict[str, object]]:
+        with self._lock:
+            return list(self.received)
+
+    def wait_for(self, study_uids: set[str], timeout: float) -> list[dict[str, object]]:
+        """The notifications received once every study in ``study_uids`` has one, or at ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if study_uids <= {str(p.get("study_instance_uid")) for p in self.payloads()}:
+                break
+            time.sleep(0.2)
+        return self.payloads()
+
+
+def notification_lines(payloads: list[dict[str, object]], labels: dict[str, str]) -> list[str]:
+    """One line per notification received: its priority, the rule and the demo's label of the study (the payload
+    names the study by UID only; no PHI is printed)."""
+    lines = []
+    for payload in payloads:
+        findings = payload.get("findings")
+        rule = (findings.get("rule") if isinstance(findings, dict) else None) or "no rule"
+        label = labels.get(str(payload.get("study_instance_uid")), "a study the demo did not send")
+        lines.append(f"notification received: {str(payload.get('priority', '')).lower()} ({rule}) for {label}")
     return lines
 
 
@@ -274,15 +412,20 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
         where = Path(mri_model).relative_to(REPO) if Path(mri_model).is_relative_to(REPO) else mri_model
         console.print(f"knee MRI: no demo 3-D model in {where}; the radiographs only")
         mri_model = None
+    receiver = NotificationReceiver()  # bound now (its URL goes into the config), serving once the node runs
     _write_config(config, node_port, web_port, pacs_ae, pacs_port, model,
                   knee_model if (knee_model / "config.json").is_file() else None,
-                  Path(mri_model) if mri_model is not None else None)
+                  Path(mri_model) if mri_model is not None else None, webhook_url=receiver.url)
     password = _create_demo_user(config)
     log_path = work / "node.log"
+    # the webhook is on this machine: never through a proxy the environment may name
+    no_proxy = ",".join(filter(None, (os.environ.get("no_proxy") or os.environ.get("NO_PROXY"), "127.0.0.1")))
     with open(log_path, "wb") as log:
         node = subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(config)], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", no_proxy=no_proxy, NO_PROXY=no_proxy))
     started = time.monotonic()
+    receiver.start()
     try:
         with console.status("starting the node (receiver, scheduler, worker, sender, web)..."):
             while "listening as" not in log_path.read_text(errors="replace"):
@@ -303,7 +446,8 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
         renders = work / "renders"
         renders.mkdir(exist_ok=True)
         results = _wait_for_results(pacs, studies, timeout, console)
-        recorded = _studies_json(config) if any(s.mri for s in studies) else {}
+        recorded = _studies_json(config)
+        labels = {study.study_uid: study.label for study in studies}
         for study in studies:
             objects = results.get(study.study_uid, [])
             console.rule(study.label)
@@ -323,6 +467,23 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
             if study.mri:
                 for line in mri_summary_lines(recorded.get(study.study_uid), seg):
                     console.print(line, markup=False, highlight=False)
+            else:
+                console.print(priority_line(recorded.get(study.study_uid)), markup=False, highlight=False)
+        urgent = {uid for uid in labels if (recorded.get(uid) or {}).get("priority") == "urgent"}
+        with console.status("waiting for the urgent studies' notifications (webhook)..."):
+            payloads = receiver.wait_for(urgent, NOTIFICATION_WAIT_SECONDS) if urgent else receiver.payloads()
+        console.rule(f"Notifications (min_priority urgent, webhook {receiver.url})")
+        quiet = ["no notification: no study reached urgent"] if not urgent else []
+        for line in notification_lines(payloads, labels) or quiet:
+            console.print(line, markup=False, highlight=False)
+        missing = urgent - {str(p.get("study_instance_uid")) for p in payloads}
+        if missing:
+            console.print(f"not announced within {NOTIFICATION_WAIT_SECONDS:.0f} s: "
+                          + ", ".join(labels[uid] for uid in sorted(missing)) + f" (see {log_path})",
+                          markup=False, highlight=False)
+        console.rule("Worklist (the dashboard's order: most urgent first, then the latest received)")
+        for line in worklist_lines(config, labels):
+            console.print(line, markup=False, highlight=False)
         elapsed = time.monotonic() - started
         console.print(f"\ndone in {elapsed:.0f} s. Work folder: {work}  (node log: {log_path})")
         console.print(f"Dashboard: http://127.0.0.1:{web_port}/  (user [bold]demo[/], password [bold]{password}[/])")
@@ -331,6 +492,7 @@ def run_demo(workdir: Path | None = None, timeout: float = 240.0, keep: bool = F
             node.wait()
         return 0 if all(_complete(results.get(s.study_uid, []), s) for s in studies) else 1
     finally:
+        receiver.stop()
         if node.poll() is None:
             node.send_signal(signal.SIGTERM)
             try:

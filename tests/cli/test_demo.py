@@ -3,7 +3,12 @@ throw-away PACS (Orthanc when installed, else the pynetdicom Storage SCP), the r
 phantom study. The MRI study's SR, SEG and overlay SCs come back and the summary names the series chosen per plane,
 the ones not used with their reasons, every finding with its probability and Present / Absent, the segments and
 the priority with its reason. The 3-D model is the committed demo one when it is there, else a tiny random one, so
-the test never waits on training; a model that config/msknode.toml names must load (no skip, CI or not)."""
+the test never waits on training; a model that config/msknode.toml names must load (no skip, CI or not).
+
+Triage (issue #19): every study's printed priority follows from the values its SR prints, by the demo's rules (the
+MAE's fracture / lytic / sclerotic heads at 0.5 first, then the KL and MRI rules); the worklist lists the studies
+most urgent first; the demo's webhook receiver got a notification for every urgent study and for no other. Which
+radiograph study is urgent is not asserted: the demo MAE is being retrained."""
 
 from __future__ import annotations
 
@@ -13,12 +18,18 @@ from pathlib import Path
 import pytest
 
 from engines.training.knee_mri_phantoms import default_protocol
-from node.demo.tour import DEMO_MRI_MODEL, MRI_LABEL, REPO, mri_input_shape, run_demo
+from node.demo.tour import DEMO_MRI_MODEL, DEMO_STUDIES, MAE_TRIAGE_RULES, MRI_LABEL, REPO, mri_input_shape, run_demo
 from node.results.knee_codes import FINDINGS, FINDINGS_BY_LABEL
 from tests.helpers.models import tiny_orthodiffusion
 
 CHOSEN = {"sagittal": "sag_pd_fs", "coronal": "cor_pd_fs", "axial": "ax_t2_fs"}
 NOT_USED = ("localizer", "sag_t1")
+PRIORITY_RANK = {"routine": 0, "high": 1, "urgent": 2}
+SR_PERCENT = {  # MAE output (MAE_TRIAGE_RULES) -> the SR line giving its probability in percent, once per image
+    "fracture": "Fracture probability",
+    "lesion_lytic": "Probability of lytic (lesion)",
+    "lesion_sclerotic": "Probability of sclerotic (lesion)",
+}
 
 
 def demo_output(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -28,6 +39,66 @@ def demo_output(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPa
     return code, capsys.readouterr().out
 
 
+def sections(out: str) -> dict[str, str]:
+    """The demo's output cut at its rule lines (``──── title ────``), by title."""
+    parts: dict[str, str] = {}
+    title = ""
+    for line in out.splitlines():
+        if line.startswith("─"):
+            title = line.strip("─ ")
+            parts[title] = ""
+        elif title:
+            parts[title] += line + "\n"
+    return parts
+
+
+def expected_radiograph_priority(section: str) -> tuple[str, str] | None:
+    """(priority, rule) the demo's rules give the study whose SR values ``section`` prints: the first rule that
+    matches, the study's value being the highest over its images; None when a value is too close to a threshold
+    for the printed digits to decide."""
+    for name, output, threshold, priority in MAE_TRIAGE_RULES:
+        values = [float(v) for v in re.findall(rf"(?m)^\s*{re.escape(SR_PERCENT[output])}: ([0-9.e+-]+)$", section)]
+        assert values, (output, section)
+        if any(abs(v - threshold * 100) < 0.01 for v in values):
+            return None
+        if max(values) >= threshold * 100:
+            return priority, name
+    if re.search(r"(?m)^\s*Kellgren-Lawrence grade: Kellgren-Lawrence grade 4$", section):
+        return "high", "severe knee osteoarthritis"
+    return "routine", "no triage rule matched"
+
+
+def assert_triage_announced_and_ordered(out: str, labels: list[str]) -> None:
+    """Each radiograph study's priority follows from its SR values; the SR says the same priority; the worklist
+    lists every study, most urgent first, with the priority printed for it; the urgent studies, and only they,
+    were announced to the demo's webhook with the rule that made them urgent."""
+    parts = sections(out)
+    printed: dict[str, tuple[str, str]] = {}
+    for label in labels:
+        section = parts[label]
+        match = re.search(r"(?m)^priority: (routine|high|urgent) \((.+)\)$", section)
+        assert match, (label, section)
+        printed[label] = (match.group(1), match.group(2))
+        assert f"AI triage priority: {match.group(1).capitalize()}" in section, label  # the SR's own item agrees
+        if label != MRI_LABEL:
+            expected = expected_radiograph_priority(section)
+            assert expected is None or printed[label] == expected, (label, printed[label], expected)
+
+    worklist_title = next(title for title in parts if title.startswith("Worklist"))
+    rows = re.findall(r"(?m)^\d+\. (routine|high|urgent) +(.+) \((.+)\)$", parts[worklist_title])
+    assert sorted(label for _, label, _ in rows) == sorted(labels), parts[worklist_title]
+    assert [PRIORITY_RANK[p] for p, _, _ in rows] == sorted((PRIORITY_RANK[p] for p, _, _ in rows), reverse=True)
+    assert all(printed[label] == (priority, reason) for priority, label, reason in rows), (rows, printed)
+
+    notifications_title = next(title for title in parts if title.startswith("Notifications"))
+    announced = re.findall(r"(?m)^notification received: (\w+) \((.+)\) for (.+)$", parts[notifications_title])
+    urgent = {label: reason for label, (priority, reason) in printed.items() if priority == "urgent"}
+    assert {label: rule for _, rule, label in announced} == urgent, (announced, printed)
+    assert len(announced) == len(urgent) and all(priority == "urgent" for priority, _, _ in announced), announced
+    if not urgent:
+        assert "no notification: no study reached urgent" in parts[notifications_title]
+
+
 def test_demo_sends_a_knee_mri_study_and_prints_its_selection_findings_segments_and_priority(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     demo_model = (DEMO_MRI_MODEL / "orthodiffusion.json").is_file()
@@ -35,7 +106,7 @@ def test_demo_sends_a_knee_mri_study_and_prints_its_selection_findings_segments_
     code, out = demo_output(capsys, monkeypatch, tmp_path, model)
     assert code == 0, out  # every study's results (the MRI's SR, SEG and SCs included) came back to the PACS
     assert "knee MRI: no demo 3-D model" not in out
-    mri = out[out.rindex(MRI_LABEL):out.index("done in")]  # from its heading (after the "sent:" line) on
+    mri = sections(out)[MRI_LABEL]  # under its heading, up to the notifications
 
     size, depth = mri_input_shape(model)
     specs = {spec.name: spec for spec in default_protocol(size, depth)}
@@ -72,6 +143,8 @@ def test_demo_sends_a_knee_mri_study_and_prints_its_selection_findings_segments_
         for label in ("ACL", "EFFU"):
             assert f"{FINDINGS_BY_LABEL[label].finding.meaning}: Present" in mri, label
 
+    assert_triage_announced_and_ordered(out, [label for label, _, _ in DEMO_STUDIES] + [MRI_LABEL])
+
 
 def test_demo_without_a_3d_model_says_so_and_runs_the_radiographs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,6 +153,7 @@ def test_demo_without_a_3d_model_says_so_and_runs_the_radiographs(
     assert f"knee MRI: no demo 3-D model in {tmp_path / 'no-such-model'}; the radiographs only" in out
     assert MRI_LABEL not in out
     assert out.count("sent: ") == 3
+    assert_triage_announced_and_ordered(out, [label for label, _, _ in DEMO_STUDIES])
 
 
 def test_every_model_the_default_config_names_loads() -> None:
