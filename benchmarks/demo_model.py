@@ -31,20 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engines.training.evaluation import evaluate_localisation, phantom_input  # noqa: E402
+from engines.training.evaluation import evaluate_localisation, head_metrics  # noqa: E402
 from engines.training.phantoms import KINDS, generate  # noqa: E402
 from engines.calibration import Calibration  # noqa: E402
-from engines.training.inputs import to_uint8_224  # noqa: E402
+from engines.training.inputs import normalise_uint8, to_uint8_224  # noqa: E402
+from engines.training.joint import HeadTask, JointSettings, train_jointly  # noqa: E402
 from engines.training.pretrain import DEMO_CONFIG, PretrainSettings, pretrain_mae  # noqa: E402
-from engines.training.probes import fit_linear_probe, probe_to_head  # noqa: E402
 from engines.mae.network import MAEConfig, MaskedAutoencoderViT  # noqa: E402
 
 log = logging.getLogger("demo_model")
 
 # Seed ranges keep the three data sets apart: pre-training, head training, evaluation.
 POOL_SEEDS = 0
-HEAD_SEEDS = 1_000_000
-EVAL_SEEDS = 2_000_000
+HEAD_SEEDS = 1_000_000  # joint training of the heads
+CALIBRATION_SEEDS = 1_500_000  # calibration of the heads' probabilities
+EVAL_SEEDS = 2_000_000  # localisation
+HEAD_TEST_SEEDS = 3_000_000  # the heads' held-out figures
 
 TINY_CONFIG = MAEConfig(
     hidden_size=32,
@@ -100,59 +102,177 @@ def build_pool(count: int, seed_base: int = POOL_SEEDS, weights: tuple[int, ...]
 
 
 def labelled_set(count: int, seed_base: int = HEAD_SEEDS) -> tuple[torch.Tensor, dict[str, np.ndarray], list[str]]:
-    """Phantoms with findings for the heads: inputs [N, 3, 224, 224], label arrays, kinds."""
+    """Phantoms with findings for the heads: uint8 grey [N, 224, 224] (as the model sees them), labels, kinds.
+
+    Each image has no focal finding (40 %) or one fracture, lytic or sclerotic lesion (20 % each); hands and knees
+    a joint-space grade 0-4. ``narrowing`` is -1 off the knee (the head is only meaningful there)."""
     rng = np.random.default_rng(seed_base)
-    inputs, kinds = [], []
+    images = np.empty((count, 224, 224), np.uint8)
+    kinds: list[str] = []
     labels: dict[str, list[int]] = {"fracture": [], "lesion": [], "narrowing": []}
     with _progress() as bar:
-        task = bar.add_task("labelled phantoms", total=count, info="")
+        task = bar.add_task(f"labelled phantoms from seed {seed_base}", total=count, info="")
         for i in range(count):
             kind = KINDS[i % len(KINDS)]
             focal = [None, "fracture", "lytic", "sclerotic"][int(rng.choice(4, p=[0.4, 0.2, 0.2, 0.2]))]
             grade = int(rng.integers(0, 5)) if kind != "long_bone" else 0
             phantom = generate(kind, seed_base + i, findings=[focal] if focal else [], narrowing_grade=grade)
             found = phantom.labels
-            inputs.append(phantom_input(phantom))
+            images[i] = to_uint8_224(phantom.pixels)
             kinds.append(kind)
             labels["fracture"].append(found["fracture"])
             labels["lesion"].append(1 if found["lytic"] else 2 if found["sclerotic"] else 0)
-            labels["narrowing"].append(found["narrowing"])
+            labels["narrowing"].append(found["narrowing"] if kind == "knee" else -1)
             bar.advance(task)
-    return torch.stack(inputs), {k: np.asarray(v) for k, v in labels.items()}, kinds
+    return torch.from_numpy(images), {k: np.asarray(v) for k, v in labels.items()}, kinds
+
+
+def cached_labelled_set(count: int, seed_base: int, cache: Path | None):
+    """:func:`labelled_set`, kept in ``cache`` (an .npz named by seed and count) when a folder is given."""
+    path = cache / f"labelled-{seed_base}-{count}.npz" if cache is not None else None
+    if path is not None and path.is_file():
+        data = np.load(path)
+        return (torch.from_numpy(data["images"]), {k: data[k] for k in HEADS}, [str(k) for k in data["kinds"]])
+    images, labels, kinds = labelled_set(count, seed_base)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, images=images.numpy(), kinds=np.array(kinds), **labels)
+    return images, labels, kinds
 
 
 HEADS = {
-    # name: (labels, which images train it)
-    "fracture": (["fracture"], "all"),
-    "lesion": (["none", "lytic", "sclerotic"], "all"),
-    "narrowing": (["grade0", "grade1", "grade2", "grade3", "grade4"], "knee"),
+    # name: labels (one label = a sigmoid output)
+    "fracture": ["fracture"],
+    "lesion": ["none", "lytic", "sclerotic"],
+    "narrowing": ["grade0", "grade1", "grade2", "grade3", "grade4"],
 }
+HEAD_SUBSETS = {"fracture": "all kinds", "lesion": "all kinds", "narrowing": "knees"}
 
 
-def train_heads(encoder, count: int, out: Path, seed: int) -> dict[str, dict[str, float]]:
-    from engines.heads import save_head
-
-    x, labels, kinds = labelled_set(count)
+def _embed(encoder, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        embeddings = torch.cat([encoder.embed(x[i : i + 64]) for i in range(0, len(x), 64)])
-    results: dict[str, dict[str, float]] = {}
-    for name, (names, subset) in HEADS.items():
-        keep = np.arange(len(kinds)) if subset == "all" else np.flatnonzero(np.asarray(kinds) == subset)
-        fit = fit_linear_probe(embeddings[keep], labels[name][keep], names, seed=seed)
-        head = probe_to_head(
-            fit,
-            name,
-            encoder.encoder_hash,
+        return torch.cat([encoder.embed(normalise_uint8(images[i : i + 64])) for i in range(0, len(images), 64)])
+
+
+def _targets(name: str, labels: dict[str, np.ndarray]) -> np.ndarray:
+    return labels[name]
+
+
+def reliability(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Top-label reliability diagram: per equal-width confidence bin, count, mean confidence and accuracy."""
+    p = probabilities if probabilities.ndim == 2 else np.stack([1 - probabilities, probabilities], 1)
+    confidence, predicted = p.max(1), p.argmax(1)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            rows.append({"bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}", "count": int(members.sum()),
+                         "confidence": float(confidence[members].mean()),
+                         "accuracy": float((predicted[members] == targets[members]).mean())})
+    return rows
+
+
+def calibrate_and_test(heads, encoder, calibration_set, test_set) -> dict[str, dict]:
+    """Fit temperature / Platt scaling on the calibration phantoms; every figure on the held-out test phantoms."""
+    from engines.calibration import class_probabilities, expected_calibration_error, fit_logit_calibration
+
+    cal_x, cal_labels, _ = calibration_set
+    test_x, test_labels, _ = test_set
+    cal_emb, test_emb = _embed(encoder, cal_x), _embed(encoder, test_x)
+    results: dict[str, dict] = {}
+    for name, head in heads.items():
+        fit_rows = np.flatnonzero(_targets(name, cal_labels) >= 0)
+        rows = np.flatnonzero(_targets(name, test_labels) >= 0)
+        y_fit, y = _targets(name, cal_labels)[fit_rows], _targets(name, test_labels)[rows]
+        with torch.no_grad():
+            fit_logits, logits = head(cal_emb[fit_rows]).double(), head(test_emb[rows]).double()
+        fitted = fit_logit_calibration(fit_logits, y_fit, head.activation)
+        before = class_probabilities(logits, head.activation).numpy()
+        after = class_probabilities(logits, head.activation, fitted).numpy()
+        record = {"method": fitted.method, "scale": fitted.scale, "offset": fitted.offset,
+                  "fitted_on": int(len(fit_rows)), "data": f"calibration phantoms, seeds {CALIBRATION_SEEDS}..",
+                  "ece_bins": 15}
+        if fitted.method == "temperature":
+            record["temperature"] = fitted.temperature
+        head.set_calibration(record)
+        shown = after[:, 1] if head.activation == "sigmoid" else after
+        metrics = {**head_metrics(shown, y), "test": int(len(rows)), "calibration": int(len(fit_rows)),
+                   "ece_before": expected_calibration_error(torch.from_numpy(before), torch.from_numpy(y)),
+                   "ece_after": expected_calibration_error(torch.from_numpy(after), torch.from_numpy(y)),
+                   "reliability": reliability(after, y)}
+        if name == "fracture":
+            normal = y == 0
+            metrics["normal_above_0.5"] = float(np.mean(shown[normal] > 0.5))
+            for kind in KINDS:
+                kind_rows = np.asarray(test_set[2])[rows] == kind
+                if len(np.unique(y[kind_rows])) == 2:
+                    metrics[f"auroc_{kind}"] = head_metrics(shown[kind_rows], y[kind_rows])["auroc"]
+        results[name] = metrics
+        print(f"head {name}: {({k: v for k, v in metrics.items() if k != 'reliability'})}", flush=True)
+    return results
+
+
+def train_heads(model, pool: torch.Tensor, args, out: Path) -> tuple[dict, dict]:
+    """Joint fine-tuning of the encoder with the heads (:mod:`engines.training.joint`); returns its record and
+    the trained linear layers (on the normed CLS token)."""
+    labelled_x, labels, _ = cached_labelled_set(args.head_images, HEAD_SEEDS, args.labelled_cache)
+    tasks = [HeadTask(name, names, _targets(name, labels)) for name, names in HEADS.items()]
+    settings = JointSettings(
+        steps=args.joint_steps, seed=args.seed, threads=args.threads, device=args.device,
+        warmup_steps=max(1, args.joint_steps // 15),
+    )
+    with _progress() as bar:
+        task = bar.add_task("joint fine-tuning", total=settings.steps, info="")
+        t0 = time.perf_counter()
+
+        def tick(step: int, loss: float) -> None:
+            bar.update(task, advance=1, info=f"loss {loss:.4f}")
+            if not bar.console.is_terminal and step % 25 == 0:
+                print(f"joint step {step} loss {loss:.4f} {time.perf_counter() - t0:.0f} s", flush=True)
+
+        result = train_jointly(model, pool, labelled_x, tasks, settings, progress=tick)
+    record = {
+        "steps": settings.steps, "batch_size": settings.batch_size, "mae_batch_size": settings.mae_batch_size,
+        "lr": settings.lr, "head_lr": settings.head_lr, "mae_weight": settings.mae_weight,
+        "labelled": args.head_images, "seconds": result.seconds,
+        "final_loss": float(np.mean(result.losses[-max(1, len(result.losses) // 20):])),
+        "final_mae_loss": float(np.mean(result.mae_losses[-max(1, len(result.mae_losses) // 20):])),
+        "loss_curve": [float(np.mean(result.losses[i : i + 50])) for i in range(0, len(result.losses), 50)],
+    }
+    print(f"joint fine-tuning: {settings.steps} steps in {result.seconds:.0f} s, loss {record['final_loss']:.4f}, "
+          f"MAE loss {record['final_mae_loss']:.4f}", flush=True)
+    return record, result.heads
+
+
+def save_heads(layers: dict, encoder, args, out: Path) -> dict[str, dict]:
+    """Format 3e heads from the jointly trained layers, calibrated, tested on held-out phantoms, saved."""
+    from engines.heads import LinearHead, save_head
+
+    heads = {}
+    for name, layer in layers.items():
+        head = LinearHead(
+            name, layer.in_features, HEADS[name], "sigmoid" if len(HEADS[name]) == 1 else "softmax",
+            encoder_sha256=encoder.encoder_hash,
             provenance={
-                "data": f"synthetic phantoms (engines.training.phantoms), seeds {HEAD_SEEDS}..{HEAD_SEEDS + count - 1}, {subset}",
+                "trainer": "engines.training.joint.train_jointly (encoder fine-tuned with the heads)",
+                "data": f"synthetic phantoms (engines.training.phantoms), seeds {HEAD_SEEDS}.."
+                        f"{HEAD_SEEDS + args.head_images - 1}, {HEAD_SUBSETS[name]}",
                 "script": "benchmarks/demo_model.py",
                 "note": "synthetic demo head, not for clinical use",
             },
         )
+        with torch.no_grad():
+            head.linear.weight.copy_(layer.weight)
+            head.linear.bias.copy_(layer.bias)
+        heads[name] = head.eval()
+    calibration_set = cached_labelled_set(args.calibration_images, CALIBRATION_SEEDS, args.labelled_cache)
+    test_set = cached_labelled_set(args.test_images, HEAD_TEST_SEEDS, args.labelled_cache)
+    metrics = calibrate_and_test(heads, encoder, calibration_set, test_set)
+    for name, head in heads.items():
+        head.provenance["held_out_metrics"] = {k: v for k, v in metrics[name].items() if k != "reliability"}
         save_head(head, out / "heads")
-        results[name] = {**fit.metrics, "train": fit.train_size, "test": fit.test_size}
-        print(f"head {name}: held-out {fit.metrics} (train {fit.train_size}, test {fit.test_size})")
-    return results
+    return metrics
 
 
 def evaluate(encoder, eval_seeds: int, out: Path, passes: int = 10, seed: int = 0) -> dict[str, object]:
@@ -187,10 +307,23 @@ def evaluate(encoder, eval_seeds: int, out: Path, passes: int = 10, seed: int = 
 def markdown(report: dict) -> str:
     """The report's figures as the Markdown tables used in docs/benchmarks.md and models/README.md."""
     pre = report["pretrain"]
-    lines = [
-        f"Pre-training: {pre['steps']} steps x {pre['batch_size']} images ({pre['steps'] * pre['batch_size']} samples from a pool of "
-        f"{report['pool']} normal phantoms), {pre['seconds'] / 60:.1f} min on {report['threads']} thread{'s' if report['threads'] != 1 else ''}; "
-        f"loss {pre['first_loss']:.3f} (first 5 %) -> {pre['final_loss']:.3f} (last 5 %).",
+    lines = []
+    if "steps" in pre:
+        threads = report["threads"]
+        lines.append(
+            f"Pre-training: {pre['steps']} steps x {pre['batch_size']} images ({pre['steps'] * pre['batch_size']} samples "
+            f"from a pool of {report['pool']} normal phantoms), {pre['seconds'] / 60:.1f} min on {threads} "
+            f"thread{'s' if threads != 1 else ''}; loss {pre['first_loss']:.3f} (first 5 %) -> {pre['final_loss']:.3f} "
+            "(last 5 %)."
+        )
+    joint = report.get("joint")
+    if joint:
+        lines.append(
+            f"Joint fine-tuning (MAE on normals + heads on {joint['labelled']} labelled phantoms): {joint['steps']} steps "
+            f"x ({joint['batch_size']} labelled + {joint['mae_batch_size']} normal), {joint['seconds'] / 60:.1f} min; "
+            f"final loss {joint['final_loss']:.3f}, of which MAE {joint['final_mae_loss']:.3f}."
+        )
+    lines += [
         "",
         "| finding | n | pointing game (dilation 0 / **8** / 16 px) | pixel AUROC | score AUROC vs normal twin |",
         "| --- | --- | --- | --- | --- |",
@@ -199,34 +332,102 @@ def markdown(report: dict) -> str:
         r = report["evaluation"][finding]
         pg = r["pointing_game"]
         lines.append(
-            f"| {finding} | {r['count']} | {pg['0']:.2f} / **{pg['8']:.2f}** / {pg['16']:.2f} | {r['pixel_auroc']:.3f} | {r['score_auroc']:.3f} |"
+            f"| {finding} | {r['count']} | {pg['0']:.2f} / **{pg['8']:.2f}** / {pg['16']:.2f} | {r['pixel_auroc']:.3f} "
+            f"| {r['score_auroc']:.3f} |"
         )
-    lines += ["", "| finding | " + " | ".join(f"pointing game @8, {k}" for k in KINDS) + " |", "| --- |" + " --- |" * len(KINDS)]
+    lines += ["", "| finding | " + " | ".join(f"pointing game @8, {k}" for k in KINDS) + " |",
+              "| --- |" + " --- |" * len(KINDS)]
     for finding in ("lytic", "sclerotic", "fracture"):
         per = report["evaluation"][finding]["per_kind"]
-        lines.append(f"| {finding} | " + " | ".join(f"{per[k]['pointing_game@8']:.2f} (n={per[k]['count']})" if k in per else "-" for k in KINDS) + " |")
-    lines += ["", "| head | held-out n | AUROC | accuracy | other |", "| --- | --- | --- | --- | --- |"]
+        cells = [f"{per[k]['pointing_game@8']:.2f} (n={per[k]['count']})" if k in per else "-" for k in KINDS]
+        lines.append(f"| {finding} | " + " | ".join(cells) + " |")
+    lines += ["", "| head | held-out n | AUROC | accuracy | mean abs. grade error | ECE before -> after calibration | other |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in report["heads"].items():
         au = m.get("auroc", m.get("auroc_macro_ovr"))
-        other = f"mean abs. grade error {m['mean_abs_error']:.2f}" if name == "narrowing" else ("macro one-vs-rest AUROC" if "auroc_macro_ovr" in m else "")
-        lines.append(f"| {name} | {m['test']} | {au:.3f} | {m['accuracy']:.3f} | {other} |")
+        kind = "macro one-vs-rest" if "auroc_macro_ovr" in m else ""
+        grade = f"{m['mean_abs_error']:.2f}" if name == "narrowing" else "-"
+        ece = f"{m['ece_before']:.3f} -> {m['ece_after']:.3f}" if "ece_after" in m else "-"
+        other = [kind] if kind else []
+        if "normal_above_0.5" in m:
+            other.append(f"no-fracture images above 0.5: {m['normal_above_0.5']:.1%}")
+            other += [f"{k} {m['auroc_' + k]:.3f}" for k in KINDS if f"auroc_{k}" in m]
+        lines.append(f"| {name} | {m['test']} | {au:.3f} | {m['accuracy']:.3f} | {grade} | {ece} | {'; '.join(other)} |")
     cal = report["evaluation"]["calibration"]
-    lines += ["", f"Calibration (normal twins, n={cal['n']}): median score {cal['p50']:.5f}, p95 {cal['p95']:.5f}, p99 {cal['p99']:.5f}."]
+    lines += ["", f"Calibration (normal twins, n={cal['n']}): median score {cal['p50']:.5f}, p95 {cal['p95']:.5f}, "
+              f"p99 {cal['p99']:.5f}."]
     return "\n".join(lines)
+
+
+def pretrain(args, config: MAEConfig, pool: torch.Tensor, out: Path) -> tuple[MaskedAutoencoderViT, dict]:
+    """MAE pre-training on the normal pool (or the model given by ``--pretrained``) and its record."""
+    if args.pretrained is not None:
+        from engines.mae.loaders import load_checkpoint
+
+        if args.pretrained.is_dir():
+            model = MaskedAutoencoderViT(config)
+            model.load_state_dict(load_checkpoint(args.pretrained).state)
+            previous = args.pretrained / "training_report.json"
+            record = json.loads(previous.read_text())["pretrain"] if previous.is_file() else {}
+        else:
+            model = MaskedAutoencoderViT(config)
+            model.load_state_dict(torch.load(args.pretrained, map_location="cpu"))
+            record = {}
+        print(f"pre-training skipped: starting from {args.pretrained}", flush=True)
+        return model, {**record, "from": str(args.pretrained)}
+    torch.manual_seed(args.seed)
+    model = MaskedAutoencoderViT(config)
+    settings = PretrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 16), seed=args.seed,
+        threads=args.threads, device=args.device,
+    )
+    with _progress() as bar:
+        task = bar.add_task("MAE pre-training", total=settings.steps, info="")
+        t_train = time.perf_counter()
+
+        def tick(step: int, loss: float) -> None:
+            bar.update(task, advance=1, info=f"loss {loss:.4f}")
+            if args.checkpoint_every and step and step % args.checkpoint_every == 0:
+                (out / "checkpoints").mkdir(exist_ok=True)
+                torch.save(model.state_dict(), out / "checkpoints" / f"step{step:06d}.pt")
+            if not bar.console.is_terminal and step % 25 == 0:
+                print(f"step {step} loss {loss:.4f} {time.perf_counter() - t_train:.0f} s", flush=True)
+
+        result = pretrain_mae(model, pool, settings, progress=tick)
+    print(f"pre-training: {result.steps} steps x {settings.batch_size} in {result.seconds:.0f} s, final loss {result.final_loss:.4f}")
+    if args.checkpoint_every:
+        torch.save(model.state_dict(), out / "checkpoints" / "pretrained.pt")
+    return model, {
+        "steps": result.steps,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "first_loss": float(np.mean(result.losses[: max(1, len(result.losses) // 20)])),
+        "loss_curve": [float(np.mean(result.losses[i : i + 50])) for i in range(0, len(result.losses), 50)],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-mae")
-    parser.add_argument("--pool", type=int, default=2400, help="normal phantoms for pre-training")
-    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--pool", type=int, default=6000, help="normal phantoms for pre-training")
+    parser.add_argument("--steps", type=int, default=9000)
     parser.add_argument(
         "--kind-weights", default="1,1,1",
         help="pool share of hand, knee, long_bone phantoms as integers (1,1,1: in turn; 2,1,1: half hands)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
-    parser.add_argument("--head-images", type=int, default=900)
+    parser.add_argument("--head-images", type=int, default=4800, help="labelled phantoms for the joint fine-tuning")
+    parser.add_argument("--calibration-images", type=int, default=900, help="labelled phantoms to calibrate the heads")
+    parser.add_argument("--test-images", type=int, default=900, help="held-out labelled phantoms for the heads' figures")
+    parser.add_argument("--joint-steps", type=int, default=1500, help="steps of joint fine-tuning (MAE + heads)")
+    parser.add_argument(
+        "--pretrained", type=Path, default=None,
+        help="skip pre-training: start the joint phase from this MAE (a folder, or a --checkpoint-every .pt file)",
+    )
+    parser.add_argument("--labelled-cache", type=Path, default=None, help="folder to keep / reuse the labelled sets")
     parser.add_argument("--eval-seeds", type=int, default=30, help="held-out seeds per kind and finding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -241,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the tables of an existing report and stop")
     parser.add_argument("--pool-cache", type=Path, default=None, help="reuse / store the pre-training pool (.npz)")
     parser.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run in seconds")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0,
+        help="also save the encoder-decoder every N steps to <out>/checkpoints (to watch a long run; not the model)",
+    )
     args = parser.parse_args(argv)
     try:  # a name torch does not know, or a device this build or machine lacks (cuda without CUDA, ...)
         device = torch.device(args.device)
@@ -259,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.pool, args.steps, args.batch_size, args.head_images, args.eval_seeds = 24, 3, 8, 48, 2
+        args.calibration_images, args.test_images, args.joint_steps = 48, 48, 3
 
     import engines
     from engines.mae.loaders import save_hf_vitmae
@@ -281,27 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                 np.savez(cache, images=pool.numpy(), kind_weights=np.array(weights))
         pool_seconds = time.perf_counter() - t0
         print(f"pool: {args.pool} phantoms in {pool_seconds:.0f} s", flush=True)
-        torch.manual_seed(args.seed)
-        model = MaskedAutoencoderViT(config)
-        settings = PretrainSettings(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 16), seed=args.seed,
-            threads=args.threads, device=args.device,
-        )
-        with _progress() as bar:
-            task = bar.add_task("MAE pre-training", total=settings.steps, info="")
-
-            def tick(step: int, loss: float) -> None:
-                bar.update(task, advance=1, info=f"loss {loss:.4f}")
-                if not bar.console.is_terminal and step % 25 == 0:
-                    print(f"step {step} loss {loss:.4f} {time.perf_counter() - t_train:.0f} s", flush=True)
-
-            t_train = time.perf_counter()
-
-            result = pretrain_mae(model, pool, settings, progress=tick)
-        print(f"pre-training: {result.steps} steps x {settings.batch_size} in {result.seconds:.0f} s, final loss {result.final_loss:.4f}")
+        model, pretrain_record = pretrain(args, config, pool, out)
         save_hf_vitmae(model, out)
         meta = json.loads((out / "config.json").read_text())
-        meta.update({"msknode_name": "demo-mae", "msknode_version": "phantom-1"})
+        meta.update({"msknode_name": "demo-mae", "msknode_version": "phantom-2"})
         (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         report.update(
             {
@@ -309,23 +498,18 @@ def main(argv: list[str] | None = None) -> int:
                 "pool": args.pool,
                 "kind_weights": list(weights),
                 "pool_seconds": pool_seconds,
-                "pretrain": {
-                    "steps": result.steps,
-                    "batch_size": settings.batch_size,
-                    "lr": settings.lr,
-                    "seconds": result.seconds,
-                    "final_loss": result.final_loss,
-                    "first_loss": float(np.mean(result.losses[: max(1, len(result.losses) // 20)])),
-                    "loss_curve": [float(np.mean(result.losses[i : i + 50])) for i in range(0, len(result.losses), 50)],
-                },
+                "pretrain": pretrain_record,
                 "threads": args.threads,
                 "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device),
                 "torch": torch.__version__,
             }
         )
-        encoder = engines.load(out, load_heads=False)
         t0 = time.perf_counter()
-        report["heads"] = train_heads(encoder, args.head_images, out, args.seed)
+        report["joint"], layers = train_heads(model, pool, args, out)
+        save_hf_vitmae(model, out)
+        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        encoder = engines.load(out, load_heads=False)
+        report["heads"] = save_heads(layers, encoder, args, out)
         report["heads_seconds"] = time.perf_counter() - t0
         report_path.write_text(json.dumps(report, indent=2) + "\n")
 

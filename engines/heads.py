@@ -100,6 +100,15 @@ class LinearHead(nn.Module):
         self.calibration = dict(calibration)
         self.logit_calibration = logit
 
+    def describe(self) -> dict[str, Any]:
+        """What ``msknode model info`` shows of the head: labels, activation, and its calibration when it has one."""
+        shown: dict[str, Any] = {"labels": self.labels, "activation": self.activation}
+        if self.logit_calibration is not None:
+            c = self.logit_calibration
+            shown["calibration"] = (f"temperature {c.temperature:.3g}" if c.method == "temperature"
+                                    else f"Platt scale {c.scale:.3g}, offset {c.offset:+.3g}")
+        return shown
+
     def forward(self, embedding: Tensor) -> Tensor:
         """Logits [B, K] as fitted (before any calibration)."""
         return self.linear(embedding.to(self.linear.weight.dtype))

@@ -167,8 +167,7 @@ class DINOv3Model(RunsOnBackend):
                              f"std {list(prep.image_std)}",
             "notes": self.notes,
             "model_heads": {
-                name: {"labels": head.labels, "activation": head.activation, "pooling": head.pooling}
-                for name, head in sorted(self.heads.items())
+                name: {**head.describe(), "pooling": head.pooling} for name, head in sorted(self.heads.items())
             },
         }
 

@@ -156,9 +156,7 @@ class MAEModel(RunsOnBackend):
             "encoder_parameters": count_parameters(c, with_decoder=False),
             "parameters": count_parameters(c, with_decoder=self.has_decoder),
             "encoder_sha256": self.encoder_hash,
-            "model_heads": {
-                name: {"labels": head.labels, "activation": head.activation} for name, head in sorted(self.heads.items())
-            },
+            "model_heads": {name: head.describe() for name, head in sorted(self.heads.items())},
         }
 
     # ------------------------------------------------------------------------------------------ heads

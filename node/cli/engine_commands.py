@@ -55,7 +55,10 @@ def model_info(
     table = Table(title=f"{path}", show_header=False)
     for key, value in info.items():
         if key == "model_heads":
-            value = "\n".join(f"{n}: {h['activation']} {h['labels']}" for n, h in value.items()) or "none"
+            value = "\n".join(
+                f"{n}: {h['activation']} {h['labels']}" + (f" (calibrated: {h['calibration']})" if "calibration" in h else "")
+                for n, h in value.items()
+            ) or "none"
         elif isinstance(value, int) and key.endswith("parameters"):
             value = f"{value:,}"
         elif isinstance(value, dict):  # e.g. a multi-head classifier's output groups and findings: one per line

@@ -31,6 +31,23 @@ def test_model_info_reports_format_sizes_hash_and_heads(tmp_path, tiny_model):
     assert table.exit_code == 0 and encoder_hash[:16] in table.output.replace("\n", "")
 
 
+def test_model_info_shows_whether_a_head_is_calibrated(tmp_path, tiny_model):
+    folder = save_hf_vitmae(tiny_model, tmp_path / "m")
+    encoder_hash = MAEModel(tiny_model, name="t").encoder_hash
+    calibrated = LinearHead("lesion", tiny_model.config.hidden_size, ["none", "lytic"], "softmax", encoder_hash,
+                            calibration={"method": "temperature", "scale": 0.5})
+    save_head(calibrated, folder / "heads")
+    save_head(LinearHead("fracture", tiny_model.config.hidden_size, ["fracture"], "sigmoid", encoder_hash),
+              folder / "heads")
+    info = json.loads(runner.invoke(app, ["model", "info", str(folder), "--json"]).output)
+    assert info["model_heads"]["lesion"]["calibration"] == "temperature 2"
+    assert "calibration" not in info["model_heads"]["fracture"]
+    table = runner.invoke(app, ["model", "info", str(folder)], env={"COLUMNS": "200"}).output
+    lines = table.splitlines()
+    assert any("lesion: softmax" in line and "(calibrated: temperature 2)" in line for line in lines), table
+    assert any("fracture: sigmoid" in line and "calibrated" not in line for line in lines), table
+
+
 def test_model_info_refuses_unknown_input(tmp_path):
     result = runner.invoke(app, ["model", "info", str(tmp_path)])
     assert result.exit_code == 1 and "config.json" in result.output
