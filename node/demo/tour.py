@@ -295,8 +295,13 @@ def priority_line(row: dict[str, object] | None) -> str:
     them (``msknode studies --json``)."""
     if row is None:
         return "priority: unknown (the node has no record of this study)"
-    reason = row.get("priority_reason")
-    return f"priority: {row.get('priority')}" + (f" ({reason})" if reason else " (no triage rule matched)")
+    return f"priority: {row.get('priority')} ({reason_text(row.get('priority_reason'))})"
+
+
+def reason_text(reason: object) -> str:
+    """Why a study has its priority, in words: the rule's name, or that none matched (the recorded "default" is
+    ``[triage] default``)."""
+    return str(reason) if reason and reason != "default" else "no triage rule matched"
 
 
 def worklist_lines(config: Path, labels: dict[str, str]) -> list[str]:
@@ -314,7 +319,7 @@ def worklist_lines(config: Path, labels: dict[str, str]) -> list[str]:
     finally:
         database.dispose()
     return [f"{position}. {row.priority:<7} {labels.get(row.study_instance_uid, 'a study the demo did not send')} "
-            f"({row.priority_reason or 'no triage rule matched'})" for position, row in enumerate(rows, start=1)]
+            f"({reason_text(row.priority_reason)})" for position, row in enumerate(rows, start=1)]
 
 
 class NotificationReceiver:

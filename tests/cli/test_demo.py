@@ -7,8 +7,9 @@ the test never waits on training; a model that config/msknode.toml names must lo
 
 Triage (issue #19): every study's printed priority follows from the values its SR prints, by the demo's rules (the
 MAE's fracture / lytic / sclerotic heads at 0.5 first, then the KL and MRI rules); the worklist lists the studies
-most urgent first; the demo's webhook receiver got a notification for every urgent study and for no other. Which
-radiograph study is urgent is not asserted: the demo MAE is being retrained."""
+most urgent first; the demo's webhook receiver got a notification for every urgent study and for no other. With the
+committed demo MAE (calibrated heads, models/README.md) the fracture and the lytic lesion are urgent, announced and
+ahead of the normal knee in the worklist, and the normal knee is not urgent."""
 
 from __future__ import annotations
 
@@ -97,6 +98,14 @@ def assert_triage_announced_and_ordered(out: str, labels: list[str]) -> None:
     assert len(announced) == len(urgent) and all(priority == "urgent" for priority, _, _ in announced), announced
     if not urgent:
         assert "no notification: no study reached urgent" in parts[notifications_title]
+
+    # What the demo is for: the committed model finds the planted findings and triage puts them first.
+    assert printed["long bone with a fracture"][0] == "urgent", printed
+    assert printed["knee with a lytic lesion"][0] == "urgent", printed
+    assert printed["normal knee"][0] != "urgent", printed
+    order = [label for _, label, _ in rows]
+    assert order.index("normal knee") > max(order.index("long bone with a fracture"),
+                                            order.index("knee with a lytic lesion")), order
 
 
 def test_demo_sends_a_knee_mri_study_and_prints_its_selection_findings_segments_and_priority(
