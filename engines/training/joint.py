@@ -5,8 +5,8 @@ AUROC 0.54-0.57: reconstruction features average a 2-px fracture gap away). SKEL
 encoder fine-tuned with labels. The demo model cannot ship a second encoder for its heads (the heads and the error
 map share one embedding pass), so :func:`train_jointly` fine-tunes the one encoder on two losses at each step:
 
-- the MAE loss (75 % masking, MSE on masked patches) on a batch of **normal** images, so the error map keeps
-  predicting normal anatomy where a lesion is;
+- the MAE loss (at ``model.config.mask_ratio``; the demo sets 0.5; MSE on masked patches) on a batch of **normal**
+  images, so the error map keeps predicting normal anatomy where a lesion is;
 - the heads' losses on a batch of **labelled** images: a linear layer per head on the normed CLS token (what
   :meth:`MaskedAutoencoderViT.embed` returns), cross-entropy with balanced class weights (one sigmoid label: BCE
   with a positive weight); a target of -1 leaves an image out of that head (e.g. joint-space grade off the knee).

@@ -89,7 +89,7 @@ def test_parity_with_the_in_process_cpu_backend(server, demo, protocol, capsys) 
     local = demo.backend
     x = torch.randn(5, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     embed_diff = (remote.embed(x) - local.embed(x)).abs().max().item()
-    ids_keep, ids_restore, _ = masks_from_noise(expand_noise(noise_from_seed(0, 3, 196), 5, 3), 0.75)
+    ids_keep, ids_restore, _ = masks_from_noise(expand_noise(noise_from_seed(0, 3, 196), 5, 3), demo.config.mask_ratio)
     pred_diff = (remote.reconstruct(x, ids_keep, ids_restore) - local.reconstruct(x, ids_keep, ids_restore)).abs().max()
     reference = demo.error_map_result(x, seed=7, passes=3)
     demo.backend = remote
