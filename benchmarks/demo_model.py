@@ -430,6 +430,15 @@ def pretrain(args, config: MAEConfig, pool: torch.Tensor, out: Path) -> tuple[Ma
     }
 
 
+def save_model(model: MaskedAutoencoderViT, out: Path) -> None:
+    """The Hugging Face ViT-MAE folder, its ``config.json`` stamped with the demo model's name and version."""
+    from engines.mae.loaders import save_hf_vitmae
+
+    save_hf_vitmae(model, out)
+    meta = {**json.loads((out / "config.json").read_text()), "msknode_name": "demo-mae", "msknode_version": "phantom-2"}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo-mae")
@@ -499,7 +508,6 @@ def main(argv: list[str] | None = None) -> int:
         args.calibration_images, args.test_images, args.joint_steps = 48, 48, 3
 
     import engines
-    from engines.mae.loaders import save_hf_vitmae
 
     if not args.eval_only:
         config = TINY_CONFIG if args.quick else DEMO_CONFIG
@@ -520,13 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         pool_seconds = time.perf_counter() - t0
         print(f"pool: {args.pool} phantoms in {pool_seconds:.0f} s", flush=True)
         model, pretrain_record = pretrain(args, config, pool, out)
-        save_hf_vitmae(model, out)
-        meta = json.loads((out / "config.json").read_text())
-        meta.update({"msknode_name": "demo-mae", "msknode_version": "phantom-2"})
-        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_model(model, out)  # the pre-trained MAE: --pretrained OUT resumes here if the joint phase is cut off
         report.update(
             {
-                "config": config.to_hf_dict(),
                 "pool": args.pool,
                 "kind_weights": list(weights),
                 "pool_seconds": pool_seconds,
@@ -538,10 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         t0 = time.perf_counter()
         report["joint"], layers = train_heads(model, pool, args, out)
-        report["config"] = model.config.to_hf_dict()
-        save_hf_vitmae(model, out)
-        meta = {**json.loads((out / "config.json").read_text()), "msknode_name": "demo-mae", "msknode_version": "phantom-2"}
-        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        report["config"] = model.config.to_hf_dict()  # with the joint phase's mask ratio, as config.json
+        save_model(model, out)
         encoder = engines.load(out, load_heads=False)
         report["heads"] = save_heads(layers, encoder, args, out)
         report["heads_seconds"] = time.perf_counter() - t0

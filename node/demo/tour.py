@@ -295,19 +295,16 @@ def priority_line(row: dict[str, object] | None) -> str:
     them (``msknode studies --json``)."""
     if row is None:
         return "priority: unknown (the node has no record of this study)"
-    return f"priority: {row.get('priority')} ({reason_text(row.get('priority_reason'))})"
+    from node.pipeline.triage import NO_RULE_MATCHED
 
-
-def reason_text(reason: object) -> str:
-    """Why a study has its priority, in words: the rule's name, or that none matched (the recorded "default" is
-    ``[triage] default``)."""
-    return str(reason) if reason and reason != "default" else "no triage rule matched"
+    return f"priority: {row.get('priority')} ({row.get('priority_reason') or NO_RULE_MATCHED})"
 
 
 def worklist_lines(config: Path, labels: dict[str, str]) -> list[str]:
     """The studies in the dashboard's worklist order (``DashboardData.studies``, the query behind its Studies page:
     most urgent first, then the most recently received), one line each: position, priority, reason, the demo's
     label (never a patient name or identifier)."""
+    from node.pipeline.triage import NO_RULE_MATCHED
     from node.settings import load_settings
     from node.web.data import DashboardData
     from storage.db import Database
@@ -319,7 +316,7 @@ def worklist_lines(config: Path, labels: dict[str, str]) -> list[str]:
     finally:
         database.dispose()
     return [f"{position}. {row.priority:<7} {labels.get(row.study_instance_uid, 'a study the demo did not send')} "
-            f"({reason_text(row.priority_reason)})" for position, row in enumerate(rows, start=1)]
+            f"({row.priority_reason or NO_RULE_MATCHED})" for position, row in enumerate(rows, start=1)]
 
 
 class NotificationReceiver:

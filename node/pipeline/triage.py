@@ -45,6 +45,7 @@ from node.settings import PRIORITIES, TriageSettings, priority_rank
 STRING_ATTRIBUTES = ("calling_ae", "peer", "modality", "body_part", "requested_priority")
 QUEUE_TIME_NAMES = frozenset({"calling_ae", "peer"})
 SCORE_NAMES = ("abnormality_score", "abnormality_percentile")
+NO_RULE_MATCHED = "no triage rule matched"  # the reason recorded when ``[triage] default`` set the priority
 
 
 class TriageError(ValueError):
@@ -176,7 +177,8 @@ def compile_rules(settings: TriageSettings, kinds: Mapping[str, type] | None) ->
 # --- deciding --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PriorityDecision:
-    """A study's priority and why: the rule's name, "peer default", a queue-time rule's name, or "default"."""
+    """A study's priority and why: the rule's name, "peer default", a queue-time rule's name, or
+    :data:`NO_RULE_MATCHED` (``[triage] default``), in words a radiologist reads on the worklist."""
 
     rank: int
     reason: str
@@ -224,7 +226,7 @@ class Triage:
                 found = PriorityDecision(rule.rank, rule.name, rule)
                 break
         else:
-            found = PriorityDecision(priority_rank(self.settings.default), "default")
+            found = PriorityDecision(priority_rank(self.settings.default), NO_RULE_MATCHED)
         return starting if starting.rank > found.rank else found
 
     def final(self, queued_rank: int, calling_ae: str | None, peer_name: str | None, peer_priority: str | None,

@@ -11,12 +11,10 @@ import torch
 
 from engines.training.evaluation import phantom_input
 from engines.training.phantoms import generate
+from tests.helpers.scripts import benchmark_script
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "demo-mae"
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="demo model not built")
-
-# Held-out seeds (training used 0.. and 1_000_000..; the benchmark evaluates from 2_000_000).
-TEST_SEEDS = range(2_500_000, 2_500_004)
 
 
 @pytest.fixture(scope="module")
@@ -121,23 +119,13 @@ LESION_MACRO_AUROC = 0.9
 NORMAL_ABOVE_HALF = 0.1  # "a normal phantom should rarely read above 0.5 for fracture"
 
 
-def _demo_script():
-    import importlib.util
-
-    path = MODEL.parents[1] / "benchmarks" / "demo_model.py"
-    spec = importlib.util.spec_from_file_location("demo_model_script_heads", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_heads_find_what_they_claim_on_unseen_phantoms(encoder):
     """Calibrated heads on phantoms no training, calibration or evaluation step used (every kind; 40 % without a
     focal finding, 20 % each fracture / lytic / sclerotic)."""
     from engines.training.evaluation import head_metrics
     from engines.training.inputs import normalise_uint8
 
-    images, labels, _ = _demo_script().labelled_set(HEAD_CHECK_IMAGES, HEAD_CHECK_SEEDS)
+    images, labels, _ = benchmark_script("demo_model").labelled_set(HEAD_CHECK_IMAGES, HEAD_CHECK_SEEDS)
     out = encoder.predict(normalise_uint8(images))
     fracture = out["fracture"][:, 0].numpy()
     assert head_metrics(fracture, labels["fracture"])["auroc"] >= FRACTURE_AUROC

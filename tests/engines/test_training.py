@@ -13,6 +13,7 @@ from engines.training.metrics import auroc
 from engines.training.pretrain import PretrainSettings, pretrain_mae
 from engines.training.probes import fit_linear_probe, probe_to_head
 from engines.mae.network import MAEConfig, MaskedAutoencoderViT
+from tests.helpers.scripts import benchmark_script
 
 TINY = MAEConfig(
     hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -121,21 +122,9 @@ def test_calibration_percentiles_and_file(tmp_path):
         Calibration.from_scores([])
 
 
-def _demo_script():
-    """``benchmarks/demo_model.py`` as a module (it is a script, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_model.py"
-    spec = importlib.util.spec_from_file_location("demo_model_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pool_kind_cycle():
     """``benchmarks/demo_model.py --kind-weights``: the default cycles the kinds in turn, as before."""
-    module = _demo_script()
+    module = benchmark_script("demo_model")
     assert module.kind_cycle((1, 1, 1)) == ["hand", "knee", "long_bone"]
     assert module.kind_cycle((2, 1, 1)) == ["hand", "knee", "long_bone", "hand"]
     assert module.kind_cycle((0, 1, 1)) == ["knee", "long_bone"]
@@ -147,7 +136,7 @@ def test_demo_script_refuses_a_device_it_does_not_have(capsys):
     """``--device cuda`` on a machine without CUDA is a usage error naming the option, before any work."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
-    module = _demo_script()
+    module = benchmark_script("demo_model")
     for bad in ("cuda", "tpu9", "mps"):
         with pytest.raises(SystemExit) as exit_info:
             module.main(["--device", bad, "--quick"])

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from node.pipeline.triage import PriorityDecision, Triage, requested_priority, study_attributes
+from node.pipeline.triage import NO_RULE_MATCHED, PriorityDecision, Triage, requested_priority, study_attributes
 from node.pipeline.triage_rules import check_expression
 from node.settings import TriageSettings
 from storage.db import Database
@@ -50,14 +50,14 @@ def test_after_analysis_the_whole_list_decides_never_below_the_starting_priority
     rules = triage(ER_RULE, FRACTURE_RULE)
     found = rules.final(0, "PACS", "pacs", None, {"fracture": 0.9})
     assert (found.rank, found.reason, found.priority) == (2, "fracture", "urgent")
-    assert rules.final(0, "PACS", "pacs", None, {"fracture": 0.1}) == PriorityDecision(0, "default")
+    assert rules.final(0, "PACS", "pacs", None, {"fracture": 0.1}) == PriorityDecision(0, NO_RULE_MATCHED)
     # the sender's queue-time rule still holds after analysis
     kept = rules.final(0, "ER", None, None, {"fracture": 0.1, "calling_ae": "ER"})
     assert (kept.rank, kept.reason) == (1, "emergency room")
     # a job queued higher than the rules now say (e.g. the peer's priority changed since) keeps its rank
     assert rules.final(2, "PACS", "pacs", None, {"fracture": 0.1}) == PriorityDecision(2, "peer default")
     # triage.default counts as a decision too
-    assert triage(default="high").final(0, "PACS", "pacs", None, {}) == PriorityDecision(1, "default")
+    assert triage(default="high").final(0, "PACS", "pacs", None, {}) == PriorityDecision(1, NO_RULE_MATCHED)
 
 
 def test_nothing_analysed_keeps_the_starting_priority() -> None:

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from node.settings import ConfigError, TriageSettings, parse_settings
-from node.pipeline.triage import (PriorityDecision, Triage, TriageError, head_labels_from_model, model_study_values,
-                                  study_values)
+from node.pipeline.triage import (NO_RULE_MATCHED, PriorityDecision, Triage, TriageError, head_labels_from_model,
+                                  model_study_values, study_values)
 
 HEADS = {"fracture": ["fracture"], "lesion": ["none", "lytic", "sclerotic"]}
 
@@ -45,8 +45,8 @@ ISSUE_RULES = rules(
         (values(lesion="lytic"), "urgent", "malignant"),
         (values(abnormality_percentile=99.5), "high", "very abnormal"),
         (values(fracture=0.9, abnormality_percentile=99.5), "urgent", "fracture"),  # first match wins
-        (values(), "routine", "default"),
-        (values(abnormality_percentile=None), "routine", "default"),  # a missing value never matches
+        (values(), "routine", NO_RULE_MATCHED),
+        (values(abnormality_percentile=None), "routine", NO_RULE_MATCHED),  # a missing value never matches
     ],
 )
 def test_first_matching_rule_decides(study, priority: str, reason: str) -> None:

@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from node.pipeline.triage import NO_RULE_MATCHED
 from storage.models import Job, OutboxItem, Study
 from tests.helpers.dicomdata import small_instance
 from tests.helpers.models import tiny_model
@@ -114,7 +115,7 @@ def test_urgent_study_is_analysed_and_delivered_before_the_routine_backlog(tmp_p
         assert len(finished) >= 10
         assert all(job.state == "queued" for job in routine_jobs if job.finished_at is None)  # not analysed first
         assert all(urgent_job.finished_at <= job.finished_at for job in finished)
-        assert all(job.priority_reason == "default" for job in finished)
+        assert all(job.priority_reason == NO_RULE_MATCHED for job in finished)
         urgent_delivered = deliveries.pop(urgent_uid)
         assert len(deliveries) >= 10 and all(urgent_delivered <= when for when in deliveries.values())
 
